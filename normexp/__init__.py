@@ -1,0 +1,3 @@
+"""normexp: where and which normalization goes in a transformer."""
+
+__version__ = "0.1.0"

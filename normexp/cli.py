@@ -1,0 +1,87 @@
+"""The `normexp` command: train, prepare, bench. It parses arguments and calls the library."""
+
+import argparse
+import json
+import signal
+import sys
+
+from normexp.errors import UsageError
+
+EXIT_USAGE = 2
+
+
+def _split_config_args(args):
+    """[CONFIG.yaml] [dotted.key=value ...] -> (path or None, overrides)."""
+    path = None
+    if args and "=" not in args[0]:
+        path, args = args[0], args[1:]
+    for arg in args:
+        if "=" not in arg:
+            raise UsageError(f"{arg!r}: expected dotted.key=value after the config file "
+                             f"(only one CONFIG.yaml may be given)")
+    return path, list(args)
+
+
+def _load(args):
+    from normexp.config import load
+    return load(*_split_config_args(args))
+
+
+def cmd_train(ns):
+    from normexp.train import run
+    cfg = _load(ns.config)
+    summary = run(cfg, resume=ns.resume, overwrite=ns.overwrite)
+    line = {k: summary[k] for k in ("status", "steps", "diverged_step", "final_val_loss",
+                                    "best_val_loss", "tokens_per_s")}
+    print(f"{summary['run_dir']}: {json.dumps(line)}")
+    if summary["status"] == "interrupted":
+        return 128 + signal.Signals[summary["signal"]].value
+    return 0
+
+
+def cmd_prepare(ns):
+    from normexp.data import prepare
+    n_train, n_val = prepare(ns.text_file, ns.out_dir)
+    print(f"{ns.out_dir}: train.bin {n_train} tokens, val.bin {n_val} tokens, vocab 256 (bytes)")
+    return 0
+
+
+def cmd_bench(ns):
+    from normexp.bench import bench
+    result = bench(_load(ns.config), steps=ns.steps, repeats=ns.repeats)
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+def parser():
+    p = argparse.ArgumentParser(prog="normexp", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train one run")
+    t.add_argument("config", nargs="*", metavar="[CONFIG.yaml] [key=value]",
+                   help="a YAML config (default: built-in defaults) then dotted overrides")
+    t.add_argument("--resume", action="store_true", help="continue an existing run directory")
+    t.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    t.set_defaults(func=cmd_train)
+    pr = sub.add_parser("prepare", help="write byte-level train.bin/val.bin/meta.json")
+    pr.add_argument("text_file")
+    pr.add_argument("out_dir")
+    pr.set_defaults(func=cmd_prepare)
+    b = sub.add_parser("bench", help="time compile and step, with and without per-layer norms")
+    b.add_argument("config", nargs="*", metavar="[CONFIG.yaml] [key=value]")
+    b.add_argument("--steps", type=int, default=10, help="steps per timed repeat")
+    b.add_argument("--repeats", type=int, default=5, help="timed repeats (the median is reported)")
+    b.set_defaults(func=cmd_bench)
+    return p
+
+
+def main(argv=None):
+    ns = parser().parse_args(argv)
+    try:
+        return ns.func(ns)
+    except UsageError as e:
+        print(f"normexp: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,302 @@
+"""A frozen, typed config tree loaded from YAML plus dotted command-line overrides.
+
+`load("configs/post_ln.yaml", ["optim.lr=3e-3"])` returns a `Config`; any unknown key, wrong
+type or out-of-range value raises `UsageError` with one line naming the key path and what is
+valid. Every field carries a one-line doc (`metadata["doc"]`) that the README reference mirrors.
+"""
+
+import dataclasses
+import difflib
+import math
+import os
+import typing
+from dataclasses import dataclass, field
+
+import yaml
+
+from normexp.errors import UsageError
+
+
+def opt(default, doc, check=None):
+    """A config field with its default, a one-line doc and an optional range check."""
+    return field(default=default, metadata={"doc": doc, "check": check})
+
+
+def section(cls, doc):
+    return field(default_factory=cls, metadata={"doc": doc, "check": None})
+
+
+def positive(v):
+    return None if v > 0 else "must be > 0"
+
+
+def nonneg(v):
+    return None if v >= 0 else "must be >= 0"
+
+
+def unit_open(v):
+    return None if 0 <= v < 1 else "must be in [0, 1)"
+
+
+def unit_closed(v):
+    return None if 0 <= v <= 1 else "must be in [0, 1]"
+
+
+def one_of(*choices):
+    def check(v):
+        return None if v in choices else f"must be one of {', '.join(choices)}"
+    return check
+
+
+def registered(registry_name):
+    """Checks a name against a registry (norms, placements) that is imported lazily."""
+    def check(v):
+        names = sorted(_registry(registry_name))
+        if v in names:
+            return None
+        near = difflib.get_close_matches(v, names, n=1)
+        hint = f"; did you mean {near[0]!r}?" if near else ""
+        return f"unknown {registry_name} {v!r}{hint} (valid: {', '.join(names)})"
+    return check
+
+
+def _registry(name):
+    if name == "norm":
+        from normexp.norms import NORMS
+        return NORMS
+    from normexp.placement import PLACEMENTS
+    return PLACEMENTS
+
+
+@dataclass(frozen=True)
+class NormConfig:
+    kind: str = opt("layernorm", "norm variant, by registered name", registered("norm"))
+    eps: float = opt(1e-5, "added to the variance (or mean square) before the square root", positive)
+    bias: bool = opt(True, "layernorm: learn an additive bias beta (false = LayerNorm without bias)")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    n_layer: int = opt(4, "number of transformer blocks", positive)
+    n_head: int = opt(4, "attention heads per block (must divide d_model)", positive)
+    d_model: int = opt(128, "residual stream width", positive)
+    mlp_ratio: int = opt(4, "MLP hidden width as a multiple of d_model", positive)
+    placement: str = opt("pre", "where the norm sits around each sublayer, by registered name",
+                         registered("placement"))
+    final_norm: bool = opt(True, "apply a norm to the residual stream before the output head")
+    bias: bool = opt(True, "biases in the attention and MLP projections")
+    init_std: float = opt(0.02, "std of the normal init of embeddings and projections", positive)
+    scale_residual_init: bool = opt(True, "GPT-2: residual output projections init with "
+                                          "std init_std / sqrt(2 * n_layer)")
+    norm: NormConfig = section(NormConfig, "the normalization layers")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    path: str = opt("", "directory with train.bin/val.bin (uint16); empty = embedded pydoc corpus")
+    vocab_size: int = opt(0, "vocabulary size; 0 = from meta.json/meta.pkl (256 for the embedded "
+                             "corpus)", nonneg)
+    seq_len: int = opt(128, "tokens per training window", positive)
+    eval_batches: int = opt(8, "validation batches (fixed windows) per evaluation", positive)
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = opt(1e-3, "peak learning rate of AdamW", nonneg)
+    warmup_steps: int = opt(100, "linear warmup from 0 to lr; 0 = no warmup", nonneg)
+    min_lr_ratio: float = opt(0.1, "cosine decay ends at lr * min_lr_ratio", unit_closed)
+    beta1: float = opt(0.9, "AdamW first-moment decay", unit_open)
+    beta2: float = opt(0.95, "AdamW second-moment decay", unit_open)
+    eps: float = opt(1e-8, "AdamW epsilon", positive)
+    weight_decay: float = opt(0.1, "decoupled weight decay on matrices and embeddings (not on "
+                                   "norm gains or biases)", nonneg)
+    clip_norm: float = opt(1.0, "clip the global gradient norm to this; 0 = off", nonneg)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = opt(300, "optimizer steps", positive)
+    batch_size: int = opt(32, "sequences per step", positive)
+    eval_every: int = opt(100, "evaluate on the val split every N steps (and at the end)", positive)
+    checkpoint_every: int = opt(100, "save a checkpoint every N steps (and at the end)", positive)
+    keep_checkpoints: int = opt(2, "how many of the latest checkpoints to keep", positive)
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    every: int = opt(10, "fetch and write training metrics every N steps (step 0 always)", positive)
+    grad_norms: bool = opt(True, "per-block gradient, parameter and update/parameter norms")
+    tensorboard: bool = opt(True, "also write TensorBoard events (tensorboardX)")
+    progress: bool = opt(True, "show a progress bar")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    name: str = opt("default", "run name; the run directory is runs/<name> unless out_dir is set")
+    out_dir: str = opt("", "run directory; empty = runs/<name>")
+    seed: int = opt(0, "seed of the init and of the data order (batches depend on (seed, step))",
+                    nonneg)
+
+    @property
+    def dir(self):
+        return self.out_dir or os.path.join("runs", self.name)
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = section(ModelConfig, "the transformer")
+    data: DataConfig = section(DataConfig, "the corpus and windows")
+    optim: OptimConfig = section(OptimConfig, "AdamW and the learning-rate schedule")
+    train: TrainConfig = section(TrainConfig, "the training loop")
+    log: LogConfig = section(LogConfig, "what is measured and written")
+    run: RunConfig = section(RunConfig, "naming and seeding")
+
+
+class _Override(str):
+    """A command-line value, parsed against its field's type rather than taken as YAML text."""
+
+
+def load(path=None, overrides=()):
+    """Config from an optional YAML file plus `dotted.key=value` overrides, validated."""
+    raw = {}
+    if path is not None:
+        raw = _read_yaml(path)
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"override {item!r} must look like dotted.key=value "
+                             f"(e.g. optim.lr=3e-3)")
+        node = raw
+        parts = key.split(".")
+        for i, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise UsageError(f"{'.'.join(parts[:i + 1])}: is a value, not a section")
+            node = child
+        node[parts[-1]] = _Override(value)
+    cfg = _build(Config, raw, "")
+    _check_cross(cfg)
+    return cfg
+
+
+def _read_yaml(path):
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise UsageError(f"{path}: no such config file") from None
+    except IsADirectoryError:
+        raise UsageError(f"{path}: is a directory, expected a YAML config file") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise UsageError(f"{path}:{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise UsageError(f"{path}: expected a mapping of sections (model:, optim:, ...), "
+                         f"got {type(raw).__name__}")
+    return raw
+
+
+def _build(cls, raw, prefix):
+    if not isinstance(raw, dict):
+        raise UsageError(f"{prefix.rstrip('.')}: expected a section of keys, got {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    for key in raw:
+        if key not in fields:
+            near = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f"; did you mean '{prefix}{near[0]}'?" if near else ""
+            raise UsageError(f"{prefix}{key}: unknown key{hint} "
+                             f"(valid in {prefix.rstrip('.') or 'the top level'}: "
+                             f"{', '.join(fields)})")
+    values = {}
+    for name, f in fields.items():
+        if name not in raw:
+            continue
+        path, kind = prefix + name, hints[name]
+        if dataclasses.is_dataclass(kind):
+            values[name] = _build(kind, raw[name], path + ".")
+            continue
+        value = _coerce(raw[name], kind, path)
+        problem = f.metadata["check"] and f.metadata["check"](value)
+        if problem:
+            raise UsageError(f"{path}: {problem}, got {value!r}")
+        values[name] = value
+    return cls(**values)
+
+
+def _coerce(value, kind, path):
+    if isinstance(value, _Override):
+        if kind is str:
+            return str(value)
+        value = yaml.safe_load(value) if value.strip() else value
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+    elif kind is int:
+        if isinstance(value, str):
+            try:
+                value = int(value)
+            except ValueError:
+                pass
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif kind is float:
+        if isinstance(value, str):
+            try:
+                value = float(value)  # YAML 1.1 reads '3e-3' as a string
+            except ValueError:
+                pass
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if math.isfinite(value):
+                return float(value)
+    elif kind is str:
+        if isinstance(value, str):
+            return value
+    raise UsageError(f"{path}: expected {_TYPE_NAMES[kind]}, got {value!r}")
+
+
+_TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string"}
+
+
+def _check_cross(cfg):
+    m = cfg.model
+    if m.d_model % m.n_head:
+        raise UsageError(f"model.n_head: {m.n_head} does not divide model.d_model={m.d_model}")
+
+
+def to_dict(cfg):
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg):
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def differences(a, b, prefix=""):
+    """Dotted keys whose values differ between two configs (or their dicts)."""
+    a = to_dict(a) if dataclasses.is_dataclass(a) else a
+    b = to_dict(b) if dataclasses.is_dataclass(b) else b
+    keys = []
+    for k in a:
+        if isinstance(a[k], dict):
+            keys += differences(a[k], b[k], f"{prefix}{k}.")
+        elif a[k] != b[k]:
+            keys.append(prefix + k)
+    return keys
+
+
+def reference(cls=Config, prefix=""):
+    """(dotted key, default, doc) for every field: the README's config reference."""
+    rows = []
+    for f in dataclasses.fields(cls):
+        kind = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(kind):
+            rows += reference(kind, f"{prefix}{f.name}.")
+        else:
+            rows.append((prefix + f.name, f.default, f.metadata["doc"]))
+    return rows

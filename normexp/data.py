@@ -1,0 +1,159 @@
+"""Token streams and batches: the embedded pydoc corpus, or nanoGPT-format train.bin/val.bin.
+
+A batch is B random windows of T+1 tokens; the windows depend only on (seed, step), so a
+resumed run sees exactly the batches the uninterrupted run saw, and two runs that differ only
+in their model see identical data.
+"""
+
+import hashlib
+import io
+import json
+import os
+import pickle
+from dataclasses import dataclass
+
+import numpy as np
+
+from normexp.errors import UsageError
+
+TRAIN_FRACTION = 0.9
+BYTE_VOCAB = 256
+
+
+@dataclass(frozen=True)
+class Corpus:
+    train: np.ndarray  # 1-D token ids (a memmap for user data)
+    val: np.ndarray
+    vocab_size: int
+    fingerprint: dict  # source, bytes, sha256
+
+
+def pydoc_bytes():
+    """Python's own pydoc topics, sorted by key, joined, UTF-8: the embedded default corpus."""
+    from pydoc_data.topics import topics
+    return "".join(topics[k] for k in sorted(topics)).encode("utf-8")
+
+
+def split_bytes(raw):
+    data = np.frombuffer(raw, dtype=np.uint8)
+    n = int(len(data) * TRAIN_FRACTION)
+    return data[:n], data[n:]
+
+
+def load_corpus(path, vocab_size, seq_len):
+    """The corpus of `data.path` (empty = embedded), checked against vocab and window length."""
+    if not path:
+        raw = pydoc_bytes()
+        train, val = split_bytes(raw)
+        vocab = vocab_size or BYTE_VOCAB
+        fingerprint = {"source": "pydoc_data.topics", "bytes": len(raw),
+                       "sha256": hashlib.sha256(raw).hexdigest()}
+    else:
+        if not os.path.isdir(path):
+            raise UsageError(f"data.path: {path!r} is not a directory "
+                             f"(expected one holding train.bin and val.bin)")
+        train, val = (_read_bin(os.path.join(path, f"{s}.bin")) for s in ("train", "val"))
+        vocab = vocab_size or _meta_vocab(path)
+        digest = hashlib.sha256()
+        for split in (train, val):
+            digest.update(np.ascontiguousarray(split).view(np.uint8))
+        fingerprint = {"source": os.path.abspath(path), "bytes": 2 * (len(train) + len(val)),
+                       "sha256": digest.hexdigest()}
+    for name, split in (("train", train), ("val", val)):
+        if len(split) < seq_len + 1:
+            raise UsageError(f"{name} split has {len(split)} tokens, fewer than data.seq_len + 1 "
+                             f"= {seq_len + 1}; lower data.seq_len or add data")
+        top = int(split.max())
+        if top >= vocab:
+            raise UsageError(f"{name} split holds token id {top} >= vocab size {vocab}; "
+                             f"set data.vocab_size or fix meta.json")
+    return Corpus(train, val, vocab, fingerprint)
+
+
+def _read_bin(file):
+    if not os.path.isfile(file):
+        raise UsageError(f"{file}: missing (a data directory needs train.bin and val.bin, "
+                         f"uint16 token ids; `normexp prepare TEXT OUT_DIR` writes them)")
+    size = os.path.getsize(file)
+    if size % 2:
+        raise UsageError(f"{file}: {size} bytes is not a whole number of uint16 tokens")
+    if size == 0:
+        raise UsageError(f"{file}: is empty")
+    return np.memmap(file, dtype=np.uint16, mode="r")
+
+
+def _meta_vocab(path):
+    meta_json, meta_pkl = os.path.join(path, "meta.json"), os.path.join(path, "meta.pkl")
+    if os.path.isfile(meta_json):
+        try:
+            with open(meta_json) as f:
+                meta = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UsageError(f"{meta_json}: invalid JSON ({e})") from None
+        source = meta_json
+    elif os.path.isfile(meta_pkl):
+        meta, source = read_meta_pkl(meta_pkl), meta_pkl
+    else:
+        raise UsageError(f"{path}: no meta.json or meta.pkl to read the vocabulary size from; "
+                         f"set data.vocab_size")
+    vocab = meta.get("vocab_size") if isinstance(meta, dict) else None
+    if not isinstance(vocab, int) or isinstance(vocab, bool) or vocab <= 0:
+        raise UsageError(f"{source}: needs a positive integer 'vocab_size', got {vocab!r}")
+    return vocab
+
+
+class _PlainUnpickler(pickle.Unpickler):
+    """Builds only plain containers and scalars: any class or function lookup is refused."""
+
+    def find_class(self, module, name):
+        raise UsageError(f"refusing to load {module}.{name}: meta.pkl may hold only dicts, "
+                         f"lists, strings and numbers (write a meta.json instead)")
+
+
+def read_meta_pkl(file):
+    with open(file, "rb") as f:
+        blob = f.read()
+    try:
+        meta = _PlainUnpickler(io.BytesIO(blob)).load()
+    except UsageError as e:
+        raise UsageError(f"{file}: {e}") from None
+    except Exception as e:  # a truncated or foreign file: any unpickling failure is bad data
+        raise UsageError(f"{file}: not a readable pickle ({type(e).__name__}: {e})") from None
+    return meta
+
+
+TRAIN_STREAM, VAL_STREAM = 0, 1
+
+
+def batch(tokens, *, seed, step, batch_size, seq_len, stream=TRAIN_STREAM):
+    """(inputs, targets), each int32 [B, T]: B windows whose starts depend on (seed, step)."""
+    rng = np.random.default_rng([seed, stream, step])
+    starts = rng.integers(0, len(tokens) - seq_len, size=batch_size)
+    window = np.asarray(tokens[starts[:, None] + np.arange(seq_len + 1)], dtype=np.int32)
+    return window[:, :-1], window[:, 1:]
+
+
+def eval_batches(tokens, *, seed, count, batch_size, seq_len):
+    """The fixed validation batches: the same windows at every evaluation of a run."""
+    return [batch(tokens, seed=seed, step=i, batch_size=batch_size, seq_len=seq_len,
+                  stream=VAL_STREAM) for i in range(count)]
+
+
+def prepare(text_file, out_dir):
+    """Byte-level train.bin/val.bin/meta.json from any text file; returns the token counts."""
+    from normexp.tracking import write_atomic
+    try:
+        with open(text_file, "rb") as f:
+            raw = f.read()
+    except (FileNotFoundError, IsADirectoryError, PermissionError) as e:
+        raise UsageError(f"{text_file}: cannot read ({e.strerror})") from None
+    if len(raw) < 20:
+        raise UsageError(f"{text_file}: {len(raw)} bytes is too little text to split into "
+                         f"train and val")
+    train, val = split_bytes(raw)
+    os.makedirs(out_dir, exist_ok=True)
+    write_atomic(os.path.join(out_dir, "train.bin"), train.astype(np.uint16).tobytes())
+    write_atomic(os.path.join(out_dir, "val.bin"), val.astype(np.uint16).tobytes())
+    meta = {"vocab_size": BYTE_VOCAB, "tokenizer": "bytes", "source": os.path.abspath(text_file)}
+    write_atomic(os.path.join(out_dir, "meta.json"), json.dumps(meta, indent=1) + "\n")
+    return len(train), len(val)

@@ -1,0 +1,41 @@
+"""The default study: a Pre-LN and a Post-LN GPT on the embedded corpus, same seed and batches.
+
+Run by `make demo`; prints each run's outcome, the per-block gradient norms at initialisation
+side by side, and where to look next.
+"""
+
+import os
+import sys
+
+from normexp.config import load
+from normexp.tracking import read_metrics
+from normexp.train import run
+
+STUDY = [("pre_ln", "configs/pre_ln.yaml"), ("post_ln", "configs/post_ln.yaml")]
+OUT = os.path.join("runs", "demo")
+
+
+def main():
+    summaries = {}
+    for name, path in STUDY:
+        cfg = load(path, [f"run.out_dir={os.path.join(OUT, name)}", f"run.name={name}"])
+        print(f"== {name}: {path}", flush=True)
+        summaries[name] = run(cfg, overwrite=True)
+    print(f"\n{'run':<9} {'status':<11} {'final val loss':>14} {'tokens/s':>9}")
+    for name, s in summaries.items():
+        loss = "-" if s["final_val_loss"] is None else f"{s['final_val_loss']:.4f}"
+        print(f"{name:<9} {s['status']:<11} {loss:>14} {s['tokens_per_s'] or 0:>9.0f}")
+    at_init = {name: read_metrics(os.path.join(OUT, name, "metrics.jsonl"))[0] for name in summaries}
+    blocks = sorted(k for k in at_init["pre_ln"] if k.count("/") == 1 and "grad_norm/block_" in k)
+    print("\ngradient norm per block at initialisation (step 0):")
+    print(f"{'block':<10}" + "".join(f"{name:>10}" for name in at_init))
+    for key in blocks:
+        print(f"{key.split('/')[1]:<10}" + "".join(f"{m[key]:>10.4f}" for m in at_init.values()))
+    print(f"\nresults: {os.path.abspath(OUT)}/<run>/ (metrics.jsonl, summary.json, config.yaml, "
+          f"checkpoints/)")
+    print(f"view:    tensorboard --logdir {OUT}   (pip install tensorboard, if it is missing)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
