@@ -219,6 +219,9 @@ def _build(cls, raw, prefix):
         if dataclasses.is_dataclass(kind):
             values[name] = _build(kind, raw[name], path + ".")
             continue
+        if isinstance(raw[name], dict):
+            raise UsageError(f"{path}: is a value, not a section (it has no keys "
+                             f"{', '.join(path + '.' + str(k) for k in raw[name])})")
         value = _coerce(raw[name], kind, path)
         problem = f.metadata["check"] and f.metadata["check"](value)
         if problem:

@@ -85,7 +85,8 @@ class GPT(nnx.Module):
         self.final_norm = (make_norm(cfg.norm.kind, cfg.d_model, eps=cfg.norm.eps,
                                      bias=cfg.norm.bias, rngs=rngs) if cfg.final_norm else None)
 
-    def __call__(self, tokens_BxT):
+    def features(self, tokens_BxT):
+        """The residual stream after the last block (and final norm), as [N, C]."""
         B, T = tokens_BxT.shape
         x_BxTxC = self.tok_embed(tokens_BxT) + self.pos_embed[:T]
         x_NxC = x_BxTxC.reshape(B * T, -1)
@@ -93,7 +94,11 @@ class GPT(nnx.Module):
             x_NxC = block(x_NxC, T)
         if self.final_norm is not None:
             x_NxC = self.final_norm(x_NxC)
-        return self.tok_embed.attend(x_NxC)  # logits [N, V]
+        return x_NxC
+
+    def __call__(self, tokens_BxT):
+        """Logits [N, V] through the tied output embedding."""
+        return self.tok_embed.attend(self.features(tokens_BxT))
 
 
 def make_model(cfg, *, vocab_size, max_len, seed):

@@ -1,0 +1,29 @@
+import os
+import subprocess
+import sys
+
+import pytest
+
+from normexp.config import load
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# A model small enough that a run compiles and trains in seconds on 2 cores.
+TINY = ["model.n_layer=2", "model.n_head=2", "model.d_model=32", "data.seq_len=16",
+        "data.eval_batches=2", "train.batch_size=4", "train.steps=12", "train.eval_every=4",
+        "train.checkpoint_every=4", "log.every=2", "log.progress=false",
+        "log.tensorboard=false", "optim.warmup_steps=2", "optim.lr=3e-3"]
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    """tiny(*overrides) -> a Config of the tiny model writing under tmp_path."""
+    def make(*overrides):
+        return load(None, TINY + [f"run.out_dir={tmp_path / 'run'}", *overrides])
+    return make
+
+
+def normexp(*args, cwd=None, env=None):
+    """Run the `normexp` command line in a fresh interpreter; returns CompletedProcess."""
+    return subprocess.run([sys.executable, "-m", "normexp.cli", *args], cwd=cwd or ROOT,
+                          capture_output=True, text=True, env=env, timeout=300)

@@ -1,0 +1,90 @@
+import glob
+import os
+
+import pytest
+
+from normexp.config import Config, differences, load, reference, to_yaml
+from normexp.errors import UsageError
+
+from conftest import ROOT, normexp
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml"))))
+def test_every_shipped_config_parses(path):
+    assert isinstance(load(path), Config)
+
+
+def test_default_yaml_is_the_built_in_default():
+    assert load(os.path.join(ROOT, "configs", "default.yaml")) == Config()
+
+
+def test_overrides_are_parsed_to_the_field_type():
+    cfg = load(None, ["optim.lr=3e-3", "model.n_layer=8", "optim.clip_norm=0",
+                      "log.grad_norms=false", "run.name=123", "model.norm.kind=rmsnorm"])
+    assert cfg.optim.lr == 0.003 and isinstance(cfg.optim.lr, float)
+    assert cfg.model.n_layer == 8 and cfg.optim.clip_norm == 0.0
+    assert cfg.log.grad_norms is False and cfg.run.name == "123"
+    assert cfg.model.norm.kind == "rmsnorm"
+
+
+def test_config_is_frozen():
+    cfg = load()
+    with pytest.raises(AttributeError):
+        cfg.optim.lr = 1.0
+
+
+def test_resolved_yaml_round_trips(tmp_path):
+    cfg = load(None, ["model.placement=post", "optim.lr=2e-4", "model.norm.eps=1e-6"])
+    path = tmp_path / "config.yaml"
+    path.write_text(to_yaml(cfg))
+    assert load(str(path)) == cfg and differences(load(str(path)), cfg) == []
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["model.n_layr=3"], "model.n_layr: unknown key; did you mean 'model.n_layer'?"),
+    (["optimm.lr=1"], "optimm: unknown key; did you mean 'optim'?"),
+    (["optim.lr=fast"], "optim.lr: expected a finite number, got 'fast'"),
+    (["model.n_layer=2.5"], "model.n_layer: expected an integer, got 2.5"),
+    (["log.grad_norms=maybe"], "log.grad_norms: expected true or false"),
+    (["model.n_layer=0"], "model.n_layer: must be > 0, got 0"),
+    (["optim.beta2=1.0"], "optim.beta2: must be in [0, 1), got 1.0"),
+    (["model.norm.kind=layrnorm"], "model.norm.kind: unknown norm 'layrnorm'; did you mean "
+                                   "'layernorm'? (valid: layernorm, rmsnorm)"),
+    (["model.placement=sideways"], "model.placement: unknown placement 'sideways'"),
+    (["model.n_head=3"], "model.n_head: 3 does not divide model.d_model=128"),
+    (["optim.lr"], "override 'optim.lr' must look like dotted.key=value"),
+    (["model.norm=3"], "model.norm: expected a section of keys"),
+    (["optim.lr.x=3"], "optim.lr: is a value, not a section"),
+])
+def test_bad_overrides_name_the_key(args, fragment):
+    with pytest.raises(UsageError) as err:
+        load(None, args)
+    assert fragment in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(UsageError, match="nope.yaml: no such config file"):
+        load(str(tmp_path / "nope.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  n_layer: [1\n")
+    with pytest.raises(UsageError, match="bad.yaml: line"):
+        load(str(bad))
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- 1\n- 2\n")
+    with pytest.raises(UsageError, match="expected a mapping"):
+        load(str(listy))
+
+
+def test_every_field_is_documented():
+    rows = reference()
+    assert len(rows) > 30 and all(doc for _, _, doc in rows)
+
+
+def test_cli_config_error_exits_2_with_one_line_and_writes_nothing(tmp_path):
+    out = tmp_path / "run"
+    result = normexp("train", f"run.out_dir={out}", "model.norm.kind=rmsnrm")
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "Traceback" not in result.stderr
+    assert "model.norm.kind" in result.stderr and "did you mean 'rmsnorm'" in result.stderr
+    assert not out.exists()

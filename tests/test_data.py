@@ -1,0 +1,140 @@
+import hashlib
+import json
+import os
+import pickle
+import sys
+
+import numpy as np
+import pytest
+
+from normexp import data
+from normexp.errors import UsageError
+
+from conftest import ROOT, normexp
+
+
+def write_bins(directory, train, val, meta=None):
+    os.makedirs(directory, exist_ok=True)
+    np.asarray(train, np.uint16).tofile(os.path.join(directory, "train.bin"))
+    np.asarray(val, np.uint16).tofile(os.path.join(directory, "val.bin"))
+    if meta is not None:
+        with open(os.path.join(directory, "meta.json"), "w") as f:
+            json.dump(meta, f)
+
+
+def test_embedded_corpus_follows_the_recipe():
+    from pydoc_data.topics import topics
+    raw = "".join(topics[k] for k in sorted(topics)).encode("utf-8")
+    corpus = data.load_corpus("", 0, 128)
+    n = int(len(raw) * 0.9)
+    assert corpus.vocab_size == 256
+    np.testing.assert_array_equal(corpus.train, np.frombuffer(raw[:n], np.uint8))
+    np.testing.assert_array_equal(corpus.val, np.frombuffer(raw[n:], np.uint8))
+    assert corpus.fingerprint["bytes"] == len(raw)
+    assert corpus.fingerprint["sha256"] == hashlib.sha256(raw).hexdigest()
+
+
+def test_reads_the_nanogpt_format_written_by_the_shared_recipe(tmp_path):
+    recipe = os.path.join(ROOT, "..", "shared", "pydoc_corpus.py")
+    if not os.path.exists(recipe):
+        pytest.skip("shared/pydoc_corpus.py is not beside this checkout")
+    import subprocess
+    subprocess.run([sys.executable, recipe, str(tmp_path)], check=True, capture_output=True)
+    from_files = data.load_corpus(str(tmp_path), 0, 128)  # vocab from meta.pkl
+    embedded = data.load_corpus("", 0, 128)
+    assert from_files.vocab_size == 256
+    np.testing.assert_array_equal(from_files.train, embedded.train)
+    np.testing.assert_array_equal(from_files.val, embedded.val)
+
+
+def test_batches_are_deterministic_in_seed_and_step():
+    tokens = np.arange(1000, dtype=np.uint16)
+    a = data.batch(tokens, seed=1, step=5, batch_size=4, seq_len=8)
+    b = data.batch(tokens, seed=1, step=5, batch_size=4, seq_len=8)
+    c = data.batch(tokens, seed=1, step=6, batch_size=4, seq_len=8)
+    d = data.batch(tokens, seed=2, step=5, batch_size=4, seq_len=8)
+    np.testing.assert_array_equal(a[0], b[0])
+    assert not np.array_equal(a[0], c[0]) and not np.array_equal(a[0], d[0])
+    inputs, targets = a
+    assert inputs.shape == (4, 8) and inputs.dtype == np.int32
+    np.testing.assert_array_equal(inputs[:, 1:], targets[:, :-1])  # targets are shifted inputs
+    np.testing.assert_array_equal(targets - inputs, 1)  # contiguous windows of the stream
+
+
+def test_vocab_from_config_beats_meta(tmp_path):
+    write_bins(tmp_path, np.arange(100) % 50, np.arange(40) % 50, meta={"vocab_size": 64})
+    assert data.load_corpus(str(tmp_path), 0, 8).vocab_size == 64
+    assert data.load_corpus(str(tmp_path), 50, 8).vocab_size == 50
+
+
+@pytest.mark.parametrize("problem, fragment", [
+    ("missing_val", "val.bin: missing"),
+    ("odd_bytes", "train.bin: 201 bytes is not a whole number of uint16 tokens"),
+    ("big_token", "train split holds token id 70 >= vocab size 64"),
+    ("short", "val split has 5 tokens, fewer than data.seq_len + 1 = 9"),
+    ("no_meta", "no meta.json or meta.pkl"),
+    ("bad_meta", "meta.json: needs a positive integer 'vocab_size'"),
+    ("not_dir", "is not a directory"),
+])
+def test_bad_data_gives_a_clear_error(tmp_path, problem, fragment):
+    d = tmp_path / "d"
+    meta = {"vocab_size": 64}
+    train, val = np.arange(100) % 64, np.arange(40) % 64
+    if problem == "missing_val":
+        write_bins(d, train, val, meta)
+        os.remove(d / "val.bin")
+    elif problem == "odd_bytes":
+        write_bins(d, train, val, meta)
+        with open(d / "train.bin", "ab") as f:
+            f.write(b"\x00")
+    elif problem == "big_token":
+        write_bins(d, np.append(train, 70), val, meta)
+    elif problem == "short":
+        write_bins(d, train, val[:5], meta)
+    elif problem == "no_meta":
+        write_bins(d, train, val)
+    elif problem == "bad_meta":
+        write_bins(d, train, val, {"vocab": 3})
+    elif problem == "not_dir":
+        d = tmp_path / "absent"
+    with pytest.raises(UsageError) as err:
+        data.load_corpus(str(d), 0, 8)
+    assert fragment in str(err.value)
+
+
+class Exploit:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /dev/null",))
+
+
+def test_meta_pkl_accepts_plain_data_and_refuses_code(tmp_path):
+    plain = tmp_path / "meta.pkl"
+    plain.write_bytes(pickle.dumps({"vocab_size": 65, "itos": {0: "a"}, "stoi": {"a": 0},
+                                    "chars": ["a"], "scale": 1.5}))
+    assert data.read_meta_pkl(str(plain))["vocab_size"] == 65
+    evil = tmp_path / "evil.pkl"
+    evil.write_bytes(pickle.dumps({"vocab_size": Exploit()}))
+    with pytest.raises(UsageError, match="refusing to load (posix|os).system"):
+        data.read_meta_pkl(str(evil))
+    junk = tmp_path / "junk.pkl"
+    junk.write_bytes(b"\x80\x04not a pickle")
+    with pytest.raises(UsageError, match="not a readable pickle"):
+        data.read_meta_pkl(str(junk))
+
+
+def test_prepare_writes_a_trainable_dataset(tmp_path):
+    text = tmp_path / "input.txt"
+    text.write_text("hello normalization " * 50)
+    result = normexp("prepare", str(text), str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr
+    corpus = data.load_corpus(str(tmp_path / "out"), 0, 16)
+    assert corpus.vocab_size == 256
+    assert len(corpus.train) + len(corpus.val) == len(text.read_bytes())
+    assert bytes(np.asarray(corpus.train, np.uint8)[:5]) == b"hello"
+    assert not [f for f in os.listdir(tmp_path / "out") if f.startswith(".tmp")]
+
+
+def test_prepare_missing_file_exits_2(tmp_path):
+    result = normexp("prepare", str(tmp_path / "nope.txt"), str(tmp_path / "out"))
+    assert result.returncode == 2 and "nope.txt: cannot read" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()

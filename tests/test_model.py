@@ -1,0 +1,85 @@
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from normexp.model import make_model
+from normexp.norms import NORMS
+from normexp.placement import PLACEMENTS, post, pre
+
+T = 16
+
+
+def model_of(tiny, *overrides, seed=0):
+    cfg = tiny(*overrides)
+    return make_model(cfg.model, vocab_size=64, max_len=T, seed=seed)
+
+
+def tokens(seed=0, batch=3):
+    return jax.random.randint(jax.random.key(seed), (batch, T), 0, 64)
+
+
+@pytest.mark.parametrize("placement", sorted(PLACEMENTS))
+@pytest.mark.parametrize("kind", sorted(NORMS))
+def test_causal_changing_later_tokens_never_changes_earlier_logits(tiny, placement, kind):
+    model = model_of(tiny, f"model.placement={placement}", f"model.norm.kind={kind}")
+    x = tokens()
+    logits = model(x).reshape(3, T, -1)
+    for t in (0, 5, T - 2):
+        changed = x.at[:, t + 1:].set((x[:, t + 1:] + 17) % 64)
+        later = model(changed).reshape(3, T, -1)
+        np.testing.assert_array_equal(later[:, :t + 1], logits[:, :t + 1])
+        assert not np.allclose(later[:, t + 1:], logits[:, t + 1:])
+
+
+def test_post_norm_output_has_unit_rms_per_token_and_pre_norm_does_not(tiny):
+    """Post-Norm ends each block with LN, so the head sees unit-RMS tokens even without a final
+    norm; Pre-Norm's residual stream is never normalized unless the final norm does it."""
+    bare = ["model.final_norm=false", "model.norm.bias=false", "model.init_std=0.5"]
+    post_model = model_of(tiny, "model.placement=post", *bare)
+    pre_model = model_of(tiny, "model.placement=pre", *bare)
+    rms = lambda h: np.sqrt(np.mean(np.square(np.asarray(h)), axis=-1))
+    np.testing.assert_allclose(rms(post_model.features(tokens())), 1.0, rtol=1e-3)
+    assert np.abs(rms(pre_model.features(tokens())) - 1.0).max() > 0.1
+    with_final = model_of(tiny, "model.placement=pre", "model.final_norm=true", *bare[1:])
+    np.testing.assert_allclose(rms(with_final.features(tokens())), 1.0, rtol=1e-3)
+
+
+def test_placement_rules_are_their_equations():
+    x = jnp.arange(4.0)
+    f = lambda h: 2 * h + 1
+    n = lambda h: h / 10
+    np.testing.assert_allclose(pre(x, f, n), x + f(n(x)))
+    np.testing.assert_allclose(post(x, f, n), n(x + f(x)))
+
+
+def test_gpt2_init_scales_residual_projections(tiny):
+    model = model_of(tiny, "model.n_layer=8", "model.d_model=128", "model.n_head=4")
+    std = lambda p: float(np.std(np.asarray(p[...])))
+    block = model.blocks[3]
+    out_std = 0.02 / math.sqrt(2 * 8)
+    assert std(block.attn.qkv.kernel) == pytest.approx(0.02, rel=0.05)
+    assert std(block.mlp.up.kernel) == pytest.approx(0.02, rel=0.05)
+    assert std(block.attn.proj.kernel) == pytest.approx(out_std, rel=0.05)
+    assert std(block.mlp.down.kernel) == pytest.approx(out_std, rel=0.05)
+    flat = model_of(tiny, "model.n_layer=8", "model.d_model=128", "model.n_head=4",
+                    "model.scale_residual_init=false", "model.init_std=0.05")
+    assert std(flat.blocks[3].attn.proj.kernel) == pytest.approx(0.05, rel=0.05)
+
+
+def test_output_embedding_is_tied(tiny):
+    model = model_of(tiny)
+    h = model.features(tokens())
+    np.testing.assert_allclose(model(tokens()), h @ model.tok_embed.embedding[...].T,
+                               rtol=1e-5, atol=1e-5)
+    _, params = nnx.split(model, nnx.Param)
+    assert not any("head" in str(path) for path, _ in nnx.to_flat_state(params))
+
+
+def test_same_seed_same_model_other_seed_other_model(tiny):
+    a, b, c = model_of(tiny), model_of(tiny), model_of(tiny, seed=1)
+    np.testing.assert_array_equal(a(tokens()), b(tokens()))
+    assert not np.allclose(a(tokens()), c(tokens()))
