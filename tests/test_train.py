@@ -1,0 +1,182 @@
+import json
+import os
+import struct
+import sys
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from normexp import data as data_lib
+from normexp.model import loss_fn
+from normexp.tracking import read_metrics
+from normexp.train import init_state, make_train_step, run
+
+from conftest import normexp
+
+KILLER = '''
+import os, signal, sys
+from normexp import cli, tracking
+kill_at, sig = int(sys.argv[1]), getattr(signal, sys.argv[2])
+log = tracking.Tracker.log
+def log_then_kill(self, step, metrics):
+    log(self, step, metrics)
+    if step == kill_at and "loss" in metrics:
+        os.kill(os.getpid(), sig)
+tracking.Tracker.log = log_then_kill
+sys.exit(cli.main(sys.argv[3:]))
+'''
+
+
+def flat(tree):
+    return {path: np.asarray(v[...], np.float64) for path, v in nnx.to_flat_state(tree)}
+
+
+def test_per_layer_grad_norms_equal_norms_of_jax_grad(tiny):
+    # A tiny clip_norm: the logged norms must be the raw ones, taken before clipping.
+    cfg = tiny("optim.clip_norm=0.01", "model.n_layer=3", "optim.warmup_steps=0")
+    corpus = data_lib.load_corpus("", 0, cfg.data.seq_len)
+    graphdef, tx, state = init_state(cfg, corpus.vocab_size)
+    x, y = data_lib.batch(corpus.train, seed=0, step=0, batch_size=4, seq_len=16)
+
+    def loss_of(params):
+        return loss_fn(nnx.merge(graphdef, params, state["rest"])(x), y)
+
+    grads = flat(jax.grad(loss_of)(state["params"]))
+    before = flat(state["params"])
+    new_state, metrics = make_train_step(graphdef, tx, grad_norms=True)(state, x, y)
+    after = flat(new_state["params"])
+    metrics = jax.device_get(metrics)
+
+    def norm(tree, keep):
+        return np.sqrt(sum(np.sum(v ** 2) for path, v in tree.items() if keep(path)))
+
+    expected = {"grad_norm": norm(grads, lambda p: True),
+                "grad_norm/tok_embed": norm(grads, lambda p: p[0] == "tok_embed"),
+                "grad_norm/pos_embed": norm(grads, lambda p: p[0] == "pos_embed"),
+                "grad_norm/final_norm": norm(grads, lambda p: p[0] == "final_norm")}
+    update = {path: after[path] - before[path] for path in before}
+    for i in range(3):
+        in_block = lambda p, i=i: p[:2] == ("blocks", i)
+        expected[f"grad_norm/block_{i:02d}"] = norm(grads, in_block)
+        expected[f"grad_norm/block_{i:02d}/attn"] = norm(grads, lambda p: in_block(p) and p[2] == "attn")
+        expected[f"grad_norm/block_{i:02d}/mlp"] = norm(grads, lambda p: in_block(p) and p[2] == "mlp")
+        expected[f"grad_norm/block_{i:02d}/norm"] = norm(
+            grads, lambda p: in_block(p) and p[2] in ("attn_norm", "mlp_norm"))
+        expected[f"param_norm/block_{i:02d}"] = norm(before, in_block)
+        expected[f"update_ratio/block_{i:02d}"] = norm(update, in_block) / norm(before, in_block)
+    for key, value in expected.items():
+        assert metrics[key] == pytest.approx(value, rel=2e-4), key
+    assert expected["grad_norm"] > 0.5  # far above the clip, so clipping would have shown
+    assert set(k for k in metrics if k.startswith("grad_norm/block_")) == \
+        set(k for k in expected if k.startswith("grad_norm/block_"))
+
+
+def test_tiny_run_end_to_end(tiny, tmp_path):
+    cfg = tiny("train.steps=40", "log.every=5", "train.eval_every=20", "log.tensorboard=true")
+    summary = run(cfg)
+    run_dir = tmp_path / "run"
+    assert sorted(os.listdir(run_dir / "checkpoints")) == ["36", "40"]  # every 4, the last 2 kept
+    assert summary["status"] == "completed" and summary["steps"] == 40
+    on_disk = json.loads((run_dir / "summary.json").read_text())
+    for key in ("status", "steps", "diverged_step", "final_val_loss", "best_val_loss",
+                "tokens_per_s", "compile_seconds", "data_fingerprint", "versions"):
+        assert key in on_disk
+    assert on_disk["tokens_per_s"] > 0 and on_disk["compile_seconds"] > 0
+    records = read_metrics(run_dir / "metrics.jsonl")
+    train = [r for r in records if "loss" in r]
+    assert [r["step"] for r in train] == [0, 5, 10, 15, 20, 25, 30, 35, 39]
+    assert train[0]["lr"] == 0.0 and train[0]["grad_norm/block_01/attn"] > 0  # init logged
+    vals = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    assert [s for s, _ in vals] == [0, 20, 40]
+    assert vals[-1][1] < vals[0][1] - 0.5  # it learns
+    assert on_disk["final_val_loss"] == pytest.approx(vals[-1][1])
+    assert on_disk["best_val_loss"] == pytest.approx(min(v for _, v in vals))
+    tags = tensorboard_tags(run_dir)
+    assert {"loss", "grad_norm/block_00/mlp", "update_ratio/block_01", "val_loss"} <= tags
+
+
+def tensorboard_tags(run_dir):
+    """Scalar tags in the run's event file, read as TFRecords of tensorboardX's Event proto."""
+    from tensorboardX.proto import event_pb2
+    (name,) = [f for f in os.listdir(run_dir) if f.startswith("events.out.tfevents")]
+    tags, blob = set(), open(os.path.join(run_dir, name), "rb").read()
+    offset = 0
+    while offset < len(blob):
+        (length,) = struct.unpack("<Q", blob[offset:offset + 8])
+        event = event_pb2.Event.FromString(blob[offset + 12:offset + 12 + length])
+        tags |= {v.tag for v in event.summary.value}
+        offset += 12 + length + 4
+    return tags
+
+
+def test_no_grad_norms_logs_only_the_global_norm(tiny, tmp_path):
+    run(tiny("log.grad_norms=false", "train.steps=2"))
+    first = read_metrics(tmp_path / "run" / "metrics.jsonl")[0]
+    assert "grad_norm" in first and not any(k.startswith("grad_norm/") for k in first)
+
+
+def test_divergence_is_a_result(tiny, tmp_path):
+    out = tmp_path / "run"
+    result = normexp("train", *tiny_args(out), "optim.lr=1e4", "optim.clip_norm=0",
+                     "optim.warmup_steps=0", "model.placement=post", "model.final_norm=false",
+                     "optim.weight_decay=0", "train.steps=200", "log.every=10")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "diverged", summary
+    step = summary["diverged_step"]
+    assert isinstance(step, int) and 0 < step < 200 and summary["final_val_loss"] is None
+    records = [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+    assert records[-1]["step"] >= step and summary["steps"] == records[-1]["step"] + 1
+    assert all(r["loss"] is not None for r in records if r["step"] < step)
+    assert records[-1]["loss"] is None or records[-1]["grad_norm"] is None
+
+
+def tiny_args(out):
+    from conftest import TINY
+    return [*TINY, f"run.out_dir={out}"]
+
+
+def train_records(path):
+    return read_metrics(os.path.join(path, "metrics.jsonl"))
+
+
+@pytest.mark.parametrize("signal_name, kill_at, exit_code", [("SIGKILL", 7, -9),
+                                                             ("SIGTERM", 6, 143)])
+def test_killed_and_resumed_run_equals_the_uninterrupted_one(tmp_path, signal_name, kill_at,
+                                                              exit_code):
+    reference, broken = tmp_path / "reference", tmp_path / "broken"
+    args = ["log.every=1"]
+    assert normexp("train", *tiny_args(reference), *args).returncode == 0
+    killer = tmp_path / "killer.py"
+    killer.write_text(KILLER)
+    import subprocess
+    killed = subprocess.run([sys.executable, str(killer), str(kill_at), signal_name, "train",
+                             *tiny_args(broken), *args], capture_output=True, text=True)
+    assert killed.returncode == exit_code, killed.stderr
+    assert train_records(broken)[-1]["step"] == kill_at  # it got that far
+    if signal_name == "SIGTERM":
+        summary = json.loads((broken / "summary.json").read_text())
+        assert summary["status"] == "interrupted" and summary["steps"] == kill_at + 1
+        assert str(kill_at + 1) in os.listdir(broken / "checkpoints")
+    resumed = normexp("train", str(broken / "config.yaml"), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert train_records(broken) == train_records(reference)  # bit for bit, every step
+    assert json.loads((broken / "summary.json").read_text())["status"] == "completed"
+
+
+def test_existing_run_dir_is_never_replaced_silently(tiny, tmp_path):
+    out = tmp_path / "run"
+    run(tiny("train.steps=2"))
+    before = (out / "metrics.jsonl").read_text()
+    again = normexp("train", *tiny_args(out), "train.steps=2")
+    assert again.returncode == 2 and "--resume" in again.stderr and "--overwrite" in again.stderr
+    assert (out / "metrics.jsonl").read_text() == before
+    other = normexp("train", *tiny_args(out), "train.steps=2", "optim.lr=1e-2", "--resume")
+    assert other.returncode == 2 and "optim.lr" in other.stderr
+    done = normexp("train", str(out / "config.yaml"), "--resume")
+    assert done.returncode == 0 and "nothing to do" in done.stderr
+    replaced = normexp("train", *tiny_args(out), "train.steps=3", "--overwrite")
+    assert replaced.returncode == 0, replaced.stderr
+    assert json.loads((out / "summary.json").read_text())["steps"] == 3
