@@ -81,6 +81,9 @@ def main(argv=None):
     except UsageError as e:
         print(f"normexp: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt:  # before the training loop takes over the signal
+        print("normexp: interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
 
 
 if __name__ == "__main__":

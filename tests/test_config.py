@@ -88,3 +88,11 @@ def test_cli_config_error_exits_2_with_one_line_and_writes_nothing(tmp_path):
     assert result.stderr.strip().count("\n") == 0 and "Traceback" not in result.stderr
     assert "model.norm.kind" in result.stderr and "did you mean 'rmsnorm'" in result.stderr
     assert not out.exists()
+
+
+def test_readme_reference_lists_every_key_with_its_default():
+    import json
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    for key, default, doc in reference():
+        shown = json.dumps(default) if not isinstance(default, float) else repr(default)
+        assert f"| `{key}` | `{shown}` | {doc} |" in readme, key
