@@ -53,7 +53,7 @@ class Tracker:
         self.path = os.path.join(run_dir, "metrics.jsonl")
         kept = [r for r in read_metrics(self.path) if r["step"] < start_step]
         write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
-        self.history = kept
+        self.kept = kept  # what earlier processes of this run logged (best val loss so far)
         self.file = open(self.path, "a")
         self.tb = None
         if tensorboard:
@@ -64,7 +64,6 @@ class Tracker:
         record = {"step": int(step), **{k: finite_or_none(v) for k, v in metrics.items()}}
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
-        self.history.append(record)
         if self.tb is not None:
             for key, value in metrics.items():
                 self.tb.add_scalar(key, float(value), int(step))

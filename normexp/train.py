@@ -156,8 +156,9 @@ def run(cfg, *, resume=False, overwrite=False):
     if start >= cfg.train.steps:
         print(f"{run_dir}: already trained for {start} steps; nothing to do", file=sys.stderr)
         checkpoints.close()
-        with open(summary_path) as f:
-            return json.load(f)
+        if os.path.isfile(summary_path):
+            with open(summary_path) as f:
+                return json.load(f)
     write_atomic(summary_path, _json(summary))
     tracker = Tracker(run_dir, start_step=start, tensorboard=cfg.log.tensorboard)
     try:
@@ -191,12 +192,12 @@ def _loop(cfg, corpus, graphdef, tx, state, start, checkpoints, tracker, summary
         total = sum(eval_fn(state["params"], state["rest"], *b) for b in val_batches)
         return float(total) / len(val_batches)
 
-    val_losses = [r["val_loss"] for r in tracker.history if r.get("val_loss") is not None]
+    val_losses = [r["val_loss"] for r in tracker.kept if r.get("val_loss") is not None]
     best = min(val_losses, default=None)
     last_val = None
     excluded = 0.0  # seconds of evaluation and checkpointing, not counted in tokens/s
     progress = _progress(cfg, start)
-    status, s = "completed", start
+    status, s = "completed", start - 1  # s: the last step run (none yet)
     with _StopRequests() as stop:
         t_start = time.perf_counter()
         for s in range(start, steps):
