@@ -53,6 +53,16 @@ def cmd_bench(ns):
     return 0
 
 
+def _positive(text):
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
 def parser():
     p = argparse.ArgumentParser(prog="normexp", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -68,13 +78,17 @@ def parser():
     pr.set_defaults(func=cmd_prepare)
     b = sub.add_parser("bench", help="time compile and step, with and without per-layer norms")
     b.add_argument("config", nargs="*", metavar="[CONFIG.yaml] [key=value]")
-    b.add_argument("--steps", type=int, default=10, help="steps per timed repeat")
-    b.add_argument("--repeats", type=int, default=5, help="timed repeats (the median is reported)")
+    b.add_argument("--steps", type=_positive, default=10, help="steps per timed repeat")
+    b.add_argument("--repeats", type=_positive, default=5,
+                   help="timed repeats (the median is reported)")
     b.set_defaults(func=cmd_bench)
     return p
 
 
 def main(argv=None):
+    if argv is None:  # run as a program: pick the allocator before jax is imported
+        from normexp.allocator import reexec_with_fast_allocator
+        reexec_with_fast_allocator()
     ns = parser().parse_args(argv)
     try:
         return ns.func(ns)

@@ -9,6 +9,7 @@ import dataclasses
 import difflib
 import math
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 
@@ -46,6 +47,13 @@ def one_of(*choices):
     def check(v):
         return None if v in choices else f"must be one of {', '.join(choices)}"
     return check
+
+
+def safe_name(v):
+    if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._=,+-]*", v) and ".." not in v:
+        return None
+    return ("must be a plain file name (letters, digits and . _ = , + -, no '/' or '..', "
+            "not starting with '.' or '-')")
 
 
 def registered(registry_name):
@@ -132,7 +140,8 @@ class LogConfig:
 
 @dataclass(frozen=True)
 class RunConfig:
-    name: str = opt("default", "run name; the run directory is runs/<name> unless out_dir is set")
+    name: str = opt("default", "run name; the run directory is runs/<name> unless out_dir is set",
+                    safe_name)
     out_dir: str = opt("", "run directory; empty = runs/<name>")
     seed: int = opt(0, "seed of the init and of the data order (batches depend on (seed, step))",
                     nonneg)
@@ -187,6 +196,8 @@ def _read_yaml(path):
         raise UsageError(f"{path}: no such config file") from None
     except IsADirectoryError:
         raise UsageError(f"{path}: is a directory, expected a YAML config file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"{path}: cannot read the config file ({e})") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
@@ -234,7 +245,10 @@ def _coerce(value, kind, path):
     if isinstance(value, _Override):
         if kind is str:
             return str(value)
-        value = yaml.safe_load(value) if value.strip() else value
+        try:
+            value = yaml.safe_load(value) if value.strip() else value
+        except yaml.YAMLError:
+            pass  # not YAML: judged as the plain string below
     if kind is bool:
         if isinstance(value, bool):
             return value

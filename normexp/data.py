@@ -90,6 +90,8 @@ def _meta_vocab(path):
                 meta = json.load(f)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise UsageError(f"{meta_json}: invalid JSON ({e})") from None
+        except OSError as e:
+            raise UsageError(f"{meta_json}: cannot read ({e.strerror})") from None
         source = meta_json
     elif os.path.isfile(meta_pkl):
         meta, source = read_meta_pkl(meta_pkl), meta_pkl
@@ -111,8 +113,11 @@ class _PlainUnpickler(pickle.Unpickler):
 
 
 def read_meta_pkl(file):
-    with open(file, "rb") as f:
-        blob = f.read()
+    try:
+        with open(file, "rb") as f:
+            blob = f.read()
+    except OSError as e:
+        raise UsageError(f"{file}: cannot read ({e.strerror})") from None
     try:
         meta = _PlainUnpickler(io.BytesIO(blob)).load()
     except UsageError as e:
@@ -151,6 +156,8 @@ def prepare(text_file, out_dir):
         raise UsageError(f"{text_file}: {len(raw)} bytes is too little text to split into "
                          f"train and val")
     train, val = split_bytes(raw)
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise UsageError(f"{out_dir}: is a file, expected an output directory")
     os.makedirs(out_dir, exist_ok=True)
     write_atomic(os.path.join(out_dir, "train.bin"), train.astype(np.uint16).tobytes())
     write_atomic(os.path.join(out_dir, "val.bin"), val.astype(np.uint16).tobytes())

@@ -19,9 +19,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import yaml
 from flax import nnx
 
+from normexp import allocator
 from normexp import config as config_lib
 from normexp import data as data_lib
 from normexp.checkpoint import Checkpoints
@@ -98,19 +98,22 @@ def prepare_run_dir(cfg, *, resume, overwrite):
         raise UsageError("--resume and --overwrite exclude each other: continue the run or "
                          "replace it")
     saved = os.path.join(run_dir, "config.yaml")
+    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+        raise UsageError(f"run.out_dir: {run_dir!r} is a file, not a directory")
     if os.path.isdir(run_dir) and os.listdir(run_dir):
+        is_run = os.path.isfile(saved)
+        if not is_run:
+            raise UsageError(f"{run_dir}: exists and is not a normexp run (no config.yaml); "
+                             f"refusing to {'resume' if resume else 'replace'} it, choose "
+                             f"another run.name or run.out_dir")
         if overwrite:
             shutil.rmtree(run_dir)
-        elif resume and os.path.isfile(saved):
-            with open(saved) as f:
-                differ = config_lib.differences(yaml.safe_load(f), config_lib.to_dict(cfg))
+        elif resume:
+            differ = config_lib.differences(config_lib.load(saved), cfg)
             if differ:
                 raise UsageError(f"{run_dir}: --resume with a config that differs from the "
                                  f"run's config.yaml in {', '.join(differ)}; pass {saved} "
                                  f"to continue it as it was")
-        elif resume:
-            raise UsageError(f"{run_dir}: has no config.yaml, so it is not a normexp run to "
-                             f"resume; use --overwrite or another run.name")
         else:
             raise UsageError(f"{run_dir}: already exists; pass --resume to continue it or "
                              f"--overwrite to replace it")
@@ -139,38 +142,52 @@ class _StopRequests:
 
 
 def run(cfg, *, resume=False, overwrite=False):
-    """Train one run as configured; returns its summary (also written to summary.json)."""
+    """Train one run as configured; returns its summary (also written to summary.json).
+
+    SIGINT and SIGTERM are turned into a clean stop (checkpoint, status `interrupted`) from
+    here on, so a signal during compilation is handled like one during training.
+    """
     corpus = data_lib.load_corpus(cfg.data.path, cfg.data.vocab_size, cfg.data.seq_len)
-    run_dir = prepare_run_dir(cfg, resume=resume, overwrite=overwrite)
-    graphdef, tx, state = init_state(cfg, corpus.vocab_size)
-    checkpoints = Checkpoints(os.path.join(run_dir, "checkpoints"), cfg.train.keep_checkpoints)
-    start = 0
-    if resume and checkpoints.latest_step() is not None:
-        start = checkpoints.latest_step()
-        state = checkpoints.restore(start, state)
-    summary = {"status": "running", "steps": start, "diverged_step": None,
-               "final_val_loss": None, "best_val_loss": None, "tokens_per_s": None,
-               "compile_seconds": None, "data_fingerprint": corpus.fingerprint,
-               "versions": versions(), "run_dir": os.path.abspath(run_dir)}
-    summary_path = os.path.join(run_dir, "summary.json")
-    if start >= cfg.train.steps:
-        print(f"{run_dir}: already trained for {start} steps; nothing to do", file=sys.stderr)
-        checkpoints.close()
-        if os.path.isfile(summary_path):
-            with open(summary_path) as f:
-                return json.load(f)
-    write_atomic(summary_path, _json(summary))
-    tracker = Tracker(run_dir, start_step=start, tensorboard=cfg.log.tensorboard)
-    try:
-        summary = _loop(cfg, corpus, graphdef, tx, state, start, checkpoints, tracker, summary)
-    finally:
-        tracker.close()
-        checkpoints.close()
-    write_atomic(summary_path, _json(summary))
+    with _StopRequests() as stop:
+        run_dir = prepare_run_dir(cfg, resume=resume, overwrite=overwrite)
+        summary_path = os.path.join(run_dir, "summary.json")
+        previous = _read_json(summary_path) if resume else None
+        if previous and previous.get("status") in ("completed", "diverged"):
+            print(f"{run_dir}: already {previous['status']}; nothing to do", file=sys.stderr)
+            return previous
+        graphdef, tx, state = init_state(cfg, corpus.vocab_size)
+        checkpoints = Checkpoints(os.path.join(run_dir, "checkpoints"),
+                                  cfg.train.keep_checkpoints)
+        start = 0
+        if resume and checkpoints.latest_step() is not None:
+            start = checkpoints.latest_step()
+            state = checkpoints.restore(start, state)
+        summary = {"status": "running", "steps": start, "diverged_step": None,
+                   "final_val_loss": None, "best_val_loss": None, "tokens_per_s": None,
+                   "compile_seconds": None, "data_fingerprint": corpus.fingerprint,
+                   "versions": versions(), "allocator": allocator.active(),
+                   "run_dir": os.path.abspath(run_dir)}
+        write_atomic(summary_path, _json(summary))
+        tracker = Tracker(run_dir, start_step=start, tensorboard=cfg.log.tensorboard)
+        try:
+            summary = _loop(cfg, corpus, graphdef, tx, state, start, checkpoints, tracker,
+                            summary, stop)
+        finally:
+            tracker.close()
+            checkpoints.close()
+        write_atomic(summary_path, _json(summary))
     return summary
 
 
-def _loop(cfg, corpus, graphdef, tx, state, start, checkpoints, tracker, summary):
+def _read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _loop(cfg, corpus, graphdef, tx, state, start, checkpoints, tracker, summary, stop):
     steps, T, B = cfg.train.steps, cfg.data.seq_len, cfg.train.batch_size
     seed = cfg.run.seed
 
@@ -198,43 +215,42 @@ def _loop(cfg, corpus, graphdef, tx, state, start, checkpoints, tracker, summary
     excluded = 0.0  # seconds of evaluation and checkpointing, not counted in tokens/s
     progress = _progress(cfg, start)
     status, s = "completed", start - 1  # s: the last step run (none yet)
-    with _StopRequests() as stop:
-        t_start = time.perf_counter()
-        for s in range(start, steps):
-            record = {}
-            if s % cfg.train.eval_every == 0:
-                jax.block_until_ready(state)
-                t = time.perf_counter()
-                last_val = record["val_loss"] = evaluate()
-                best = last_val if best is None else min(best, last_val)
-                excluded += time.perf_counter() - t
-            state, metrics = step_fn(state, inputs, targets)
-            if s + 1 < steps:
-                inputs, targets = train_batch(s + 1)  # overlaps the step running on device
-            if every(s, cfg.log.every, steps):
-                fetched, diverged_at = jax.device_get((metrics, state["diverged_step"]))
-                record.update(fetched)
-                elapsed = time.perf_counter() - t_start - excluded
-                progress.set_postfix(loss=f"{float(fetched['loss']):.4f}",
-                                     tok_s=f"{(s + 1 - start) * B * T / max(elapsed, 1e-9):.0f}")
-                progress.update(s + 1 - progress.n)
-                if diverged_at >= 0:
-                    status, summary["diverged_step"] = "diverged", int(diverged_at)
-            if record:
-                tracker.log(s, record)
-            if status == "diverged":
-                break
-            if stop.signum is not None:
-                status = "interrupted"
-            if status == "interrupted" or every(s + 1, cfg.train.checkpoint_every, steps + 1):
-                jax.block_until_ready(state)
-                t = time.perf_counter()
-                checkpoints.save(s + 1, state)
-                excluded += time.perf_counter() - t
-            if status == "interrupted":
-                break
-        jax.block_until_ready(state)
-        elapsed = time.perf_counter() - t_start - excluded
+    t_start = time.perf_counter()
+    for s in range(start, steps):
+        record = {}
+        if s % cfg.train.eval_every == 0:
+            jax.block_until_ready(state)
+            t = time.perf_counter()
+            last_val = record["val_loss"] = evaluate()
+            best = last_val if best is None else min(best, last_val)
+            excluded += time.perf_counter() - t
+        state, metrics = step_fn(state, inputs, targets)
+        if s + 1 < steps:
+            inputs, targets = train_batch(s + 1)  # overlaps the step running on device
+        if every(s, cfg.log.every, steps):
+            fetched, diverged_at = jax.device_get((metrics, state["diverged_step"]))
+            record.update(fetched)
+            elapsed = time.perf_counter() - t_start - excluded
+            progress.set_postfix(loss=f"{float(fetched['loss']):.4f}",
+                                 tok_s=f"{(s + 1 - start) * B * T / max(elapsed, 1e-9):.0f}")
+            progress.update(s + 1 - progress.n)
+            if diverged_at >= 0:
+                status, summary["diverged_step"] = "diverged", int(diverged_at)
+        if record:
+            tracker.log(s, record)
+        if status == "diverged":
+            break
+        if stop.signum is not None:
+            status = "interrupted"
+        if status == "interrupted" or every(s + 1, cfg.train.checkpoint_every, steps + 1):
+            jax.block_until_ready(state)
+            t = time.perf_counter()
+            checkpoints.save(s + 1, state)
+            excluded += time.perf_counter() - t
+        if status == "interrupted":
+            break
+    jax.block_until_ready(state)
+    elapsed = time.perf_counter() - t_start - excluded
     progress.close()
     done = s + 1 - start
     if status == "completed":
@@ -243,8 +259,7 @@ def _loop(cfg, corpus, graphdef, tx, state, start, checkpoints, tracker, summary
         tracker.log(steps, {"val_loss": last_val})
     summary.update(
         status=status, steps=s + 1,
-        final_val_loss=None if status == "diverged" else finite_or_none(last_val)
-        if last_val is not None else None,
+        final_val_loss=finite_or_none(last_val) if status == "completed" else None,
         best_val_loss=finite_or_none(best) if best is not None else None,
         tokens_per_s=done * B * T / elapsed if elapsed > 0 else None)
     if status == "interrupted":

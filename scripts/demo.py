@@ -1,26 +1,33 @@
 """The default study: a Pre-LN and a Post-LN GPT on the embedded corpus, same seed and batches.
 
 Run by `make demo`; prints each run's outcome, the per-block gradient norms at initialisation
-side by side, and where to look next.
+side by side, and where to look next. A second `make demo` reuses finished runs and continues
+interrupted ones.
 """
 
 import os
 import sys
 
-from normexp.config import load
-from normexp.tracking import read_metrics
-from normexp.train import run
+from normexp.allocator import reexec_with_fast_allocator
+from normexp.errors import UsageError
 
 STUDY = [("pre_ln", "configs/pre_ln.yaml"), ("post_ln", "configs/post_ln.yaml")]
 OUT = os.path.join("runs", "demo")
 
 
 def main():
+    from normexp.config import load
+    from normexp.tracking import read_metrics
+    from normexp.train import run
+
     summaries = {}
     for name, path in STUDY:
         cfg = load(path, [f"run.out_dir={os.path.join(OUT, name)}", f"run.name={name}"])
         print(f"== {name}: {path}", flush=True)
-        summaries[name] = run(cfg, overwrite=True)
+        summaries[name] = run(cfg, resume=True)
+        if summaries[name]["status"] == "interrupted":
+            print(f"interrupted; `make demo` again continues from {cfg.run.dir}")
+            return 130
     print(f"\n{'run':<9} {'status':<11} {'final val loss':>14} {'tokens/s':>9}")
     for name, s in summaries.items():
         loss = "-" if s["final_val_loss"] is None else f"{s['final_val_loss']:.4f}"
@@ -34,8 +41,14 @@ def main():
     print(f"\nresults: {os.path.abspath(OUT)}/<run>/ (metrics.jsonl, summary.json, config.yaml, "
           f"checkpoints/)")
     print(f"view:    tensorboard --logdir {OUT}   (pip install tensorboard, if it is missing)")
+    print(f"afresh:  rm -rf {OUT} && make demo")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    reexec_with_fast_allocator()
+    try:
+        sys.exit(main())
+    except UsageError as e:
+        print(f"demo: error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -138,3 +138,12 @@ def test_prepare_missing_file_exits_2(tmp_path):
     result = normexp("prepare", str(tmp_path / "nope.txt"), str(tmp_path / "out"))
     assert result.returncode == 2 and "nope.txt: cannot read" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
+
+
+def test_cli_bad_data_exits_2_and_writes_nothing(tmp_path):
+    d = tmp_path / "d"
+    write_bins(d, np.append(np.arange(100) % 64, 300), np.arange(40) % 64, {"vocab_size": 64})
+    out = tmp_path / "run"
+    result = normexp("train", f"data.path={d}", f"run.out_dir={out}", "data.seq_len=8")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "token id 300 >= vocab size 64" in result.stderr and not out.exists()

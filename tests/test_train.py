@@ -142,8 +142,11 @@ def train_records(path):
     return read_metrics(os.path.join(path, "metrics.jsonl"))
 
 
-@pytest.mark.parametrize("signal_name, kill_at, exit_code", [("SIGKILL", 7, -9),
-                                                             ("SIGTERM", 6, 143)])
+@pytest.mark.parametrize("signal_name, kill_at, exit_code", [
+    ("SIGKILL", 7, -9),    # between checkpoints: steps 4..7 are logged again after resuming
+    ("SIGTERM", 6, 143),   # a clean stop with its own checkpoint at step 7
+    ("SIGINT", 11, 130),   # Ctrl-C at the last step: the resumed run still ends with its eval
+])
 def test_killed_and_resumed_run_equals_the_uninterrupted_one(tmp_path, signal_name, kill_at,
                                                               exit_code):
     reference, broken = tmp_path / "reference", tmp_path / "broken"
@@ -156,7 +159,7 @@ def test_killed_and_resumed_run_equals_the_uninterrupted_one(tmp_path, signal_na
                              *tiny_args(broken), *args], capture_output=True, text=True)
     assert killed.returncode == exit_code, killed.stderr
     assert train_records(broken)[-1]["step"] == kill_at  # it got that far
-    if signal_name == "SIGTERM":
+    if signal_name != "SIGKILL":
         summary = json.loads((broken / "summary.json").read_text())
         assert summary["status"] == "interrupted" and summary["steps"] == kill_at + 1
         assert str(kill_at + 1) in os.listdir(broken / "checkpoints")
@@ -180,3 +183,16 @@ def test_existing_run_dir_is_never_replaced_silently(tiny, tmp_path):
     replaced = normexp("train", *tiny_args(out), "train.steps=3", "--overwrite")
     assert replaced.returncode == 0, replaced.stderr
     assert json.loads((out / "summary.json").read_text())["steps"] == 3
+
+
+def test_overwrite_refuses_a_directory_that_is_not_a_run(tmp_path):
+    precious = tmp_path / "run"
+    precious.mkdir()
+    (precious / "thesis.tex").write_text("years of work")
+    result = normexp("train", *tiny_args(precious), "--overwrite")
+    assert result.returncode == 2 and "not a normexp run" in result.stderr
+    assert (precious / "thesis.tex").read_text() == "years of work"
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    result = normexp("train", *tiny_args(afile))
+    assert result.returncode == 2 and "is a file" in result.stderr
