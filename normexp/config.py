@@ -96,6 +96,14 @@ class ModelConfig:
     init_std: float = opt(0.02, "std of the normal init of embeddings and projections", positive)
     scale_residual_init: bool = opt(True, "GPT-2: residual output projections init with "
                                           "std init_std / sqrt(2 * n_layer)")
+    dtype: str = opt("float32", "compute dtype of matmuls and activations (float32 | bfloat16); "
+                                "parameters, optimizer state and norm statistics stay float32",
+                     one_of("float32", "bfloat16"))
+    attention: str = opt("auto", "attention kernel: dot_product (jax.nn.dot_product_attention, "
+                                 "fused on GPU), einsum, or auto (dot_product off CPU)",
+                         one_of("auto", "dot_product", "einsum"))
+    scan: bool = opt(True, "apply the stacked blocks with lax.scan (compile time flat in depth); "
+                           "false = a Python loop over the same parameters, for debugging")
     norm: NormConfig = section(NormConfig, "the normalization layers")
 
 
@@ -128,6 +136,11 @@ class TrainConfig:
     eval_every: int = opt(100, "evaluate on the val split every N steps (and at the end)", positive)
     checkpoint_every: int = opt(100, "save a checkpoint every N steps (and at the end)", positive)
     keep_checkpoints: int = opt(2, "how many of the latest checkpoints to keep", positive)
+    remat: bool = opt(False, "rematerialise each block in the backward pass (jax.checkpoint): "
+                             "less memory, ~25% more step time")
+    remat_policy: str = opt("nothing", "what remat keeps: nothing (recompute the block), dots "
+                                       "(matmul outputs), dots_no_batch (matmuls without batch "
+                                       "dims)", one_of("nothing", "dots", "dots_no_batch"))
 
 
 @dataclass(frozen=True)

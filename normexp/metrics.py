@@ -7,6 +7,7 @@ Names follow one scheme: `grad_norm/block_03` (the whole block), `grad_norm/bloc
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from normexp.model import param_group
 
@@ -23,11 +24,16 @@ def path_names(keypath):
 
 
 def group_sums_of_squares(tree):
-    """Sum of squared entries per layer and per (layer/part), in float32."""
+    """Sum of squared entries per layer and per (layer/part), in float32.
+
+    Block parameters are stacked on a leading [L] axis: they are reduced over every other axis,
+    so 'block' and 'block/attn' hold one value per block rather than one for all blocks.
+    """
     sums = {}
     for keypath, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        square_sum = jnp.sum(jnp.square(leaf.astype(jnp.float32)))
         layer, part = param_group(path_names(keypath))
+        axes = tuple(range(1, leaf.ndim)) if layer == "block" else None
+        square_sum = jnp.sum(jnp.square(leaf.astype(jnp.float32)), axis=axes)
         for name in (layer, f"{layer}/{part}" if part else None):
             if name is not None:
                 sums[name] = sums.get(name, 0.0) + square_sum
@@ -35,7 +41,10 @@ def group_sums_of_squares(tree):
 
 
 def layer_stats(params, grads, updates):
-    """Gradient norm per layer and part, parameter norm and update/parameter ratio per layer."""
+    """Gradient norm per layer and part, parameter norm and update/parameter ratio per layer.
+
+    Per-block values come out as [L] vectors under 'block'; `per_block` names them.
+    """
     g2 = group_sums_of_squares(grads)
     p2 = group_sums_of_squares(params)
     u2 = group_sums_of_squares(updates)
@@ -44,7 +53,20 @@ def layer_stats(params, grads, updates):
     for layer in layers:
         stats[f"param_norm/{layer}"] = jnp.sqrt(p2[layer])
         stats[f"update_ratio/{layer}"] = jnp.sqrt(u2[layer] / p2[layer])
-    param_total = sum(p2[layer] for layer in layers)
+    param_total = sum(jnp.sum(p2[layer]) for layer in layers)
     stats["param_norm"] = jnp.sqrt(param_total)
-    stats["update_ratio"] = jnp.sqrt(sum(u2[layer] for layer in layers) / param_total)
+    stats["update_ratio"] = jnp.sqrt(sum(jnp.sum(u2[layer]) for layer in layers) / param_total)
     return stats
+
+
+def per_block(metrics):
+    """Host side: 'grad_norm/block/attn' = [L] values -> 'grad_norm/block_00/attn', ... ."""
+    out = {}
+    for key, value in metrics.items():
+        value = np.asarray(value)
+        if value.ndim == 1:
+            for i, v in enumerate(value):
+                out[key.replace("/block", f"/block_{i:02d}", 1)] = float(v)
+        else:
+            out[key] = float(value)
+    return out

@@ -26,7 +26,7 @@ from normexp import config as config_lib
 from normexp import data as data_lib
 from normexp.checkpoint import Checkpoints
 from normexp.errors import UsageError
-from normexp.metrics import layer_stats
+from normexp.metrics import layer_stats, per_block
 from normexp.model import loss_fn, make_model
 from normexp.optim import learning_rate, make_optimizer
 from normexp.tracking import Tracker, finite_or_none, write_atomic
@@ -35,7 +35,7 @@ from normexp.tracking import Tracker, finite_or_none, write_atomic
 def init_state(cfg, vocab_size):
     """(graphdef, optimizer, state) for a fresh run."""
     model = make_model(cfg.model, vocab_size=vocab_size, max_len=cfg.data.seq_len,
-                       seed=cfg.run.seed)
+                       seed=cfg.run.seed, remat=cfg.train.remat_policy if cfg.train.remat else None)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     tx = make_optimizer(cfg.optim, cfg.train.steps)
     state = {"params": params, "rest": rest, "opt": tx.init(params),
@@ -229,6 +229,7 @@ def _loop(cfg, corpus, graphdef, tx, state, start, checkpoints, tracker, summary
             inputs, targets = train_batch(s + 1)  # overlaps the step running on device
         if every(s, cfg.log.every, steps):
             fetched, diverged_at = jax.device_get((metrics, state["diverged_step"]))
+            fetched = per_block(fetched)
             record.update(fetched)
             elapsed = time.perf_counter() - t_start - excluded
             progress.set_postfix(loss=f"{float(fetched['loss']):.4f}",

@@ -8,7 +8,7 @@ from flax import nnx
 
 from normexp.model import make_model
 from normexp.norms import NORMS
-from normexp.placement import PLACEMENTS, post, pre
+from normexp.placement import PLACEMENTS, Depth, post, pre
 
 T = 16
 
@@ -52,22 +52,25 @@ def test_placement_rules_are_their_equations():
     x = jnp.arange(4.0)
     f = lambda h: 2 * h + 1
     n = lambda h: h / 10
-    np.testing.assert_allclose(pre(x, f, n), x + f(n(x)))
-    np.testing.assert_allclose(post(x, f, n), n(x + f(x)))
+    depth = Depth(jnp.int32(2), 4)
+    np.testing.assert_allclose(pre(x, f, n, depth), x + f(n(x)))
+    np.testing.assert_allclose(post(x, f, n, depth), n(x + f(x)))
 
 
 def test_gpt2_init_scales_residual_projections(tiny):
     model = model_of(tiny, "model.n_layer=8", "model.d_model=128", "model.n_head=4")
-    std = lambda p: float(np.std(np.asarray(p[...])))
-    block = model.blocks[3]
+    std = lambda p: float(np.std(np.asarray(p[...])[3]))  # block 3 of the stacked [L] axis
+    blocks = model.blocks
     out_std = 0.02 / math.sqrt(2 * 8)
-    assert std(block.attn.qkv.kernel) == pytest.approx(0.02, rel=0.05)
-    assert std(block.mlp.up.kernel) == pytest.approx(0.02, rel=0.05)
-    assert std(block.attn.proj.kernel) == pytest.approx(out_std, rel=0.05)
-    assert std(block.mlp.down.kernel) == pytest.approx(out_std, rel=0.05)
+    assert std(blocks.attn.qkv.kernel) == pytest.approx(0.02, rel=0.05)
+    assert std(blocks.mlp.up.kernel) == pytest.approx(0.02, rel=0.05)
+    assert std(blocks.attn.proj.kernel) == pytest.approx(out_std, rel=0.05)
+    assert std(blocks.mlp.down.kernel) == pytest.approx(out_std, rel=0.05)
+    kernels = np.asarray(blocks.attn.qkv.kernel[...])
+    assert kernels.shape[0] == 8 and not np.allclose(kernels[0], kernels[1])  # independent inits
     flat = model_of(tiny, "model.n_layer=8", "model.d_model=128", "model.n_head=4",
                     "model.scale_residual_init=false", "model.init_std=0.05")
-    assert std(flat.blocks[3].attn.proj.kernel) == pytest.approx(0.05, rel=0.05)
+    assert std(flat.blocks.attn.proj.kernel) == pytest.approx(0.05, rel=0.05)
 
 
 def test_output_embedding_is_tied(tiny):
@@ -83,3 +86,27 @@ def test_same_seed_same_model_other_seed_other_model(tiny):
     a, b, c = model_of(tiny), model_of(tiny), model_of(tiny, seed=1)
     np.testing.assert_array_equal(a(tokens()), b(tokens()))
     assert not np.allclose(a(tokens()), c(tokens()))
+
+
+@pytest.mark.parametrize("placement", sorted(PLACEMENTS))
+def test_scan_and_unrolled_give_the_same_logits(tiny, placement):
+    scanned = model_of(tiny, f"model.placement={placement}", "model.n_layer=3")
+    unrolled = model_of(tiny, f"model.placement={placement}", "model.n_layer=3", "model.scan=false")
+    # same stacked parameters, applied by lax.scan or by a Python loop: equal to float rounding
+    np.testing.assert_allclose(scanned(tokens()), unrolled(tokens()), rtol=1e-5, atol=1e-5)
+
+
+def test_fused_attention_matches_the_einsum_core(tiny):
+    einsum = model_of(tiny, "model.attention=einsum")
+    fused = model_of(tiny, "model.attention=dot_product")
+    np.testing.assert_allclose(einsum(tokens()), fused(tokens()), rtol=1e-4, atol=1e-4)
+
+
+def test_bfloat16_computes_in_bf16_with_float32_parameters(tiny):
+    model = model_of(tiny, "model.dtype=bfloat16")
+    _, params = nnx.split(model, nnx.Param)
+    assert {str(v.dtype) for _, v in nnx.to_flat_state(params)} == {"float32"}
+    assert model(tokens()).dtype == jnp.bfloat16
+    reference = model_of(tiny)
+    np.testing.assert_allclose(model(tokens()).astype(jnp.float32), reference(tokens()),
+                               atol=0.05)

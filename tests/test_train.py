@@ -10,6 +10,7 @@ from flax import nnx
 
 from normexp import data as data_lib
 from normexp.model import loss_fn
+from normexp.metrics import per_block
 from normexp.tracking import read_metrics
 from normexp.train import init_state, make_train_step, run
 
@@ -33,9 +34,9 @@ def flat(tree):
     return {path: np.asarray(v[...], np.float64) for path, v in nnx.to_flat_state(tree)}
 
 
-def test_per_layer_grad_norms_equal_norms_of_jax_grad(tiny):
-    # A tiny clip_norm: the logged norms must be the raw ones, taken before clipping.
-    cfg = tiny("optim.clip_norm=0.01", "model.n_layer=3", "optim.warmup_steps=0")
+def one_step(cfg):
+    """(metrics of one train step at init, jax.grad of the loss computed outside it, params
+    before and after the step), all as NumPy; block parameters are split per block."""
     corpus = data_lib.load_corpus("", 0, cfg.data.seq_len)
     graphdef, tx, state = init_state(cfg, corpus.vocab_size)
     x, y = data_lib.batch(corpus.train, seed=0, step=0, batch_size=4, seq_len=16)
@@ -43,11 +44,29 @@ def test_per_layer_grad_norms_equal_norms_of_jax_grad(tiny):
     def loss_of(params):
         return loss_fn(nnx.merge(graphdef, params, state["rest"])(x), y)
 
-    grads = flat(jax.grad(loss_of)(state["params"]))
-    before = flat(state["params"])
+    grads = per_block_leaves(jax.grad(loss_of)(state["params"]))
+    before = per_block_leaves(state["params"])
     new_state, metrics = make_train_step(graphdef, tx, grad_norms=True)(state, x, y)
-    after = flat(new_state["params"])
-    metrics = jax.device_get(metrics)
+    return per_block(jax.device_get(metrics)), grads, before, per_block_leaves(new_state["params"])
+
+
+def per_block_leaves(tree):
+    """{path: array}, with each stacked block parameter split into ('blocks', i, ...) paths."""
+    out = {}
+    for path, v in nnx.to_flat_state(tree):
+        value = np.asarray(v[...], np.float64)
+        if path[0] == "blocks":
+            for i, block_value in enumerate(value):
+                out[("blocks", i, *path[1:])] = block_value
+        else:
+            out[path] = value
+    return out
+
+
+def test_per_layer_grad_norms_equal_norms_of_jax_grad(tiny):
+    # A tiny clip_norm: the logged norms must be the raw ones, taken before clipping.
+    cfg = tiny("optim.clip_norm=0.01", "model.n_layer=3", "optim.warmup_steps=0")
+    metrics, grads, before, after = one_step(cfg)
 
     def norm(tree, keep):
         return np.sqrt(sum(np.sum(v ** 2) for path, v in tree.items() if keep(path)))
@@ -71,6 +90,31 @@ def test_per_layer_grad_norms_equal_norms_of_jax_grad(tiny):
     assert expected["grad_norm"] > 0.5  # far above the clip, so clipping would have shown
     assert set(k for k in metrics if k.startswith("grad_norm/block_")) == \
         set(k for k in expected if k.startswith("grad_norm/block_"))
+    # one norm per block, not one for the whole stack
+    assert len({round(metrics[f"grad_norm/block_{i:02d}"], 6) for i in range(3)}) == 3
+
+
+@pytest.mark.parametrize("placement", ["pre", "post"])
+def test_scan_unrolled_and_remat_give_the_same_gradients(tiny, placement):
+    """Tolerance: rel 1e-4 on every per-block norm and 1e-5 abs on each gradient entry (the
+    three differ only in float32 summation order)."""
+    base = [f"model.placement={placement}", "model.n_layer=3", "optim.warmup_steps=0"]
+    scanned, grads, _, _ = one_step(tiny(*base))
+    for variant in (["model.scan=false"], ["train.remat=true"],
+                    ["train.remat=true", "train.remat_policy=dots", "model.scan=false"]):
+        other, other_grads, _, _ = one_step(tiny(*base, *variant))
+        assert other.keys() == scanned.keys()
+        for key in scanned:
+            assert other[key] == pytest.approx(scanned[key], rel=1e-4, abs=1e-7), (variant, key)
+        for path in grads:
+            np.testing.assert_allclose(other_grads[path], grads[path], atol=1e-5, rtol=1e-4)
+
+
+def test_bfloat16_trains_with_finite_loss(tiny, tmp_path):
+    summary = run(tiny("model.dtype=bfloat16", "train.steps=20"))
+    records = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
+    assert summary["status"] == "completed" and all(np.isfinite(r["loss"]) for r in records)
+    assert records[-1]["loss"] < records[0]["loss"]
 
 
 def test_tiny_run_end_to_end(tiny, tmp_path):
