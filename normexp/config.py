@@ -102,8 +102,13 @@ class ModelConfig:
     attention: str = opt("auto", "attention kernel: dot_product (jax.nn.dot_product_attention, "
                                  "fused on GPU), einsum, or auto (dot_product off CPU)",
                          one_of("auto", "dot_product", "einsum"))
+    custom_grads: bool = opt(True, "hand-written backward passes for GELU, attention and the norms "
+                                   "(equal to autodiff, tested; faster); false = autodiff")
     scan: bool = opt(True, "apply the stacked blocks with lax.scan (compile time flat in depth); "
                            "false = a Python loop over the same parameters, for debugging")
+    scan_unroll: int = opt(0, "blocks per scan iteration (lax.scan unroll); 0 = auto: all of them "
+                              "up to 8 blocks (fastest on CPU), 1 beyond (flat compile time)",
+                           nonneg)
     norm: NormConfig = section(NormConfig, "the normalization layers")
 
 
@@ -330,3 +335,13 @@ def reference(cls=Config, prefix=""):
         else:
             rows.append((prefix + f.name, f.default, f.metadata["doc"]))
     return rows
+
+
+def reference_markdown():
+    """The README's config reference table, generated from the field docs."""
+    import json
+    rows = ["| key | default | meaning |", "| --- | --- | --- |"]
+    for key, default, doc in reference():
+        shown = repr(default) if isinstance(default, float) else json.dumps(default)
+        rows.append(f"| `{key}` | `{shown}` | {doc} |")
+    return "\n".join(rows) + "\n"
