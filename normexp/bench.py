@@ -1,58 +1,208 @@
-"""`normexp bench`: compile time and step time of a config, with and without per-layer stats.
+"""`normexp bench`: how fast a config trains, and what each feature costs. JSON out.
 
-Both step variants are compiled first, then timed in alternating repeats so that drift in the
-machine's speed falls on both alike. Figures are medians over repeats of ms per step.
+Sections: `step` (per-layer statistics on vs off), `data` (prefetched real batches vs one fixed
+batch), `throughput` (model FLOP/s as a fraction of this machine's own matmul FLOP/s),
+`remat` (memory and step time with and without), `depth` (compile seconds and statistics
+overhead as the model deepens), `compile_cache` (a second process compiling the same step).
+Variants compared with each other are compiled first and timed in alternating repeats, so
+drift in the machine's speed falls on both alike; figures are medians over repeats.
 """
 
+import dataclasses
+import os
 import platform
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 
 import jax
+import jax.numpy as jnp
+from flax import nnx
 
+from normexp import allocator
+from normexp import config as config_lib
 from normexp import data as data_lib
 from normexp.train import init_state, make_train_step
 
+QUICK = ["model.n_layer=2", "model.d_model=64", "model.n_head=2", "data.seq_len=32",
+         "train.batch_size=4"]
 
-def bench(cfg, *, steps=10, repeats=5, warmup=3):
-    corpus = data_lib.load_corpus(cfg.data.path, cfg.data.vocab_size, cfg.data.seq_len)
-    B, T = cfg.train.batch_size, cfg.data.seq_len
-    batch = jax.device_put(data_lib.batch(corpus.train, seed=cfg.run.seed, step=0,
-                                          batch_size=B, seq_len=T))
-    variants = {}
-    for grad_norms in (True, False):
-        graphdef, tx, state = init_state(cfg, corpus.vocab_size)
+
+def flops_per_token(cfg, params):
+    """nanoGPT's estimate: 6 N + 12 L C T, N = parameters but the position embedding (the token
+    embedding is the output head, so it counts)."""
+    n = sum(leaf.size for path, leaf in nnx.to_flat_state(params) if path[0] != "pos_embed")
+    m = cfg.model
+    return 6 * n + 12 * m.n_layer * m.d_model * cfg.data.seq_len
+
+
+def matmul_gflops(dtype=jnp.float32, n=1024, calls=10, repeats=5):
+    """This machine's practical peak: a jitted n x n `jnp.dot`, median over repeats."""
+    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+    b = jax.random.normal(jax.random.key(1), (n, n), dtype)
+    dot = jax.jit(jnp.dot).lower(a, b).compile()
+    dot(a, b).block_until_ready()
+    seconds = []
+    for _ in range(repeats):
         t0 = time.perf_counter()
-        step = make_train_step(graphdef, tx, grad_norms=grad_norms).lower(state, *batch).compile()
-        compile_s = time.perf_counter() - t0
+        for _ in range(calls):
+            out = dot(a, b)
+        out.block_until_ready()
+        seconds.append((time.perf_counter() - t0) / calls)
+    return 2 * n ** 3 / statistics.median(seconds) / 1e9
+
+
+@dataclasses.dataclass
+class Variant:
+    step: object
+    state: dict
+    next_batch: object
+    compile_seconds: float
+    memory: dict
+    ms: list = dataclasses.field(default_factory=list)
+
+
+def compile_variant(cfg, vocab, batch, *, grad_norms=True, next_batch=None):
+    graphdef, tx, state = init_state(cfg, vocab)
+    t0 = time.perf_counter()
+    step = make_train_step(graphdef, tx, grad_norms=grad_norms).lower(state, *batch).compile()
+    seconds = time.perf_counter() - t0
+    mem = step.memory_analysis()
+    memory = {"temp_mib": round(mem.temp_size_in_bytes / 2 ** 20, 1),
+              "total_mib": round((mem.temp_size_in_bytes + mem.argument_size_in_bytes
+                                  + mem.output_size_in_bytes - mem.alias_size_in_bytes)
+                                 / 2 ** 20, 1)} if mem is not None else None
+    return Variant(step, state, next_batch or (lambda: batch), seconds, memory)
+
+
+def time_alternating(variants, *, steps, repeats, warmup=2):
+    for v in variants.values():
         for _ in range(warmup):
-            state, _ = step(state, *batch)
-        jax.block_until_ready(state)
-        variants[grad_norms] = {"step": step, "state": state, "compile_s": compile_s, "ms": []}
+            v.state, _ = v.step(v.state, *v.next_batch())
+        jax.block_until_ready(v.state)
     for _ in range(repeats):
         for v in variants.values():
-            state = v["state"]
             t0 = time.perf_counter()
             for _ in range(steps):
-                state, _ = v["step"](state, *batch)
-            jax.block_until_ready(state)
-            v["ms"].append((time.perf_counter() - t0) / steps * 1e3)
-            v["state"] = state
+                v.state, _ = v.step(v.state, *v.next_batch())
+            jax.block_until_ready(v.state)
+            v.ms.append((time.perf_counter() - t0) / steps * 1e3)
+    return {name: round(statistics.median(v.ms), 2) for name, v in variants.items()}
 
-    def report(v):
-        ms = statistics.median(v["ms"])
-        return {"compile_seconds": round(v["compile_s"], 3), "ms_per_step": round(ms, 2),
-                "ms_per_step_all": [round(x, 2) for x in v["ms"]],
-                "tokens_per_s": round(B * T / ms * 1e3, 1)}
 
-    on, off = report(variants[True]), report(variants[False])
-    return {
-        "config": {"n_layer": cfg.model.n_layer, "d_model": cfg.model.d_model,
-                   "n_head": cfg.model.n_head, "seq_len": T, "batch_size": B,
-                   "norm": cfg.model.norm.kind, "placement": cfg.model.placement},
-        "machine": {"platform": platform.platform(), "processor": platform.machine(),
-                    "devices": [str(d) for d in jax.devices()]},
-        "steps_per_repeat": steps, "repeats": repeats,
-        "grad_norms_on": on, "grad_norms_off": off,
-        "grad_norm_overhead_pct": round((on["ms_per_step"] / off["ms_per_step"] - 1) * 100, 2),
-    }
+def bench(cfg, *, steps=10, repeats=5, depths=(4, 64), compile_cache=True):
+    corpus = data_lib.load_corpus(cfg.data.path, cfg.data.vocab_size, cfg.data.seq_len)
+    B, T, vocab = cfg.train.batch_size, cfg.data.seq_len, corpus.vocab_size
+    tokens = B * T
+    fixed = jax.device_put(data_lib.batch(corpus.train, seed=cfg.run.seed, step=0,
+                                          batch_size=B, seq_len=T))
+    result = {"config": config_lib.to_dict(cfg)["model"] | {"seq_len": T, "batch_size": B},
+              "machine": {"platform": platform.platform(), "processor": platform.machine(),
+                          "cpus": os.cpu_count(), "devices": [str(d) for d in jax.devices()],
+                          "allocator": allocator.active()},
+              "steps_per_repeat": steps, "repeats": repeats}
+
+    # per-layer statistics on vs off
+    on = compile_variant(cfg, vocab, fixed)
+    off = compile_variant(cfg, vocab, fixed, grad_norms=False)
+    ms = time_alternating({"on": on, "off": off}, steps=steps, repeats=repeats)
+    result["step"] = {
+        "compile_seconds": round(on.compile_seconds, 3), "ms_per_step": ms["on"],
+        "ms_per_step_no_stats": ms["off"], "tokens_per_s": round(tokens / ms["on"] * 1e3, 1),
+        "grad_norm_overhead_pct": round((ms["on"] / ms["off"] - 1) * 100, 2),
+        "memory": on.memory}
+
+    # the run's data pipeline (prefetched random windows) vs one fixed batch
+    prefetch = data_lib.Prefetcher(corpus.train, seed=cfg.run.seed, start=0, batch_size=B,
+                                   seq_len=T)
+    try:
+        real = Variant(on.step, on.state, lambda: next(prefetch), 0.0, on.memory)
+        fix = Variant(on.step, jax.tree.map(jnp.copy, on.state), lambda: fixed, 0.0, on.memory)
+        ms = time_alternating({"real": real, "fixed": fix}, steps=steps, repeats=repeats)
+    finally:
+        prefetch.close()
+    result["data"] = {"ms_per_step_real_data": ms["real"], "ms_per_step_fixed_batch": ms["fixed"],
+                      "difference_pct": round((ms["real"] / ms["fixed"] - 1) * 100, 2)}
+
+    # model FLOP/s against the machine's own matmul FLOP/s
+    per_token = flops_per_token(cfg, on.state["params"])
+    model_gflops = per_token * tokens / (result["step"]["ms_per_step"] / 1e3) / 1e9
+    peak = matmul_gflops(jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16,
+                         n=1024 if jax.default_backend() == "cpu" else 8192)
+    result["throughput"] = {"flops_per_token": per_token,
+                            "model_gflops_per_s": round(model_gflops, 1),
+                            "matmul_gflops_per_s": round(peak, 1),
+                            "fraction_of_matmul_peak": round(model_gflops / peak, 3)}
+
+    # rematerialisation: memory and time
+    remat_cfg = replace(cfg, "train", remat=True)
+    remat = compile_variant(remat_cfg, vocab, fixed)
+    plain = Variant(on.step, real.state, lambda: fixed, 0.0, on.memory)  # on's was donated
+    ms = time_alternating({"plain": plain, "remat": remat}, steps=steps, repeats=repeats)
+    result["remat"] = {"policy": remat_cfg.train.remat_policy,
+                       "ms_per_step": ms["remat"], "ms_per_step_without": ms["plain"],
+                       "memory": remat.memory, "memory_without": on.memory,
+                       "step_time_pct": round((ms["remat"] / ms["plain"] - 1) * 100, 2)}
+    del on, off, real, fix, remat, plain
+
+    # depth: compile time of the scanned model, and the statistics' overhead at each depth
+    rows = []
+    for depth in depths:
+        deep = replace(cfg, "model", n_layer=depth)
+        d_on = compile_variant(deep, vocab, fixed)
+        d_off = compile_variant(deep, vocab, fixed, grad_norms=False)
+        few = max(1, steps * cfg.model.n_layer // depth)
+        ms = time_alternating({"on": d_on, "off": d_off}, steps=few, repeats=repeats, warmup=1)
+        rows.append({"n_layer": depth, "compile_seconds": round(d_on.compile_seconds, 3),
+                     "scan_unroll": deep.model.scan_unroll or (depth if depth <= 8 else 1),
+                     # (auto; remat always scans one block at a time)
+                     "ms_per_step": ms["on"], "ms_per_step_no_stats": ms["off"],
+                     "grad_norm_overhead_pct": round((ms["on"] / ms["off"] - 1) * 100, 2),
+                     "memory": d_on.memory})
+        del d_on, d_off
+    result["depth"] = {"rows": rows, "compile_ratio_deepest_to_shallowest": round(
+        rows[-1]["compile_seconds"] / rows[0]["compile_seconds"], 3)}
+
+    if compile_cache:
+        result["compile_cache"] = measure_compile_cache(cfg)
+    return result
+
+
+def replace(cfg, section, **changes):
+    return dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section),
+                                                                    **changes)})
+
+
+def measure_compile_cache(cfg):
+    """Compile the same step in two fresh processes sharing a persistent cache directory."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "config.yaml")
+        with open(path, "w") as f:
+            f.write(config_lib.to_yaml(cfg))
+        seconds = []
+        for _ in range(2):
+            out = subprocess.run([sys.executable, "-c", _COMPILE_ONCE, path,
+                                  os.path.join(tmp, "cache")],
+                                 capture_output=True, text=True, check=True)
+            seconds.append(float(out.stdout.split()[-1]))
+    return {"cold_compile_seconds": round(seconds[0], 3),
+            "warm_compile_seconds": round(seconds[1], 3),
+            "speedup": round(seconds[0] / seconds[1], 1)}
+
+
+_COMPILE_ONCE = """
+import sys, time
+from normexp import config, data
+from normexp.train import enable_compile_cache, init_state, make_train_step
+cfg = config.load(sys.argv[1])
+enable_compile_cache(sys.argv[2])
+corpus = data.load_corpus(cfg.data.path, cfg.data.vocab_size, cfg.data.seq_len)
+batch = data.batch(corpus.train, seed=0, step=0, batch_size=cfg.train.batch_size,
+                   seq_len=cfg.data.seq_len)
+graphdef, tx, state = init_state(cfg, corpus.vocab_size)
+t0 = time.perf_counter()
+make_train_step(graphdef, tx, grad_norms=cfg.log.grad_norms).lower(state, *batch).compile()
+print(time.perf_counter() - t0)
+"""

@@ -47,10 +47,27 @@ def cmd_prepare(ns):
 
 
 def cmd_bench(ns):
-    from normexp.bench import bench
-    result = bench(_load(ns.config), steps=ns.steps, repeats=ns.repeats)
+    from normexp.bench import QUICK, bench
+    from normexp.config import load
+    path, overrides = _split_config_args(ns.config)
+    if ns.quick:  # a tiny model and few steps: every figure, in seconds (for the test suite)
+        overrides = QUICK + overrides
+        ns.steps, ns.repeats, ns.depths = 2, 2, ns.depths or "2,4"
+    depths = _depths(ns.depths or "4,64")
+    result = bench(load(path, overrides), steps=ns.steps, repeats=ns.repeats, depths=depths,
+                   compile_cache=not ns.no_compile_cache)
     print(json.dumps(result, indent=1))
     return 0
+
+
+def _depths(text):
+    try:
+        depths = [int(d) for d in text.split(",")]
+    except ValueError:
+        depths = []
+    if not depths or min(depths) <= 0:
+        raise UsageError(f"--depths {text!r}: expected positive integers like 4,64")
+    return depths
 
 
 def _positive(text):
@@ -81,6 +98,11 @@ def parser():
     b.add_argument("--steps", type=_positive, default=10, help="steps per timed repeat")
     b.add_argument("--repeats", type=_positive, default=5,
                    help="timed repeats (the median is reported)")
+    b.add_argument("--depths", help="n_layer values for the depth section (default 4,64)")
+    b.add_argument("--quick", action="store_true",
+                   help="a tiny model, 2 steps x 2 repeats, depths 2,4: checks, not figures")
+    b.add_argument("--no-compile-cache", action="store_true",
+                   help="skip the compile-cache section (it starts two processes)")
     b.set_defaults(func=cmd_bench)
     return p
 

@@ -107,7 +107,8 @@ class ModelConfig:
     scan: bool = opt(True, "apply the stacked blocks with lax.scan (compile time flat in depth); "
                            "false = a Python loop over the same parameters, for debugging")
     scan_unroll: int = opt(0, "blocks per scan iteration (lax.scan unroll); 0 = auto: all of them "
-                              "up to 8 blocks (fastest on CPU), 1 beyond (flat compile time)",
+                              "up to 8 blocks without remat (fastest on CPU), else 1 (flat "
+                              "compile time)",
                            nonneg)
     norm: NormConfig = section(NormConfig, "the normalization layers")
 
@@ -141,6 +142,8 @@ class TrainConfig:
     eval_every: int = opt(100, "evaluate on the val split every N steps (and at the end)", positive)
     checkpoint_every: int = opt(100, "save a checkpoint every N steps (and at the end)", positive)
     keep_checkpoints: int = opt(2, "how many of the latest checkpoints to keep", positive)
+    compile_cache: str = opt("", "directory of JAX's persistent compilation cache (a second run of "
+                                 "the same shapes skips compiling); empty = off")
     remat: bool = opt(False, "rematerialise each block in the backward pass (jax.checkpoint): "
                              "less memory, ~25% more step time")
     remat_policy: str = opt("nothing", "what remat keeps: nothing (recompute the block), dots "

@@ -10,8 +10,11 @@ import io
 import json
 import os
 import pickle
+import queue
+import threading
 from dataclasses import dataclass
 
+import jax
 import numpy as np
 
 from normexp.errors import UsageError
@@ -136,6 +139,42 @@ def batch(tokens, *, seed, step, batch_size, seq_len, stream=TRAIN_STREAM):
     starts = rng.integers(0, len(tokens) - seq_len, size=batch_size)
     window = np.asarray(tokens[starts[:, None] + np.arange(seq_len + 1)], dtype=np.int32)
     return window[:, :-1], window[:, 1:]
+
+
+class Prefetcher:
+    """Training batches for steps start, start+1, ... on the device, two steps ahead.
+
+    A background thread samples each batch and transfers it while the device runs the current
+    step (double buffering), so the step never waits for the host. The order is the order of
+    steps, so what a run sees stays a function of (seed, step).
+    """
+
+    def __init__(self, tokens, *, seed, start, batch_size, seq_len, depth=2):
+        self.queue = queue.Queue(maxsize=depth)
+        self.stopped = threading.Event()
+
+        def produce():
+            step = start
+            while not self.stopped.is_set():
+                item = jax.device_put(batch(tokens, seed=seed, step=step, batch_size=batch_size,
+                                            seq_len=seq_len))
+                while not self.stopped.is_set():
+                    try:
+                        self.queue.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                step += 1
+
+        self.thread = threading.Thread(target=produce, name="normexp-prefetch", daemon=True)
+        self.thread.start()
+
+    def __next__(self):
+        return self.queue.get()
+
+    def close(self):
+        self.stopped.set()
+        self.thread.join()
 
 
 def eval_batches(tokens, *, seed, count, batch_size, seq_len):

@@ -113,7 +113,9 @@ class GPT(nnx.Module):
         out_std = std / math.sqrt(2 * L) if cfg.scale_residual_init else std
         self.dtype = DTYPES[cfg.dtype]
         self.scan, self.remat, self.n_layer = cfg.scan, remat, L
-        self.unroll = cfg.scan_unroll or (L if L <= AUTO_UNROLL_MAX else 1)
+        # remat only saves memory between the iterations of a real loop
+        shallow = L <= AUTO_UNROLL_MAX and remat is None
+        self.unroll = cfg.scan_unroll or (L if shallow else 1)
         fused = fused_attention_for(cfg.attention, jax.default_backend())
         self.tok_embed = nnx.Embed(vocab_size, cfg.d_model, dtype=self.dtype, rngs=rngs,
                                    embedding_init=nnx.initializers.normal(std))

@@ -75,6 +75,14 @@ def make_eval_step(graphdef):
     return jax.jit(eval_step)
 
 
+def enable_compile_cache(directory):
+    """Persist compiled executables under `directory`, whatever their size or compile time."""
+    os.makedirs(directory, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", os.path.abspath(directory))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
 def every(step, n, total):
     """True at multiples of n and at the last step: the one cadence helper of the loop."""
     return step % n == 0 or step == total - 1
@@ -148,6 +156,8 @@ def run(cfg, *, resume=False, overwrite=False):
     here on, so a signal during compilation is handled like one during training.
     """
     corpus = data_lib.load_corpus(cfg.data.path, cfg.data.vocab_size, cfg.data.seq_len)
+    if cfg.train.compile_cache:
+        enable_compile_cache(cfg.train.compile_cache)
     with _StopRequests() as stop:
         run_dir = prepare_run_dir(cfg, resume=resume, overwrite=overwrite)
         summary_path = os.path.join(run_dir, "summary.json")
@@ -169,10 +179,16 @@ def run(cfg, *, resume=False, overwrite=False):
                    "run_dir": os.path.abspath(run_dir)}
         write_atomic(summary_path, _json(summary))
         tracker = Tracker(run_dir, start_step=start, tensorboard=cfg.log.tensorboard)
+        B, T, seed = cfg.train.batch_size, cfg.data.seq_len, cfg.run.seed
+        batches = data_lib.Prefetcher(corpus.train, seed=seed, start=start, batch_size=B,
+                                      seq_len=T)
+        val_batches = [jax.device_put(b) for b in data_lib.eval_batches(
+            corpus.val, seed=seed, count=cfg.data.eval_batches, batch_size=B, seq_len=T)]
         try:
-            summary = _loop(cfg, corpus, graphdef, tx, state, start, checkpoints, tracker,
-                            summary, stop)
+            summary = _loop(cfg, graphdef, tx, state, start, summary, stop, batches=batches,
+                            val_batches=val_batches, checkpoints=checkpoints, tracker=tracker)
         finally:
+            batches.close()
             tracker.close()
             checkpoints.close()
         write_atomic(summary_path, _json(summary))
@@ -187,17 +203,11 @@ def _read_json(path):
         return None
 
 
-def _loop(cfg, corpus, graphdef, tx, state, start, checkpoints, tracker, summary, stop):
+def _loop(cfg, graphdef, tx, state, start, summary, stop, *, batches, val_batches, checkpoints,
+          tracker):
+    """Compile, then train from `start` to the end, a divergence or a stop request."""
     steps, T, B = cfg.train.steps, cfg.data.seq_len, cfg.train.batch_size
-    seed = cfg.run.seed
-
-    def train_batch(step):
-        return jax.device_put(data_lib.batch(corpus.train, seed=seed, step=step,
-                                             batch_size=B, seq_len=T))
-
-    val_batches = [jax.device_put(b) for b in data_lib.eval_batches(
-        corpus.val, seed=seed, count=cfg.data.eval_batches, batch_size=B, seq_len=T)]
-    inputs, targets = train_batch(start)
+    inputs, targets = next(batches)
     t0 = time.perf_counter()
     step_fn = make_train_step(graphdef, tx, grad_norms=cfg.log.grad_norms).lower(
         state, inputs, targets).compile()
@@ -226,7 +236,7 @@ def _loop(cfg, corpus, graphdef, tx, state, start, checkpoints, tracker, summary
             excluded += time.perf_counter() - t
         state, metrics = step_fn(state, inputs, targets)
         if s + 1 < steps:
-            inputs, targets = train_batch(s + 1)  # overlaps the step running on device
+            inputs, targets = next(batches)  # sampled and transferred while step s ran
         if every(s, cfg.log.every, steps):
             fetched, diverged_at = jax.device_get((metrics, state["diverged_step"]))
             fetched = per_block(fetched)

@@ -240,3 +240,28 @@ def test_overwrite_refuses_a_directory_that_is_not_a_run(tmp_path):
     afile.write_text("x")
     result = normexp("train", *tiny_args(afile))
     assert result.returncode == 2 and "is a file" in result.stderr
+
+
+def test_compile_cache_is_written_and_reused(tiny, tmp_path):
+    cache = tmp_path / "cache"
+    run(tiny("train.steps=2", f"train.compile_cache={cache}"))
+    entries = set(os.listdir(cache))
+    assert entries  # the train step and the eval step were persisted
+    second = normexp("train", *tiny_args(tmp_path / "again"), "train.steps=2",
+                     f"train.compile_cache={cache}")
+    assert second.returncode == 0, second.stderr
+    assert set(os.listdir(cache)) == entries  # nothing new to compile: same shapes, same cache
+
+
+def test_prefetcher_yields_the_batches_of_each_step_in_order():
+    tokens = np.arange(5000, dtype=np.uint16)
+    prefetch = data_lib.Prefetcher(tokens, seed=3, start=7, batch_size=2, seq_len=8)
+    try:
+        for step in range(7, 12):
+            x, y = next(prefetch)
+            ex, ey = data_lib.batch(tokens, seed=3, step=step, batch_size=2, seq_len=8)
+            np.testing.assert_array_equal(x, ex)
+            np.testing.assert_array_equal(y, ey)
+    finally:
+        prefetch.close()
+    assert not prefetch.thread.is_alive()

@@ -1,0 +1,32 @@
+import json
+
+from conftest import normexp
+
+
+def test_quick_bench_produces_every_figure():
+    """Checks the benchmark runs and reports everything; never a timing (see the README)."""
+    result = normexp("bench", "--quick")
+    assert result.returncode == 0, result.stderr
+    r = json.loads(result.stdout)
+    for key in ("compile_seconds", "ms_per_step", "ms_per_step_no_stats", "tokens_per_s",
+                "grad_norm_overhead_pct"):
+        assert isinstance(r["step"][key], (int, float)), key
+    assert r["step"]["memory"]["temp_mib"] > 0
+    assert {"ms_per_step_real_data", "ms_per_step_fixed_batch", "difference_pct"} <= r["data"].keys()
+    t = r["throughput"]
+    assert t["flops_per_token"] > 0 and t["matmul_gflops_per_s"] > 0
+    assert 0 < t["fraction_of_matmul_peak"] == round(t["model_gflops_per_s"] / t["matmul_gflops_per_s"], 3)
+    assert r["remat"]["memory"]["temp_mib"] > 0 and "step_time_pct" in r["remat"]
+    assert [row["n_layer"] for row in r["depth"]["rows"]] == [2, 4]
+    assert all(row["compile_seconds"] > 0 for row in r["depth"]["rows"])
+    assert "compile_ratio_deepest_to_shallowest" in r["depth"]
+    c = r["compile_cache"]
+    assert c["cold_compile_seconds"] > 0 and c["warm_compile_seconds"] > 0
+    assert r["machine"]["allocator"] in ("tcmalloc", "jemalloc", "glibc-hugetlb", "system")
+
+
+def test_bench_rejects_bad_arguments():
+    result = normexp("bench", "--depths", "4,x", "--quick")
+    assert result.returncode == 2 and "--depths '4,x'" in result.stderr
+    result = normexp("bench", "--steps", "0")
+    assert result.returncode == 2 and "expected a positive integer" in result.stderr
