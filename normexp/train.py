@@ -81,6 +81,10 @@ def enable_compile_cache(directory):
     jax.config.update("jax_compilation_cache_dir", os.path.abspath(directory))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    # jax settles on a cache at its first compile: start over so this directory is used even
+    # when this process (a notebook, a sweep) has compiled before.
+    from jax.experimental.compilation_cache import compilation_cache
+    compilation_cache.reset_cache()
 
 
 def every(step, n, total):
