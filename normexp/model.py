@@ -33,6 +33,13 @@ REMAT_POLICIES = {
 }
 
 
+def linear_options(bias, dtype, custom_grad, rngs):
+    options = dict(use_bias=bias, dtype=dtype, rngs=rngs)
+    if custom_grad:
+        options["dot_general"] = custom_grads.dot_general
+    return options
+
+
 class Attention(nnx.Module):
     """Causal multi-head self-attention on [N, C] activations."""
 
@@ -41,7 +48,7 @@ class Attention(nnx.Module):
         self.n_head, self.fused = n_head, fused
         self.core = (custom_grads.causal_attention if custom_grad
                      else custom_grads.causal_attention_plain)
-        lin = dict(use_bias=bias, dtype=dtype, rngs=rngs)
+        lin = linear_options(bias, dtype, custom_grad, rngs)
         self.qkv = nnx.Linear(d_model, 3 * d_model, kernel_init=nnx.initializers.normal(init_std),
                               **lin)
         self.proj = nnx.Linear(d_model, d_model, kernel_init=nnx.initializers.normal(out_std), **lin)
@@ -68,7 +75,7 @@ class MLP(nnx.Module):
     def __init__(self, d_model, d_hidden, *, bias, init_std, out_std, custom_grad, dtype, rngs):
         self.gelu = custom_grads.gelu if custom_grad else functools.partial(jax.nn.gelu,
                                                                             approximate=False)
-        lin = dict(use_bias=bias, dtype=dtype, rngs=rngs)
+        lin = linear_options(bias, dtype, custom_grad, rngs)
         self.up = nnx.Linear(d_model, d_hidden, kernel_init=nnx.initializers.normal(init_std),
                              **lin)
         self.down = nnx.Linear(d_hidden, d_model, kernel_init=nnx.initializers.normal(out_std),

@@ -65,3 +65,13 @@ def test_second_call_in_bf16_keeps_dtypes():
     y, vjp = jax.vjp(lambda a, b: cg.layer_norm(a, b, jnp.zeros(16), 1e-5), x, scale)
     dx, dscale = vjp(jnp.ones_like(y))
     assert y.dtype == dx.dtype == jnp.bfloat16 and dscale.dtype == jnp.float32
+
+
+def test_matmul_matches_autodiff_and_linear_uses_it():
+    x, w = random(10, 64, 24), random(11, 24, 40)
+    assert_same_vjp(cg.matmul, lambda a, b: a @ b, (x, w), rtol=1e-5, atol=1e-5)
+    # any other contraction goes to lax.dot_general unchanged
+    dims = (((2,), (0,)), ((), ()))
+    x3 = random(12, 2, 3, 24)
+    np.testing.assert_allclose(cg.dot_general(x3, w, dims), jax.lax.dot_general(x3, w, dims),
+                               rtol=1e-6)
