@@ -156,21 +156,29 @@ class Prefetcher:
         def produce():
             step = start
             while not self.stopped.is_set():
-                item = jax.device_put(batch(tokens, seed=seed, step=step, batch_size=batch_size,
-                                            seq_len=seq_len))
+                try:
+                    item = jax.device_put(batch(tokens, seed=seed, step=step,
+                                                batch_size=batch_size, seq_len=seq_len))
+                except BaseException as e:  # handed to the consumer, raised there
+                    item = e
                 while not self.stopped.is_set():
                     try:
                         self.queue.put(item, timeout=0.1)
                         break
                     except queue.Full:
                         continue
+                if isinstance(item, BaseException):
+                    return
                 step += 1
 
         self.thread = threading.Thread(target=produce, name="normexp-prefetch", daemon=True)
         self.thread.start()
 
     def __next__(self):
-        return self.queue.get()
+        item = self.queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
 
     def close(self):
         self.stopped.set()

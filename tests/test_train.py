@@ -266,3 +266,11 @@ def test_prefetcher_yields_the_batches_of_each_step_in_order():
     finally:
         prefetch.close()
     assert not prefetch.thread.is_alive()
+
+
+def test_prefetcher_raises_the_producers_error_in_the_consumer():
+    prefetch = data_lib.Prefetcher(np.arange(5, dtype=np.uint16), seed=0, start=0, batch_size=2,
+                                   seq_len=8)  # windows longer than the stream
+    with pytest.raises(ValueError):
+        next(prefetch)
+    prefetch.close()
