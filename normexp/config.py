@@ -145,7 +145,7 @@ class TrainConfig:
     compile_cache: str = opt("", "directory of JAX's persistent compilation cache (a second run of "
                                  "the same shapes skips compiling); empty = off")
     remat: bool = opt(False, "rematerialise each block in the backward pass (jax.checkpoint): "
-                             "less memory, ~25% more step time")
+                             "less memory, more step time (see README, Deep models)")
     remat_policy: str = opt("nothing", "what remat keeps: nothing (recompute the block), dots "
                                        "(matmul outputs), dots_no_batch (matmuls without batch "
                                        "dims)", one_of("nothing", "dots", "dots_no_batch"))

@@ -152,6 +152,7 @@ class Prefetcher:
     def __init__(self, tokens, *, seed, start, batch_size, seq_len, depth=2):
         self.queue = queue.Queue(maxsize=depth)
         self.stopped = threading.Event()
+        self.error = None
 
         def produce():
             step = start
@@ -175,8 +176,18 @@ class Prefetcher:
         self.thread.start()
 
     def __next__(self):
-        item = self.queue.get()
+        if self.error is not None:
+            raise self.error
+        while True:
+            if self.stopped.is_set():
+                raise RuntimeError("Prefetcher is closed")
+            try:
+                item = self.queue.get(timeout=0.1)
+                break
+            except queue.Empty:
+                continue
         if isinstance(item, BaseException):
+            self.error = item  # raised again on every later call, never a hang
             raise item
         return item
 

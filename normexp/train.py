@@ -184,10 +184,10 @@ def run(cfg, *, resume=False, overwrite=False):
         write_atomic(summary_path, _json(summary))
         tracker = Tracker(run_dir, start_step=start, tensorboard=cfg.log.tensorboard)
         B, T, seed = cfg.train.batch_size, cfg.data.seq_len, cfg.run.seed
-        batches = data_lib.Prefetcher(corpus.train, seed=seed, start=start, batch_size=B,
-                                      seq_len=T)
         val_batches = [jax.device_put(b) for b in data_lib.eval_batches(
             corpus.val, seed=seed, count=cfg.data.eval_batches, batch_size=B, seq_len=T)]
+        batches = data_lib.Prefetcher(corpus.train, seed=seed, start=start, batch_size=B,
+                                      seq_len=T)
         try:
             summary = _loop(cfg, graphdef, tx, state, start, summary, stop, batches=batches,
                             val_batches=val_batches, checkpoints=checkpoints, tracker=tracker)

@@ -59,7 +59,7 @@ def test_attention_matches_autodiff():
                     atol=1e-5)
 
 
-def test_second_call_in_bf16_keeps_dtypes():
+def test_layer_norm_in_bf16_keeps_dtypes():
     x = random(9, 8, 16).astype(jnp.bfloat16)
     scale = jnp.ones(16)
     y, vjp = jax.vjp(lambda a, b: cg.layer_norm(a, b, jnp.zeros(16), 1e-5), x, scale)

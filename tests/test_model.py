@@ -91,9 +91,12 @@ def test_same_seed_same_model_other_seed_other_model(tiny):
 @pytest.mark.parametrize("placement", sorted(PLACEMENTS))
 def test_scan_and_unrolled_give_the_same_logits(tiny, placement):
     scanned = model_of(tiny, f"model.placement={placement}", "model.n_layer=3")
-    unrolled = model_of(tiny, f"model.placement={placement}", "model.n_layer=3", "model.scan=false")
+    looped = model_of(tiny, f"model.placement={placement}", "model.n_layer=3", "model.scan=false")
+    one_by_one = model_of(tiny, f"model.placement={placement}", "model.n_layer=3",
+                          "model.scan_unroll=1")
     # same stacked parameters, applied by lax.scan or by a Python loop: equal to float rounding
-    np.testing.assert_allclose(scanned(tokens()), unrolled(tokens()), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(scanned(tokens()), looped(tokens()), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(scanned(tokens()), one_by_one(tokens()), rtol=1e-5, atol=1e-5)
 
 
 def test_fused_attention_matches_the_einsum_core(tiny):
