@@ -43,6 +43,10 @@ def unit_closed(v):
     return None if 0 <= v <= 1 else "must be in [0, 1]"
 
 
+def unit_left_open(v):
+    return None if 0 < v <= 1 else "must be in (0, 1]"
+
+
 def one_of(*choices):
     def check(v):
         return None if v in choices else f"must be one of {', '.join(choices)}"
@@ -78,9 +82,28 @@ def _registry(name):
 
 @dataclass(frozen=True)
 class NormConfig:
-    kind: str = opt("layernorm", "norm variant, by registered name", registered("norm"))
-    eps: float = opt(1e-5, "added to the variance (or mean square) before the square root", positive)
-    bias: bool = opt(True, "layernorm: learn an additive bias beta (false = LayerNorm without bias)")
+    kind: str = opt("layernorm", "norm variant, by registered name (README: Norms and placements)",
+                    registered("norm"))
+    eps: float = opt(1e-5, "added to the variance (or mean square) before the square root; "
+                           "scalenorm: the floor of the norm", positive)
+    bias: bool = opt(True, "learn an additive bias beta (layernorm, batchnorm, groupnorm, "
+                           "instancenorm, dyt); false = scale only")
+    float32: bool = opt(True, "compute the norm in float32 whatever the activation dtype, then "
+                              "cast back; false = in the activation dtype")
+    partial: float = opt(1.0, "rmsnorm: fraction p of the features the RMS is estimated from "
+                              "(p < 1 = pRMSNorm)", unit_left_open)
+    groups: int = opt(8, "groupnorm: number of feature groups (must divide the normalized width)",
+                      positive)
+    momentum: float = opt(0.9, "batchnorm, weightnorm: running statistics r <- momentum * r + "
+                               "(1 - momentum) * batch value", unit_open)
+    batch_stats: str = opt("pooled", "batchnorm, weightnorm: pooled (over batch and time, leaks "
+                                     "across positions) or per_position (over the batch only)",
+                           one_of("pooled", "per_position"))
+    alpha_attn: float = opt(0.5, "dyt: initial alpha of the norms on the attention side",
+                            positive)
+    alpha_mlp: float = opt(0.5, "dyt: initial alpha of the norms on the MLP side", positive)
+    alpha_final: float = opt(0.5, "dyt: initial alpha of the final and embedding norms",
+                             positive)
 
 
 @dataclass(frozen=True)
@@ -95,7 +118,17 @@ class ModelConfig:
     bias: bool = opt(True, "biases in the attention and MLP projections")
     init_std: float = opt(0.02, "std of the normal init of embeddings and projections", positive)
     scale_residual_init: bool = opt(True, "GPT-2: residual output projections init with "
-                                          "std init_std / sqrt(2 * n_layer)")
+                                          "std init_std / sqrt(2 * n_layer) (deepnorm uses its "
+                                          "own gain instead)")
+    qk_norm: bool = opt(False, "normalize queries and keys per head before their dot product "
+                               "(a norm of model.norm.kind over the head width)")
+    embed_norm: bool = opt(False, "normalize the embeddings before the first block (always on "
+                                  "for placement peri)")
+    weight_norm: bool = opt(False, "weight normalization of the attention and MLP kernels, "
+                                   "w = g * v / ||v|| per output unit (always on for norm kind "
+                                   "weightnorm)")
+    mix_alpha: float = opt(0.25, "placement mix: the first floor(mix_alpha * n_layer) blocks "
+                                 "are post, the rest pre", unit_closed)
     dtype: str = opt("float32", "compute dtype of matmuls and activations (float32 | bfloat16); "
                                 "parameters, optimizer state and norm statistics stay float32",
                      one_of("float32", "bfloat16"))
@@ -305,6 +338,20 @@ def _check_cross(cfg):
     m = cfg.model
     if m.d_model % m.n_head:
         raise UsageError(f"model.n_head: {m.n_head} does not divide model.d_model={m.d_model}")
+    from normexp.placement import PLACEMENTS
+    place, kind = PLACEMENTS[m.placement], m.norm.kind
+    if place.norm_free and kind != "none":
+        raise UsageError(f"model.norm.kind: placement {m.placement!r} uses no norm, got "
+                         f"{kind!r} (set model.norm.kind=none)")
+    if kind == "groupnorm":
+        widths = {"model.d_model": m.d_model, "the head width (model.qk_norm)":
+                  m.d_model // m.n_head if m.qk_norm else m.d_model}
+        for what, width in widths.items():
+            if width % m.norm.groups:
+                raise UsageError(f"model.norm.groups: {m.norm.groups} does not divide {what} "
+                                 f"= {width}")
+    if m.norm.partial < 1 and kind != "rmsnorm":
+        raise UsageError(f"model.norm.partial: only rmsnorm has a partial RMS, got kind {kind!r}")
 
 
 def to_dict(cfg):

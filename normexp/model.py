@@ -19,6 +19,7 @@ from flax import nnx
 
 from normexp import custom_grads
 from normexp.norms import make_norm
+from normexp.norms import modules as norm_modules
 from normexp.placement import PLACEMENTS, Depth
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -40,69 +41,165 @@ def linear_options(bias, dtype, custom_grad, rngs):
     return options
 
 
-class Attention(nnx.Module):
-    """Causal multi-head self-attention on [N, C] activations."""
+class WeightNormLinear(nnx.Linear):
+    """A linear layer with weight normalization (Salimans & Kingma 2016, arXiv:1602.07868):
 
-    def __init__(self, d_model, n_head, *, bias, init_std, out_std, fused, custom_grad, dtype,
-                 rngs):
-        self.n_head, self.fused = n_head, fused
-        self.core = (custom_grads.causal_attention if custom_grad
+        W = g * v / ||v||,  the norm per output unit (column of v)
+
+    v (the `kernel`) is initialised like an ordinary kernel and g to its column norms, so the
+    layer computes the same function at init as without weight normalization. (`nnx.WeightNorm`
+    rewrites the wrapped kernel in place and keeps g outside the parameters, so g would not
+    train; this keeps both as parameters.)
+    """
+
+    def __init__(self, din, dout, **options):
+        super().__init__(din, dout, **options)
+        self.g = nnx.Param(jnp.linalg.norm(self.kernel[...], axis=0))
+
+    def __call__(self, x_NxI):
+        v_IxO = self.kernel[...]
+        w_IxO = v_IxO * (self.g[...] * jax.lax.rsqrt(jnp.sum(jnp.square(v_IxO), 0)))
+        y_NxO = self.dot_general(x_NxI.astype(self.dtype), w_IxO.astype(self.dtype),
+                                 (((1,), (0,)), ((), ())))
+        if self.bias is not None:
+            y_NxO = y_NxO + self.bias[...].astype(self.dtype)
+        return y_NxO
+
+
+def normal_init(std, gain=1.0, from_column=0):
+    """N(0, std^2) with the columns from `from_column` on scaled by `gain` (DeepNet's v gain)."""
+    def init(key, shape, dtype=jnp.float32):
+        w = std * jax.random.normal(key, shape, dtype)
+        return w if gain == 1.0 else w.at[:, from_column:].multiply(gain)
+    return init
+
+
+class Layers:
+    """What every block's layers share: how to build a linear layer and a norm."""
+
+    def __init__(self, cfg, *, rows_per_seq, rngs):
+        self.cfg, self.rows_per_seq, self.rngs = cfg, rows_per_seq, rngs
+        self.dtype = DTYPES[cfg.dtype]
+        self.weight_norm = cfg.weight_norm or cfg.norm.kind == "weightnorm"
+
+    def linear(self, din, dout, init):
+        cls = WeightNormLinear if self.weight_norm else nnx.Linear
+        return cls(din, dout, kernel_init=init, **linear_options(
+            self.cfg.bias, self.dtype, self.cfg.custom_grads, self.rngs))
+
+    def norm(self, dim, role, rows_per_seq=None):
+        return make_norm(self.cfg.norm, dim, role=role, dtype=self.dtype,
+                         rows_per_seq=rows_per_seq or self.rows_per_seq,
+                         custom_grad=self.cfg.custom_grads, rngs=self.rngs)
+
+
+class Attention(nnx.Module):
+    """Causal multi-head self-attention on [N, C] activations.
+
+    Options a placement or switch adds: per-head norms on queries and keys (`model.qk_norm`),
+    full-width norms on q, k and v (HybridNorm), a learned per-head output scale (NormFormer).
+    """
+
+    def __init__(self, layers, place, *, std, out_std, gain, fused):
+        cfg = layers.cfg
+        C, H = cfg.d_model, cfg.n_head
+        self.n_head, self.fused = H, fused
+        self.core = (custom_grads.causal_attention if cfg.custom_grads
                      else custom_grads.causal_attention_plain)
-        lin = linear_options(bias, dtype, custom_grad, rngs)
-        self.qkv = nnx.Linear(d_model, 3 * d_model, kernel_init=nnx.initializers.normal(init_std),
-                              **lin)
-        self.proj = nnx.Linear(d_model, d_model, kernel_init=nnx.initializers.normal(out_std), **lin)
+        self.qkv = layers.linear(C, 3 * C, normal_init(std, gain, from_column=2 * C))
+        self.proj = layers.linear(C, C, normal_init(out_std * gain))
+        if place.qkv_norm:
+            self.q_norm, self.k_norm, self.v_norm = (layers.norm(C, "attn") for _ in range(3))
+        else:
+            self.q_norm = self.k_norm = self.v_norm = None
+        if cfg.qk_norm:  # per head: rows are (token, head) pairs, H of them per token
+            self.q_head_norm, self.k_head_norm = (
+                layers.norm(C // H, "attn", rows_per_seq=layers.rows_per_seq * H)
+                for _ in range(2))
+        else:
+            self.q_head_norm = self.k_head_norm = None
+        self.head_scale = nnx.Param(jnp.ones((H,), jnp.float32)) if place.head_scale else None
 
     def __call__(self, x_NxC, seq_len):
         N, C = x_NxC.shape
         T, H = seq_len, self.n_head
         B, K = N // T, C // H
-        qkv_BxTx3xHxK = self.qkv(x_NxC).reshape(B, T, 3, H, K)
+        q_NxC, k_NxC, v_NxC = jnp.split(self.qkv(x_NxC), 3, axis=-1)
+        if self.q_norm is not None:
+            q_NxC, k_NxC, v_NxC = self.q_norm(q_NxC), self.k_norm(k_NxC), self.v_norm(v_NxC)
+        if self.q_head_norm is not None:
+            q_NxC = self.q_head_norm(q_NxC.reshape(N * H, K)).reshape(N, C)
+            k_NxC = self.k_head_norm(k_NxC.reshape(N * H, K)).reshape(N, C)
+        q_BxTxHxK, k_BxTxHxK, v_BxTxHxK = (a.reshape(B, T, H, K) for a in (q_NxC, k_NxC, v_NxC))
         if self.fused:  # the backend's fused kernel (cuDNN flash attention on GPUs)
-            q_BxTxHxK, k_BxTxHxK, v_BxTxHxK = (qkv_BxTx3xHxK[:, :, i] for i in range(3))
             y_BxTxHxK = jax.nn.dot_product_attention(q_BxTxHxK, k_BxTxHxK, v_BxTxHxK,
                                                      is_causal=True)
-            return self.proj(y_BxTxHxK.reshape(N, C))
-        # Head-major [B, H, T, K] keeps the two attention matmuls batched over (B, H).
-        q_BxHxTxK, k_BxHxTxK, v_BxHxTxK = qkv_BxTx3xHxK.transpose(2, 0, 3, 1, 4)
-        y_BxHxTxK = self.core(q_BxHxTxK, k_BxHxTxK, v_BxHxTxK)
-        return self.proj(y_BxHxTxK.transpose(0, 2, 1, 3).reshape(N, C))
+        else:  # head-major [B, H, T, K] keeps the two attention matmuls batched over (B, H)
+            y_BxHxTxK = self.core(*(a.transpose(0, 2, 1, 3)
+                                    for a in (q_BxTxHxK, k_BxTxHxK, v_BxTxHxK)))
+            y_BxTxHxK = y_BxHxTxK.transpose(0, 2, 1, 3)
+        if self.head_scale is not None:
+            y_BxTxHxK = y_BxTxHxK * self.head_scale[...].astype(y_BxTxHxK.dtype)[:, None]
+        return self.proj(y_BxTxHxK.reshape(N, C))
 
 
 class MLP(nnx.Module):
-    """Two-layer perceptron with exact GELU: W2 gelu(W1 x)."""
+    """Two-layer perceptron with exact GELU: W2 gelu(W1 x), optionally W2 N(gelu(W1 x))."""
 
-    def __init__(self, d_model, d_hidden, *, bias, init_std, out_std, custom_grad, dtype, rngs):
-        self.gelu = custom_grads.gelu if custom_grad else functools.partial(jax.nn.gelu,
-                                                                            approximate=False)
-        lin = linear_options(bias, dtype, custom_grad, rngs)
-        self.up = nnx.Linear(d_model, d_hidden, kernel_init=nnx.initializers.normal(init_std),
-                             **lin)
-        self.down = nnx.Linear(d_hidden, d_model, kernel_init=nnx.initializers.normal(out_std),
-                               **lin)
+    def __init__(self, layers, place, *, std, out_std, gain):
+        cfg = layers.cfg
+        F = cfg.mlp_ratio * cfg.d_model
+        self.gelu = custom_grads.gelu if cfg.custom_grads else functools.partial(
+            jax.nn.gelu, approximate=False)
+        self.up = layers.linear(cfg.d_model, F, normal_init(std * gain))
+        self.down = layers.linear(F, cfg.d_model, normal_init(out_std * gain))
+        self.mid_norm = layers.norm(F, "mlp") if place.mid_norm else None
 
     def __call__(self, x_NxC):
-        return self.down(self.gelu(self.up(x_NxC)))
+        h_NxF = self.gelu(self.up(x_NxC))
+        if self.mid_norm is not None:
+            h_NxF = self.mid_norm(h_NxF)
+        return self.down(h_NxF)
+
+
+class Gate(nnx.Module):
+    """ReZero's residual gate: a * y, a learned scalar initialised to 0."""
+
+    def __init__(self):
+        self.a = nnx.Param(jnp.zeros((), jnp.float32))
+
+    def __call__(self, y):
+        return self.a[...].astype(y.dtype) * y
+
+
+class SublayerNorms(nnx.Module):
+    """The norms a placement rule uses around one sublayer: `input`, `output`, `gate`."""
+
+    def __init__(self, names, make):
+        self.input = make() if "input" in names else None
+        self.output = make() if "output" in names else None
+        self.gate = Gate() if "gate" in names else None
 
 
 class Block(nnx.Module):
-    """One transformer block: attention then MLP, each wrapped by the placement rule."""
+    """One transformer block: attention then MLP, each wrapped by its placement rule."""
 
-    def __init__(self, cfg, *, out_std, fused_attention, rngs):
-        dtype = DTYPES[cfg.dtype]
-        norm = dict(eps=cfg.norm.eps, bias=cfg.norm.bias, custom_grad=cfg.custom_grads, rngs=rngs)
-        lin = dict(bias=cfg.bias, init_std=cfg.init_std, out_std=out_std, dtype=dtype,
-                   custom_grad=cfg.custom_grads, rngs=rngs)
-        self.placement = PLACEMENTS[cfg.placement]
-        self.attn_norm = make_norm(cfg.norm.kind, cfg.d_model, **norm)
-        self.attn = Attention(cfg.d_model, cfg.n_head, fused=fused_attention, **lin)
-        self.mlp_norm = make_norm(cfg.norm.kind, cfg.d_model, **norm)
-        self.mlp = MLP(cfg.d_model, cfg.mlp_ratio * cfg.d_model, **lin)
+    def __init__(self, layers, *, std, out_std, fused_attention):
+        cfg = layers.cfg
+        self.place = PLACEMENTS[cfg.placement]
+        gain = self.place.init_gain(cfg.n_layer) if self.place.init_gain else 1.0
+        self.attn_norms = SublayerNorms(self.place.attn.norms,
+                                        lambda: layers.norm(cfg.d_model, "attn"))
+        self.attn = Attention(layers, self.place, std=std, out_std=out_std, gain=gain,
+                              fused=fused_attention)
+        self.mlp_norms = SublayerNorms(self.place.mlp.norms,
+                                       lambda: layers.norm(cfg.d_model, "mlp"))
+        self.mlp = MLP(layers, self.place, std=std, out_std=out_std, gain=gain)
 
-    def __call__(self, x_NxC, seq_len, depth):
+    def __call__(self, stream, seq_len, depth):
         attn = lambda h: self.attn(h, seq_len)
-        x_NxC = self.placement(x_NxC, attn, self.attn_norm, depth)
-        return self.placement(x_NxC, self.mlp, self.mlp_norm, depth)
+        stream = self.place.attn(stream, attn, self.attn_norms, depth)
+        return self.place.mlp(stream, self.mlp, self.mlp_norms, depth)
 
 
 def fused_attention_for(setting, platform):
@@ -113,68 +210,112 @@ def fused_attention_for(setting, platform):
 
 
 class GPT(nnx.Module):
-    """Token + learned position embeddings, n_layer blocks, optional final norm, tied head."""
+    """Token + learned position embeddings (optionally normalized), n_layer blocks, optional
+    final norm, tied head."""
 
     def __init__(self, cfg, *, vocab_size, max_len, remat=None, rngs):
         std, L = cfg.init_std, cfg.n_layer
-        out_std = std / math.sqrt(2 * L) if cfg.scale_residual_init else std
-        self.dtype = DTYPES[cfg.dtype]
-        self.scan, self.remat, self.n_layer = cfg.scan, remat, L
+        place = PLACEMENTS[cfg.placement]
+        # GPT-2's 1/sqrt(2L) residual init; DeepNet replaces it with its own gain (in Block)
+        scaled = cfg.scale_residual_init and place.init_gain is None
+        out_std = std / math.sqrt(2 * L) if scaled else std
+        self.dtype, self.max_len, self.dual = DTYPES[cfg.dtype], max_len, place.dual
+        self.scan, self.remat, self.n_layer, self.cfg = cfg.scan, remat, L, cfg
         # remat only saves memory between the iterations of a real loop
         shallow = L <= AUTO_UNROLL_MAX and remat is None
         self.unroll = cfg.scan_unroll or (L if shallow else 1)
         fused = fused_attention_for(cfg.attention, jax.default_backend())
+        layers = Layers(cfg, rows_per_seq=max_len, rngs=rngs)
         self.tok_embed = nnx.Embed(vocab_size, cfg.d_model, dtype=self.dtype, rngs=rngs,
                                    embedding_init=nnx.initializers.normal(std))
         self.pos_embed = nnx.Param(std * jax.random.normal(rngs.params(), (max_len, cfg.d_model)))
+        self.embed_norm = (layers.norm(cfg.d_model, "final")
+                           if cfg.embed_norm or place.embed_norm else None)
 
         @nnx.split_rngs(splits=L)
         @nnx.vmap(in_axes=(0,), out_axes=0)
         def stacked_blocks(rngs):
-            return Block(cfg, out_std=out_std, fused_attention=fused, rngs=rngs)
+            layers.rngs = rngs
+            return Block(layers, std=std, out_std=out_std, fused_attention=fused)
 
         self.blocks = stacked_blocks(rngs)  # every parameter has a leading [L] axis
-        self.final_norm = (make_norm(cfg.norm.kind, cfg.d_model, eps=cfg.norm.eps,
-                                     bias=cfg.norm.bias, custom_grad=cfg.custom_grads, rngs=rngs)
-                           if cfg.final_norm else None)
+        layers.rngs = rngs
+        self.dual_norm = layers.norm(cfg.d_model, "final") if place.dual else None
+        self.final_norm = layers.norm(cfg.d_model, "final") if cfg.final_norm else None
+        self.whole_sequences = any(n.batch_statistics or n.leaks_across_positions
+                                   for n in norm_modules(self))
 
     def features(self, tokens_BxT):
         """The residual stream after the last block (and final norm), as [N, C]."""
         B, T = tokens_BxT.shape
+        if self.whole_sequences and T != self.max_len:
+            raise ValueError(f"norm kind {self.cfg.norm.kind!r} pools over sequences of "
+                             f"{self.max_len} tokens; got {T}")
         x_BxTxC = self.tok_embed(tokens_BxT) + self.pos_embed[:T].astype(self.dtype)
-        x_NxC = self._apply_blocks(x_BxTxC.reshape(B * T, -1), T)
+        x_NxC = x_BxTxC.reshape(B * T, -1)
+        if self.embed_norm is not None:
+            x_NxC = self.embed_norm(x_NxC)
+        stream = self._apply_blocks((x_NxC, x_NxC) if self.dual else x_NxC, T)
+        if self.dual:  # ResiDual's output: x_L + N(d_L)
+            x_NxC, d_NxC = stream
+            stream = x_NxC + self.dual_norm(d_NxC)
+        x_NxC = stream
         if self.final_norm is not None:
             x_NxC = self.final_norm(x_NxC)
         return x_NxC
 
-    def _apply_blocks(self, x_NxC, seq_len):
+    def _apply_blocks(self, stream, seq_len):
         graphdef, params, rest = nnx.split(self.blocks, nnx.Param, ...)
-        L = self.n_layer
-
-        def one_block(x_NxC, params, rest, index):
-            block = nnx.merge(graphdef, params, rest)
-            x_NxC = block(x_NxC, seq_len, Depth(index, L))
-            return x_NxC, nnx.state(block, nnx.Not(nnx.Param))  # e.g. updated running stats
-
-        if self.remat is not None:
-            one_block = jax.checkpoint(one_block, policy=REMAT_POLICIES[self.remat])
+        L, cfg = self.n_layer, self.cfg
+        place = PLACEMENTS[cfg.placement]
+        bounds = place.segments(L, cfg) if place.segments else (0, L)
         index_L = jnp.arange(L, dtype=jnp.int32)
-        if self.scan:
-            x_NxC, rest = jax.lax.scan(lambda x, xs: one_block(x, *xs), x_NxC,
-                                       (params, rest, index_L), unroll=min(self.unroll, L))
-        else:
-            rests = []
-            for i in range(L):
-                layer = lambda tree: jax.tree.map(lambda a: a[i], tree)
-                x_NxC, rest_i = one_block(x_NxC, layer(params), layer(rest), index_L[i])
-                rests.append(rest_i)
-            rest = jax.tree.map(lambda *a: jnp.stack(a), *rests) if rests else rest
+        rests = []
+        for segment, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:])):
+            if start == stop:
+                continue
+
+            def one_block(stream, params, rest, index, segment=segment):
+                block = nnx.merge(graphdef, params, rest)
+                stream = block(stream, seq_len, Depth(index, L, segment, cfg))
+                return stream, nnx.state(block, nnx.Not(nnx.Param))  # e.g. new running stats
+
+            if self.remat is not None:
+                one_block = jax.checkpoint(one_block, policy=REMAT_POLICIES[self.remat])
+            run = lambda tree: jax.tree.map(lambda a: a[start:stop], tree)
+            if self.scan:
+                stream, rest_run = jax.lax.scan(
+                    lambda s, xs: one_block(s, *xs), stream,
+                    (run(params), run(rest), index_L[start:stop]),
+                    unroll=min(self.unroll, stop - start))
+                rests.append(rest_run)
+            else:
+                for i in range(start, stop):
+                    layer = lambda tree: jax.tree.map(lambda a: a[i], tree)
+                    stream, rest_i = one_block(stream, layer(params), layer(rest), index_L[i])
+                    rests.append(jax.tree.map(lambda a: a[None], rest_i))
+        if len(rests) > 1:
+            rest = jax.tree.map(lambda *a: jnp.concatenate(a), *rests)
+        elif rests:
+            rest = rests[0]
         nnx.update(self.blocks, rest)
-        return x_NxC
+        return stream
 
     def __call__(self, tokens_BxT):
         """Logits [N, V] through the tied output embedding."""
         return self.tok_embed.attend(self.features(tokens_BxT))
+
+
+def norm_report(model):
+    """What the model's norms do across positions and sequences, for logs and summary.json."""
+    found = norm_modules(model)
+    return {"leaks_across_positions": any(n.leaks_across_positions for n in found),
+            "batch_statistics": any(n.batch_statistics for n in found)}
+
+
+def evaluation_view(model):
+    """The model as evaluated: batch-statistics norms use their running averages."""
+    return nnx.view(model, use_running_average=True, raise_if_not_found=False)
 
 
 def make_model(cfg, *, vocab_size, max_len, seed, remat=None):
@@ -185,11 +326,13 @@ def make_model(cfg, *, vocab_size, max_len, seed, remat=None):
 def param_group(path):
     """(layer, part) of a parameter path: the names per-layer gradient norms are logged under.
 
-    Block parameters give ('block', 'attn' | 'mlp' | 'norm') and carry the stacked [L] axis;
+    Block parameters give ("block", "attn" | "mlp" | "norm") and carry the stacked [L] axis
+    ("norm": the norms and gates a placement puts around the sublayers; norms inside attention
+    or the MLP count with their sublayer);
     the rest give their module's name ('tok_embed', 'pos_embed', 'final_norm') and no part.
     """
     if path[0] == "blocks":
-        part = "norm" if "norm" in path[1] else path[1]
+        part = "norm" if "norms" in path[1] else path[1]
         return "block", part
     return path[0], None
 

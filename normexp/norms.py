@@ -1,10 +1,19 @@
 """Normalization layers, each a small NNX module registered by name in `NORMS`.
 
-Every norm shares one signature, `Norm(dim, *, eps, bias, custom_grad, rngs)`, computes its
-statistics in float32 whatever the input dtype, and casts back. `custom_grad` selects the
-closed-form backward pass of `custom_grads` where the norm has one (same values, tested). Adding a norm is one class plus one registry
-line; `model.norm.kind` in the config picks it.
+Every norm is built as `NORMS[kind](dim, cfg, site, rngs)` (`cfg` the `model.norm` section,
+`site` where it sits) and maps rows [R, dim] to rows [R, dim]. Rows are tokens (or, for
+per-head norms, token-heads) in sequence order, `site.rows_per_seq` to a sequence, so the
+norms that pool over a batch or over time can see the sequences. By default a norm computes
+in float32 whatever the activation dtype and casts back (`model.norm.float32`).
+
+Two class-level properties say what a researcher must know before trusting a causal model
+built with the norm: `batch_statistics` (the output depends on the other sequences of the
+batch; training and evaluation differ) and `leaks_across_positions` (a position's output
+depends on later positions). Where Flax ships the paper's norm we build on it.
 """
+
+import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -13,64 +22,268 @@ from flax import nnx
 from normexp import custom_grads
 
 
-class LayerNorm(nnx.Module):
-    """LayerNorm (Ba, Kiros & Hinton 2016, arXiv:1607.06450), over the last axis:
+class Site(NamedTuple):
+    """Where a norm sits: its `role` (attn | mlp | final, picks DyT's alpha init), how many rows
+    form one sequence, the dtype it computes in, and whether to use hand-written backwards."""
+    role: str
+    rows_per_seq: int
+    dtype: jnp.dtype
+    custom_grad: bool = True
+
+
+def _site_dtype(cfg, activation_dtype):
+    return jnp.float32 if cfg.float32 else activation_dtype
+
+
+class LayerNorm(nnx.LayerNorm):
+    """LayerNorm (Ba, Kiros & Hinton 2016, arXiv:1607.06450), over the features of each row:
 
         y = (x - mean(x)) / sqrt(var(x) + eps) * gamma + beta
 
-    with `bias=False` dropping beta (as in nanoGPT's bias-free variant).
+    `model.norm.bias: false` drops beta (nanoGPT's bias-free variant). Built on `nnx.LayerNorm`;
+    in float32 the closed-form backward of `custom_grads.layer_norm` replaces autodiff.
     """
 
-    leaks_across_positions = False
+    batch_statistics = leaks_across_positions = False
 
-    def __init__(self, dim, *, eps=1e-5, bias=True, custom_grad=True, rngs=None):
-        self.eps, self.custom_grad = eps, custom_grad
-        self.scale = nnx.Param(jnp.ones((dim,), jnp.float32))
-        self.bias = nnx.Param(jnp.zeros((dim,), jnp.float32)) if bias else None
+    def __init__(self, dim, cfg, site, rngs):
+        super().__init__(dim, epsilon=cfg.eps, use_bias=cfg.bias, dtype=site.dtype,
+                         use_fast_variance=False, rngs=rngs)
+        self.fast = site.custom_grad and site.dtype == jnp.float32
 
     def __call__(self, x):
-        if self.custom_grad:
+        if self.fast:
             bias = self.bias[...] if self.bias is not None else jnp.zeros_like(self.scale[...])
-            return custom_grads.layer_norm(x, self.scale[...], bias, self.eps)
-        h = x.astype(jnp.float32)
-        mean = h.mean(-1, keepdims=True)
-        var = jnp.square(h - mean).mean(-1, keepdims=True)
-        y = (h - mean) * jax.lax.rsqrt(var + self.eps) * self.scale[...]
-        if self.bias is not None:
-            y = y + self.bias[...]
-        return y.astype(x.dtype)
+            return custom_grads.layer_norm(x, self.scale[...], bias, self.epsilon)
+        return super().__call__(x).astype(x.dtype)
 
 
-class RMSNorm(nnx.Module):
-    """RMSNorm (Zhang & Sennrich 2019, arXiv:1910.07467), over the last axis:
+class RMSNorm(nnx.RMSNorm):
+    """RMSNorm (Zhang & Sennrich 2019, arXiv:1910.07467), over the features of each row:
 
-        y = x / sqrt(mean(x^2) + eps) * gamma
+        y = x / sqrt(mean_k(x^2) + eps) * gamma
 
-    No centering and no bias: `bias` is accepted for the shared signature and ignored.
+    where the mean runs over the first k = ceil(p * dim) features: p = `model.norm.partial`
+    (1 = RMSNorm, p < 1 = the paper's partial pRMSNorm). No centering and no bias.
     """
 
-    leaks_across_positions = False
+    batch_statistics = leaks_across_positions = False
 
-    def __init__(self, dim, *, eps=1e-5, bias=False, custom_grad=True, rngs=None):
-        del bias
-        self.eps, self.custom_grad = eps, custom_grad
-        self.scale = nnx.Param(jnp.ones((dim,), jnp.float32))
+    def __init__(self, dim, cfg, site, rngs):
+        super().__init__(dim, epsilon=cfg.eps, dtype=site.dtype, rngs=rngs)
+        self.k = math.ceil(cfg.partial * dim)
+        self.fast = site.custom_grad and site.dtype == jnp.float32 and self.k == dim
 
     def __call__(self, x):
-        if self.custom_grad:
-            return custom_grads.rms_norm(x, self.scale[...], self.eps)
-        h = x.astype(jnp.float32)
-        y = h * jax.lax.rsqrt(jnp.square(h).mean(-1, keepdims=True) + self.eps) * self.scale[...]
+        if self.fast:
+            return custom_grads.rms_norm(x, self.scale[...], self.epsilon)
+        h = x.astype(self.dtype)
+        mean_square = jnp.square(h[..., :self.k].astype(jnp.float32)).mean(-1, keepdims=True)
+        y = h * jax.lax.rsqrt(mean_square + self.epsilon).astype(self.dtype)
+        return (y * self.scale[...].astype(self.dtype)).astype(x.dtype)
+
+
+class ScaleNorm(nnx.Module):
+    """ScaleNorm (Nguyen & Salazar 2019, arXiv:1910.05895): one learned scalar g for the layer,
+
+        y = g * x / max(||x||_2, eps),   g initialised to sqrt(dim)
+
+    (the paper's init, which gives unit-RMS outputs like LayerNorm's).
+    """
+
+    batch_statistics = leaks_across_positions = False
+
+    def __init__(self, dim, cfg, site, rngs):
+        self.eps, self.dtype = cfg.eps, site.dtype
+        self.g = nnx.Param(jnp.full((), math.sqrt(dim), jnp.float32))
+
+    def __call__(self, x):
+        h = x.astype(self.dtype)
+        norm = jnp.sqrt(jnp.sum(jnp.square(h.astype(jnp.float32)), -1, keepdims=True))
+        y = h * (self.g[...] / jnp.maximum(norm, self.eps)).astype(self.dtype)
         return y.astype(x.dtype)
+
+
+class BatchNorm(nnx.Module):
+    """BatchNorm (Ioffe & Szegedy 2015, arXiv:1502.03167), per feature:
+
+        y = (x - mu_B) / sqrt(sigma_B^2 + eps) * gamma + beta
+
+    training with the statistics mu_B, sigma_B^2 of the batch, evaluation with running averages
+    (r <- momentum * r + (1 - momentum) * batch value), which live in the model state and are
+    checkpointed. `model.norm.batch_stats: pooled` (the literature's choice) pools batch and
+    time, so every position sees later ones; `per_position` keeps statistics per position over
+    the batch only, so nothing flows from later positions (but across the batch it still does).
+    A batch of one sequence of one token has zero variance: every output is beta.
+    Built on `nnx.BatchNorm` (which holds the running statistics); eval mode is
+    `nnx.view(model, use_running_average=True)`.
+    """
+
+    batch_statistics = True
+
+    def __init__(self, dim, cfg, site, rngs):
+        self.per_position = cfg.batch_stats == "per_position"
+        self.leaks_across_positions = not self.per_position
+        self.rows = site.rows_per_seq
+        features = dim * self.rows if self.per_position else dim
+        self.stats = nnx.BatchNorm(features, momentum=cfg.momentum, epsilon=cfg.eps,
+                                   use_bias=False, use_scale=False, use_fast_variance=False,
+                                   dtype=site.dtype, rngs=rngs)
+        self.scale = nnx.Param(jnp.ones((dim,), jnp.float32))
+        self.bias = nnx.Param(jnp.zeros((dim,), jnp.float32)) if cfg.bias else None
+
+    def __call__(self, x):
+        rows, dim = x.shape
+        h = x.reshape(-1, self.rows * dim) if self.per_position else x  # [B, T*dim]: per position
+        y = self.stats(h).reshape(rows, dim) * self.scale[...].astype(self.stats.dtype)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.stats.dtype)
+        return y.astype(x.dtype)
+
+
+class MeanOnlyBatchNorm(nnx.Module):
+    """Mean-only BatchNorm (Salimans & Kingma 2016, arXiv:1602.07868, section 3):
+
+        y = x - mu_B + beta
+
+    centering with the batch mean in training and its running average in evaluation, no
+    scaling; the paper pairs it with weight-normalized kernels (the `weightnorm` kind).
+    `model.norm.batch_stats` chooses pooled or per-position statistics as for `batchnorm`.
+    """
+
+    batch_statistics = True
+
+    def __init__(self, dim, cfg, site, rngs):
+        self.per_position = cfg.batch_stats == "per_position"
+        self.leaks_across_positions = not self.per_position
+        self.rows, self.momentum, self.dtype = site.rows_per_seq, cfg.momentum, site.dtype
+        self.use_running_average = False
+        self.mean = nnx.BatchStat(jnp.zeros((self.rows, dim) if self.per_position else (dim,),
+                                            jnp.float32))
+        self.bias = nnx.Param(jnp.zeros((dim,), jnp.float32))
+
+    def set_view(self, use_running_average=None, **kwargs):
+        if use_running_average is not None:
+            self.use_running_average = use_running_average
+        return kwargs
+
+    def __call__(self, x):
+        rows, dim = x.shape
+        h = x.astype(self.dtype)
+        h = h.reshape(-1, self.rows, dim) if self.per_position else h
+        if self.use_running_average:
+            mean = self.mean[...]
+        else:
+            mean = h.astype(jnp.float32).mean(0)
+            self.mean[...] = jax.lax.stop_gradient(
+                self.momentum * self.mean[...] + (1 - self.momentum) * mean)
+        y = (h - mean.astype(self.dtype)).reshape(rows, dim) + self.bias[...].astype(self.dtype)
+        return y.astype(x.dtype)
+
+
+class GroupNorm(nnx.GroupNorm):
+    """GroupNorm (Wu & He 2018, arXiv:1803.08494): the features of each row split into G groups
+    (`model.norm.groups`), each normalized by its own mean and variance:
+
+        y = (x - mean_g(x)) / sqrt(var_g(x) + eps) * gamma + beta
+
+    G = 1 is LayerNorm; G = dim normalizes each feature alone. Built on `nnx.GroupNorm`.
+    """
+
+    batch_statistics = leaks_across_positions = False
+
+    def __init__(self, dim, cfg, site, rngs):
+        super().__init__(dim, num_groups=cfg.groups, epsilon=cfg.eps, use_bias=cfg.bias,
+                         dtype=site.dtype, use_fast_variance=False, rngs=rngs)
+
+    def __call__(self, x):
+        return super().__call__(x).astype(x.dtype)
+
+
+class InstanceNorm(nnx.InstanceNorm):
+    """InstanceNorm (Ulyanov, Vedaldi & Lempitsky 2016, arXiv:1607.08022), per sequence and
+    feature, over time:
+
+        y_t = (x_t - mean_t'(x_t')) / sqrt(var_t'(x_t') + eps) * gamma + beta
+
+    The statistics pool every position of the sequence, so in a causal model each position
+    sees later ones (leaky). Built on `nnx.InstanceNorm`.
+    """
+
+    batch_statistics = False
+    leaks_across_positions = True
+
+    def __init__(self, dim, cfg, site, rngs):
+        super().__init__(dim, epsilon=cfg.eps, use_bias=cfg.bias, dtype=site.dtype,
+                         use_fast_variance=False, rngs=rngs)
+        self.rows = site.rows_per_seq
+
+    def __call__(self, x):
+        rows, dim = x.shape
+        y = super().__call__(x.reshape(-1, self.rows, dim))  # [B, T, dim]: over T per (b, dim)
+        return y.reshape(rows, dim).astype(x.dtype)
+
+
+class DynamicTanh(nnx.Module):
+    """Dynamic Tanh (Zhu, Chen, He, LeCun & Liu 2025, "Transformers without Normalization",
+    arXiv:2503.10622), a per-row map with no statistics at all:
+
+        y = gamma * tanh(alpha * x) + beta
+
+    alpha one learned scalar, initialised per site (`model.norm.alpha_attn`, `alpha_mlp`,
+    `alpha_final`: the paper's LLaMA recipe uses a larger alpha before attention).
+    """
+
+    batch_statistics = leaks_across_positions = False
+
+    def __init__(self, dim, cfg, site, rngs):
+        self.dtype = site.dtype
+        alpha = {"attn": cfg.alpha_attn, "mlp": cfg.alpha_mlp}.get(site.role, cfg.alpha_final)
+        self.alpha = nnx.Param(jnp.full((), alpha, jnp.float32))
+        self.scale = nnx.Param(jnp.ones((dim,), jnp.float32))
+        self.bias = nnx.Param(jnp.zeros((dim,), jnp.float32)) if cfg.bias else None
+
+    def __call__(self, x):
+        y = jnp.tanh(self.alpha[...].astype(self.dtype) * x.astype(self.dtype))
+        y = y * self.scale[...].astype(self.dtype)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y.astype(x.dtype)
+
+
+class Identity(nnx.Module):
+    """No normalization: y = x."""
+
+    batch_statistics = leaks_across_positions = False
+
+    def __init__(self, dim, cfg, site, rngs):
+        pass
+
+    def __call__(self, x):
+        return x
 
 
 NORMS = {
     "layernorm": LayerNorm,
     "rmsnorm": RMSNorm,
+    "scalenorm": ScaleNorm,
+    "batchnorm": BatchNorm,
+    "groupnorm": GroupNorm,
+    "instancenorm": InstanceNorm,
+    "weightnorm": MeanOnlyBatchNorm,  # with weight-normalized kernels (the model sees the kind)
+    "dyt": DynamicTanh,
+    "none": Identity,
 }
 
 
-def make_norm(kind, dim, *, eps, bias, custom_grad=True, rngs):
-    if kind not in NORMS:
-        raise ValueError(f"unknown norm {kind!r}; choose from {sorted(NORMS)}")
-    return NORMS[kind](dim, eps=eps, bias=bias, custom_grad=custom_grad, rngs=rngs)
+def make_norm(cfg, dim, *, role, rows_per_seq, dtype=jnp.float32, custom_grad=True, rngs):
+    """The `cfg.kind` norm (cfg: the `model.norm` section) for rows of width `dim`."""
+    if cfg.kind not in NORMS:
+        raise ValueError(f"unknown norm {cfg.kind!r}; choose from {sorted(NORMS)}")
+    site = Site(role, rows_per_seq, _site_dtype(cfg, dtype), custom_grad)
+    return NORMS[cfg.kind](dim, cfg, site, rngs)
+
+
+def modules(model):
+    """Every norm module inside `model` (for the leak and batch-statistics report)."""
+    return [m for _, m in nnx.iter_graph(model) if type(m) in NORMS.values()]

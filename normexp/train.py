@@ -27,7 +27,7 @@ from normexp import data as data_lib
 from normexp.checkpoint import Checkpoints
 from normexp.errors import UsageError
 from normexp.metrics import layer_stats, per_block
-from normexp.model import loss_fn, make_model
+from normexp.model import evaluation_view, loss_fn, make_model, norm_report
 from normexp.optim import learning_rate, make_optimizer
 from normexp.tracking import Tracker, finite_or_none, write_atomic
 
@@ -71,7 +71,8 @@ def make_train_step(graphdef, tx, *, grad_norms):
 
 def make_eval_step(graphdef):
     def eval_step(params, rest, inputs_BxT, targets_BxT):
-        return loss_fn(nnx.merge(graphdef, params, rest)(inputs_BxT), targets_BxT)
+        model = evaluation_view(nnx.merge(graphdef, params, rest))
+        return loss_fn(model(inputs_BxT), targets_BxT)
     return jax.jit(eval_step)
 
 
@@ -176,7 +177,13 @@ def run(cfg, *, resume=False, overwrite=False):
         if resume and checkpoints.latest_step() is not None:
             start = checkpoints.latest_step()
             state = checkpoints.restore(start, state)
-        summary = {"status": "running", "steps": start, "diverged_step": None,
+        norms = {"kind": cfg.model.norm.kind, "placement": cfg.model.placement,
+                 **norm_report(nnx.merge(graphdef, state["params"], state["rest"]))}
+        if norms["leaks_across_positions"]:
+            print(f"warning: model.norm.kind={norms['kind']} pools statistics over positions, so "
+                  f"each position sees later tokens and the losses are not those of a causal "
+                  f"model (recorded in summary.json under norms)", file=sys.stderr)
+        summary = {"status": "running", "steps": start, "diverged_step": None, "norms": norms,
                    "final_val_loss": None, "best_val_loss": None, "tokens_per_s": None,
                    "compile_seconds": None, "data_fingerprint": corpus.fingerprint,
                    "versions": versions(), "allocator": allocator.active(),

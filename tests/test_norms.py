@@ -4,93 +4,251 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from normexp.norms import NORMS, LayerNorm, RMSNorm, make_norm
+from normexp import config as config_lib
+from normexp.model import WeightNormLinear, evaluation_view
+from normexp.norms import NORMS, make_norm
+
+ROWS = 6  # rows (tokens) per sequence in these tests
 
 
-def np_layernorm(x, gamma, beta, eps):
-    """Ba et al. 2016: (x - mean) / sqrt(var + eps) * gamma + beta, over the last axis."""
-    x = x.astype(np.float64)
-    mean = x.mean(-1, keepdims=True)
-    var = ((x - mean) ** 2).mean(-1, keepdims=True)
-    return (x - mean) / np.sqrt(var + eps) * gamma + beta
-
-
-def np_rmsnorm(x, gamma, eps):
-    """Zhang & Sennrich 2019: x / sqrt(mean(x^2) + eps) * gamma, over the last axis."""
-    x = x.astype(np.float64)
-    return x / np.sqrt((x ** 2).mean(-1, keepdims=True) + eps) * gamma
+def norm_of(kind, dim=24, *overrides, role="attn", rows=ROWS, seed=0):
+    cfg = config_lib.load(None, [f"model.norm.kind={kind}", "model.norm.groups=4",
+                                 *(f"model.norm.{o}" for o in overrides)]).model.norm
+    norm = make_norm(cfg, dim, role=role, rows_per_seq=rows, rngs=nnx.Rngs(seed))
+    return randomized(norm, np.random.default_rng(seed))
 
 
 def randomized(norm, rng):
-    """Set the norm's gain and bias to random values so the reference checks them too."""
-    norm.scale[...] = jnp.asarray(rng.normal(1.0, 0.3, norm.scale.shape), jnp.float32)
-    if getattr(norm, "bias", None) is not None:
-        norm.bias[...] = jnp.asarray(rng.normal(0.0, 0.3, norm.bias.shape), jnp.float32)
+    """Random gains and biases, so the references check them too."""
+    for _, var in nnx.to_flat_state(nnx.state(norm, nnx.Param)):
+        var[...] = jnp.asarray(rng.normal(1.0 if var.ndim == 0 else 0.8, 0.3, var.shape),
+                               jnp.float32)
     return norm
 
 
-@pytest.mark.parametrize("bias", [True, False])
-def test_layernorm_matches_numpy_reference(bias):
-    rng = np.random.default_rng(0)
-    norm = randomized(LayerNorm(24, eps=1e-5, bias=bias), rng)
-    x = rng.normal(3.0, 2.0, (7, 24)).astype(np.float32)
-    beta = np.asarray(norm.bias[...]) if bias else 0.0
-    expected = np_layernorm(x, np.asarray(norm.scale[...]), beta, 1e-5)
-    np.testing.assert_allclose(norm(jnp.asarray(x)), expected, rtol=1e-5, atol=1e-5)
-    assert (norm.bias is None) == (not bias)
+def params(norm):
+    return {"/".join(map(str, path)): np.asarray(v[...], np.float64)
+            for path, v in nnx.to_flat_state(nnx.state(norm, nnx.Param))}
 
 
-def test_rmsnorm_matches_numpy_reference():
-    rng = np.random.default_rng(1)
-    norm = randomized(RMSNorm(24, eps=1e-6), rng)
-    x = rng.normal(1.0, 2.0, (7, 24)).astype(np.float32)
-    expected = np_rmsnorm(x, np.asarray(norm.scale[...]), 1e-6)
-    np.testing.assert_allclose(norm(jnp.asarray(x)), expected, rtol=1e-5, atol=1e-5)
+# NumPy references, written from each paper's formula (float64)
+
+def np_layernorm(x, p, eps):
+    mean = x.mean(-1, keepdims=True)
+    var = ((x - mean) ** 2).mean(-1, keepdims=True)
+    return (x - mean) / np.sqrt(var + eps) * p["scale"] + p.get("bias", 0.0)
 
 
-def test_eps_is_used():
-    x = jnp.full((1, 8), 1e-3).at[0, 0].set(-1e-3)
-    small, large = RMSNorm(8, eps=1e-12)(x), RMSNorm(8, eps=1.0)(x)
-    assert not np.allclose(small, large)
-    np.testing.assert_allclose(large, np_rmsnorm(np.asarray(x), 1.0, 1.0), rtol=1e-5)
+def np_rmsnorm(x, p, eps, partial=1.0):
+    k = int(np.ceil(partial * x.shape[-1]))
+    return x / np.sqrt((x[..., :k] ** 2).mean(-1, keepdims=True) + eps) * p["scale"]
+
+
+def np_scalenorm(x, p, eps):
+    return p["g"] * x / np.maximum(np.sqrt((x ** 2).sum(-1, keepdims=True)), eps)
+
+
+def np_batchnorm(x, p, eps, per_position=False):
+    h = x.reshape(-1, ROWS, x.shape[-1]) if per_position else x
+    mean, var = h.mean(0), h.var(0)
+    return (((h - mean) / np.sqrt(var + eps)).reshape(x.shape) * p["scale"]
+            + p.get("bias", 0.0))
+
+
+def np_groupnorm(x, p, eps, groups=4):
+    g = x.reshape(len(x), groups, -1)
+    mean, var = g.mean(-1, keepdims=True), g.var(-1, keepdims=True)
+    return ((g - mean) / np.sqrt(var + eps)).reshape(x.shape) * p["scale"] + p.get("bias", 0.0)
+
+
+def np_instancenorm(x, p, eps):
+    h = x.reshape(-1, ROWS, x.shape[-1])  # [B, T, C]: over T per (sequence, feature)
+    mean, var = h.mean(1, keepdims=True), h.var(1, keepdims=True)
+    return ((h - mean) / np.sqrt(var + eps)).reshape(x.shape) * p["scale"] + p.get("bias", 0.0)
+
+
+def np_mean_only_batchnorm(x, p, eps):
+    return x - x.mean(0) + p["bias"]
+
+
+def np_dyt(x, p, eps):
+    return p["scale"] * np.tanh(p["alpha"] * x) + p.get("bias", 0.0)
+
+
+REFERENCES = {"layernorm": np_layernorm, "rmsnorm": np_rmsnorm, "scalenorm": np_scalenorm,
+              "batchnorm": np_batchnorm, "groupnorm": np_groupnorm,
+              "instancenorm": np_instancenorm, "weightnorm": np_mean_only_batchnorm,
+              "dyt": np_dyt, "none": lambda x, p, eps: x}
+
+
+def test_every_registered_norm_has_a_reference():
+    assert set(REFERENCES) == set(NORMS)
+
+
+def check(kind, x, *overrides, ref=None, eps=1e-5, rtol=1e-4, atol=1e-4):
+    norm = norm_of(kind, x.shape[-1], *overrides)
+    expected = (ref or REFERENCES[kind])(x.astype(np.float64), params(norm), eps)
+    got = norm(jnp.asarray(x, jnp.float32))
+    assert np.isfinite(np.asarray(got)).all()
+    np.testing.assert_allclose(got, expected, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("kind", sorted(NORMS))
+def test_matches_the_papers_formula_on_random_input(kind):
+    x = np.random.default_rng(1).normal(2.0, 3.0, (4 * ROWS, 24))
+    check(kind, x)
+
+
+@pytest.mark.parametrize("kind", ["layernorm", "groupnorm", "instancenorm", "batchnorm", "dyt"])
+def test_without_bias(kind):
+    x = np.random.default_rng(2).normal(1.0, 2.0, (2 * ROWS, 24))
+    check(kind, x, "bias=false")
+    assert norm_of(kind, 24, "bias=false").bias is None
+
+
+def test_partial_rmsnorm_estimates_the_rms_from_the_first_features():
+    x = np.random.default_rng(3).normal(0.5, 2.0, (ROWS, 24))
+    check("rmsnorm", x, "partial=0.25", ref=lambda x, p, eps: np_rmsnorm(x, p, eps, 0.25))
+    full = norm_of("rmsnorm")(jnp.asarray(x, jnp.float32))
+    part = norm_of("rmsnorm", 24, "partial=0.25")(jnp.asarray(x, jnp.float32))
+    assert not np.allclose(full, part, atol=1e-3)
+
+
+def test_per_position_batchnorm_keeps_statistics_per_position():
+    x = np.random.default_rng(4).normal(1.0, 2.0, (4 * ROWS, 24))
+    check("batchnorm", x, "batch_stats=per_position",
+          ref=lambda x, p, eps: np_batchnorm(x, p, eps, per_position=True))
+
+
+def test_groupnorm_group_count_matters():
+    x = np.random.default_rng(5).normal(size=(ROWS, 24))
+    check("groupnorm", x, "groups=8", ref=lambda x, p, eps: np_groupnorm(x, p, eps, 8))
+
+
+@pytest.mark.parametrize("kind", sorted(NORMS))
+def test_constant_input_gives_finite_output(kind):
+    for value in (0.0, 3.0):
+        y = norm_of(kind)(jnp.full((2 * ROWS, 24), value, jnp.float32))
+        assert np.isfinite(np.asarray(y)).all(), (kind, value)
+
+
+@pytest.mark.parametrize("kind", sorted(NORMS))
+@pytest.mark.parametrize("scale", [1e-4, 1e4])
+def test_very_small_and_very_large_inputs_match_the_reference(kind, scale):
+    x = np.random.default_rng(6).normal(size=(2 * ROWS, 24)) * scale
+    # eps matters at tiny scales (it is part of every formula); compare relative to the output
+    norm = norm_of(kind)
+    expected = REFERENCES[kind](x, params(norm), 1e-5)
+    got = np.asarray(norm(jnp.asarray(x, jnp.float32)), np.float64)
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-3 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("kind", sorted(NORMS))
+def test_bfloat16_input_is_normalized_in_float32(kind):
+    norm = norm_of(kind)
+    x16 = (jax.random.normal(jax.random.key(0), (2 * ROWS, 24)) * 50 + 20).astype(jnp.bfloat16)
+    y16 = norm(x16)
+    assert y16.dtype == jnp.bfloat16
+    # float32 statistics: the bf16 result is the float32 result of the same input, rounded once
+    y32 = norm(x16.astype(jnp.float32))
+    np.testing.assert_allclose(y16.astype(jnp.float32), y32.astype(jnp.bfloat16).astype(
+        jnp.float32), rtol=1e-2, atol=1e-2)
+
+
+def test_float32_false_computes_in_the_activation_dtype():
+    x16 = jnp.ones((ROWS, 24), jnp.bfloat16)
+
+    def tanh_dtype(*overrides):
+        norm = norm_of("dyt", 24, *overrides)
+        eqns = jax.make_jaxpr(lambda x: norm(x))(x16).eqns
+        return [str(e.invars[0].aval.dtype) for e in eqns if e.primitive.name == "tanh"]
+
+    assert tanh_dtype() == ["float32"]
+    assert tanh_dtype("float32=false") == ["bfloat16"]
+
+
+def test_batchnorm_of_one_token_outputs_beta():
+    """Documented behaviour: one sequence of one token has zero variance, so x - mean = 0 and
+    every output is beta (eps keeps it finite)."""
+    norm = norm_of("batchnorm", 8, rows=1)
+    y = norm(jnp.asarray(np.random.default_rng(7).normal(size=(1, 8)), jnp.float32))
+    np.testing.assert_allclose(y[0], norm.bias[...], atol=1e-6)
 
 
 def test_layernorm_is_shift_and_scale_invariant():
-    rng = np.random.default_rng(2)
-    norm = randomized(LayerNorm(16, eps=1e-6), rng)
-    x = jnp.asarray(rng.normal(size=(5, 16)), jnp.float32)
-    shift = jnp.asarray(rng.normal(size=(5, 1)) * 10, jnp.float32)
+    norm = norm_of("layernorm", 16)
+    x = jax.random.normal(jax.random.key(2), (5, 16))
+    shift = jax.random.normal(jax.random.key(3), (5, 1)) * 10
     np.testing.assert_allclose(norm(x), norm(x + shift), atol=2e-4)
     np.testing.assert_allclose(norm(x), norm(7.5 * x), atol=1e-4)
 
 
-def test_rmsnorm_is_scale_but_not_shift_invariant():
-    rng = np.random.default_rng(3)
-    norm = randomized(RMSNorm(16, eps=1e-10), rng)
-    x = jnp.asarray(rng.normal(size=(5, 16)), jnp.float32)
-    np.testing.assert_allclose(norm(x), norm(0.01 * x), atol=1e-4)
-    np.testing.assert_allclose(norm(x), norm(40.0 * x), atol=1e-4)
+@pytest.mark.parametrize("kind", ["rmsnorm", "scalenorm"])
+def test_rms_and_scale_norms_are_scale_but_not_shift_invariant(kind):
+    norm = norm_of(kind, 16, "eps=1e-10")
+    x = jax.random.normal(jax.random.key(4), (5, 16))
+    np.testing.assert_allclose(norm(x), norm(0.01 * x), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(norm(x), norm(40.0 * x), rtol=1e-4, atol=1e-5)
     assert not np.allclose(norm(x), norm(x + 3.0), atol=1e-2)
 
 
-@pytest.mark.parametrize("kind", sorted(NORMS))
-def test_norms_keep_shape_and_dtype_and_compute_in_float32(kind):
-    norm = make_norm(kind, 32, eps=1e-5, bias=True, rngs=nnx.Rngs(0))
-    x = jax.random.normal(jax.random.key(0), (6, 32)) * 50 + 20
-    y16 = norm(x.astype(jnp.bfloat16))
-    assert y16.shape == x.shape and y16.dtype == jnp.bfloat16
-    # statistics in float32: the bf16 result is the float32 result rounded once
-    np.testing.assert_allclose(y16.astype(jnp.float32), norm(x.astype(jnp.bfloat16).astype(
-        jnp.float32)).astype(jnp.bfloat16).astype(jnp.float32), atol=1e-2)
+def test_weight_normalized_kernel_is_g_times_unit_columns_and_invariant_to_v_scale():
+    layer = WeightNormLinear(8, 5, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(5), (3, 8))
+    before = layer(x)
+    v = np.asarray(layer.kernel[...], np.float64)
+    np.testing.assert_allclose(layer.g[...], np.linalg.norm(v, axis=0), rtol=1e-6)
+    layer.g[...] = jnp.asarray(np.random.default_rng(8).normal(size=5), jnp.float32)
+    w = np.asarray(layer.g[...], np.float64) * v / np.linalg.norm(v, axis=0)
+    expected = np.asarray(x, np.float64) @ w + np.asarray(layer.bias[...])
+    np.testing.assert_allclose(layer(x), expected, rtol=1e-5, atol=1e-5)
+    layer.kernel[...] = layer.kernel[...] * 3.7
+    np.testing.assert_allclose(layer(x), expected, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(before, expected, atol=1e-3)  # g really moved the output
 
 
-@pytest.mark.parametrize("kind", sorted(NORMS))
-def test_jit_equals_eager(kind):
-    norm = make_norm(kind, 32, eps=1e-5, bias=True, rngs=nnx.Rngs(0))
-    x = jax.random.normal(jax.random.key(1), (6, 32))
-    np.testing.assert_allclose(nnx.jit(lambda n, v: n(v))(norm, x), norm(x), rtol=1e-6, atol=1e-6)
+def test_dyt_alpha_init_is_configured_per_site():
+    def alpha(role):
+        cfg = config_lib.load(None, ["model.norm.kind=dyt", "model.norm.alpha_attn=0.8",
+                                     "model.norm.alpha_mlp=0.3", "model.norm.alpha_final=0.1"])
+        norm = make_norm(cfg.model.norm, 8, role=role, rows_per_seq=1, rngs=nnx.Rngs(0))
+        return float(norm.alpha[...])
+    assert (alpha("attn"), alpha("mlp"), alpha("final")) == pytest.approx((0.8, 0.3, 0.1))
+
+
+def test_leak_and_batch_statistics_properties():
+    leaky = {k for k in NORMS if norm_of(k).leaks_across_positions}
+    batch = {k for k in NORMS if norm_of(k).batch_statistics}
+    assert leaky == {"batchnorm", "instancenorm", "weightnorm"}
+    assert batch == {"batchnorm", "weightnorm"}
+    assert not norm_of("batchnorm", 24, "batch_stats=per_position").leaks_across_positions
+
+
+@pytest.mark.parametrize("kind", ["batchnorm", "weightnorm"])
+def test_batch_statistics_train_and_eval_differ_and_running_stats_converge(kind):
+    norm = norm_of(kind, 4, "momentum=0.8")
+    mu, sigma = np.array([1.0, -2.0, 0.5, 3.0]), np.array([2.0, 0.5, 1.0, 3.0])
+    rng = np.random.default_rng(9)
+    step = nnx.jit(lambda n, x: n(x))
+    for _ in range(60):
+        step(norm, jnp.asarray(rng.normal(mu, sigma, (64 * ROWS, 4)), jnp.float32))
+    stats = norm.stats if kind == "batchnorm" else norm
+    np.testing.assert_allclose(stats.mean[...], mu, atol=0.1)
+    if kind == "batchnorm":
+        np.testing.assert_allclose(np.sqrt(stats.var[...]), sigma, rtol=0.05)
+    x = jnp.asarray(rng.normal(mu + 1.0, sigma, (ROWS, 4)), jnp.float32)
+    train_out = step(norm, x)
+    eval_out = evaluation_view(norm)(x)
+    assert not np.allclose(train_out, eval_out, atol=1e-2)
+    frozen = np.asarray(stats.mean[...])
+    evaluation_view(norm)(x)
+    np.testing.assert_array_equal(stats.mean[...], frozen)  # evaluation never updates them
 
 
 def test_unknown_norm_names_the_choices():
+    cfg = config_lib.load(None, []).model.norm
+    import dataclasses
     with pytest.raises(ValueError, match="layernorm"):
-        make_norm("batchnrm", 8, eps=1e-5, bias=True, rngs=nnx.Rngs(0))
+        make_norm(dataclasses.replace(cfg, kind="batchnrm"), 8, role="attn", rows_per_seq=1,
+                  rngs=nnx.Rngs(0))
