@@ -87,7 +87,7 @@ def mix_split(n_layer, alpha):
 @rule("input")
 def mix(x, f, n, depth):
     """Mix-LN (Li et al. 2024): post in the first floor(alpha * L) blocks, pre in the rest."""
-    return post(x, f, n, depth) if depth.segment == 0 else pre(x, f, n, depth)
+    return n.input(x + f(x)) if depth.segment == 0 else x + f(n.input(x))
 
 
 @rule()

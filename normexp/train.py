@@ -48,7 +48,8 @@ def make_train_step(graphdef, tx, *, grad_norms):
 
     def train_step(state, inputs_BxT, targets_BxT):
         def loss_of(params):
-            model = nnx.merge(graphdef, params, state["rest"])
+            # fresh Variables of this trace, so batch-statistics norms may update them here
+            model = nnx.merge(graphdef, params, jax.tree.map(lambda a: a, state["rest"]))
             loss = loss_fn(model(inputs_BxT), targets_BxT)
             return loss, nnx.state(model, nnx.Not(nnx.Param))
 

@@ -11,10 +11,10 @@ from normexp.norms import NORMS, make_norm
 ROWS = 6  # rows (tokens) per sequence in these tests
 
 
-def norm_of(kind, dim=24, *overrides, role="attn", rows=ROWS, seed=0):
+def norm_of(kind, dim=24, *overrides, role="attn", rows=ROWS, seed=0, dtype=jnp.float32):
     cfg = config_lib.load(None, [f"model.norm.kind={kind}", "model.norm.groups=4",
                                  *(f"model.norm.{o}" for o in overrides)]).model.norm
-    norm = make_norm(cfg, dim, role=role, rows_per_seq=rows, rngs=nnx.Rngs(seed))
+    norm = make_norm(cfg, dim, role=role, rows_per_seq=rows, dtype=dtype, rngs=nnx.Rngs(seed))
     return randomized(norm, np.random.default_rng(seed))
 
 
@@ -160,7 +160,7 @@ def test_float32_false_computes_in_the_activation_dtype():
     x16 = jnp.ones((ROWS, 24), jnp.bfloat16)
 
     def tanh_dtype(*overrides):
-        norm = norm_of("dyt", 24, *overrides)
+        norm = norm_of("dyt", 24, *overrides, dtype=jnp.bfloat16)  # the model's compute dtype
         eqns = jax.make_jaxpr(lambda x: norm(x))(x16).eqns
         return [str(e.invars[0].aval.dtype) for e in eqns if e.primitive.name == "tanh"]
 

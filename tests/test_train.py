@@ -83,7 +83,7 @@ def test_per_layer_grad_norms_equal_norms_of_jax_grad(tiny):
         expected[f"grad_norm/block_{i:02d}/attn"] = norm(grads, lambda p: in_block(p) and p[2] == "attn")
         expected[f"grad_norm/block_{i:02d}/mlp"] = norm(grads, lambda p: in_block(p) and p[2] == "mlp")
         expected[f"grad_norm/block_{i:02d}/norm"] = norm(
-            grads, lambda p: in_block(p) and p[2] in ("attn_norm", "mlp_norm"))
+            grads, lambda p: in_block(p) and p[2] in ("attn_norms", "mlp_norms"))
         expected[f"param_norm/block_{i:02d}"] = norm(before, in_block)
         expected[f"update_ratio/block_{i:02d}"] = norm(update, in_block) / norm(before, in_block)
     for key, value in expected.items():
