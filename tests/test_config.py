@@ -104,3 +104,14 @@ def test_readme_reference_lists_every_key_with_its_default():
     assert reference_markdown() in readme, "run: python scripts/readme_reference.py"
     for key, _, _ in reference():
         assert f"| `{key}` |" in readme
+
+
+def test_readme_tables_list_every_norm_and_placement_and_each_placement_has_a_config():
+    from normexp.norms import NORMS
+    from normexp.placement import PLACEMENTS
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    for name in [*NORMS, *PLACEMENTS]:
+        assert f"| `{name}` |" in readme, name
+    placements = {load(path).model.placement
+                  for path in glob.glob(os.path.join(ROOT, "configs", "*.yaml"))}
+    assert placements == set(PLACEMENTS)

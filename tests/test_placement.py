@@ -137,12 +137,26 @@ PAIRS = [(p, k) for p in sorted(PLACEMENTS) for k in sorted(NORMS)
 
 @pytest.mark.parametrize("placement, kind", PAIRS)
 def test_every_pair_is_causal_unless_documented_leaky_and_trains(tiny, placement, kind):
+    check_causal_and_trains(tiny, f"model.placement={placement}", f"model.norm.kind={kind}",
+                            leaky=kind in LEAKY)
+
+
+@pytest.mark.parametrize("switches, leaky", [
+    (["model.qk_norm=true", "model.embed_norm=true", "model.weight_norm=true"], False),
+    (["model.qk_norm=true", "model.norm.kind=groupnorm", "model.norm.groups=2"], False),
+    (["model.qk_norm=true", "model.norm.kind=instancenorm"], True),
+    (["model.embed_norm=true", "model.placement=post", "model.norm.kind=dyt"], False),
+])
+def test_switches_are_causal_and_train(tiny, switches, leaky):
+    check_causal_and_trains(tiny, *switches, leaky=leaky)
+
+
+def check_causal_and_trains(tiny, *overrides, leaky):
     """Causality (or the documented leak), then 10 training steps with finite loss and a
     gradient norm for every block."""
     # two blocks scanned one at a time keep 100 compilations cheap; mix puts one of each
-    cfg = tiny(f"model.placement={placement}", f"model.norm.kind={kind}", "model.norm.groups=4",
-               "model.d_model=16", "model.scan_unroll=1", "model.mix_alpha=0.5",
-               "train.batch_size=3")
+    cfg = tiny("model.norm.groups=4", "model.d_model=16", "model.scan_unroll=1",
+               "model.mix_alpha=0.5", "train.batch_size=3", *overrides)
     graphdef, tx, state = init_state(cfg, 64)
     logits_of = jax.jit(lambda s, x: nnx.merge(graphdef, s["params"], s["rest"])(x))
     x = tokens()
@@ -150,7 +164,7 @@ def test_every_pair_is_causal_unless_documented_leaky_and_trains(tiny, placement
     changed = x.at[:, 6:].set((x[:, 6:] + 17) % 64)
     later = logits_of(state, changed).reshape(3, T, -1)
     assert not np.allclose(later[:, 6:], logits[:, 6:])
-    if kind in LEAKY:
+    if leaky:
         assert not np.allclose(later[:, :6], logits[:, :6], atol=1e-6), "the leak must show"
     else:
         np.testing.assert_array_equal(later[:, :6], logits[:, :6])

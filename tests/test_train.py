@@ -10,6 +10,7 @@ from flax import nnx
 from jax.experimental.compilation_cache import compilation_cache
 
 from normexp import data as data_lib
+from normexp.checkpoint import Checkpoints
 from normexp.model import loss_fn
 from normexp.metrics import per_block
 from normexp.tracking import read_metrics
@@ -310,3 +311,30 @@ def test_remat_reduces_memory_in_a_real_loop(tiny):
         return step.memory_analysis().temp_size_in_bytes
 
     assert temp_bytes("train.remat=true") < 0.6 * temp_bytes("model.scan_unroll=1")
+
+
+def test_batchnorm_running_statistics_are_checkpointed_and_its_leak_reported(tiny, tmp_path,
+                                                                              capsys):
+    cfg = tiny("model.norm.kind=batchnorm", "train.steps=4")
+    graphdef, tx, state = init_state(cfg, 256)
+    fresh = jax.tree.map(np.asarray, state["rest"])
+    step = make_train_step(graphdef, tx, grad_norms=False)
+    corpus = data_lib.load_corpus("", 0, 16)
+    for i in range(3):
+        state, _ = step(state, *data_lib.batch(corpus.train, seed=0, step=i, batch_size=4,
+                                                seq_len=16))
+    trained = jax.tree.map(np.asarray, state["rest"])
+    leaves = lambda tree: jax.tree.leaves(tree)
+    assert any(not np.allclose(a, b) for a, b in zip(leaves(fresh), leaves(trained)))
+    checkpoints = Checkpoints(str(tmp_path / "ckpt"), keep=1)
+    checkpoints.save(3, state)
+    restored = checkpoints.restore(3, init_state(cfg, 256)[2])
+    checkpoints.close()
+    for a, b in zip(leaves(trained), leaves(restored["rest"])):
+        np.testing.assert_array_equal(a, b)
+
+    summary = run(cfg)  # evaluates with the running statistics, and says that it leaks
+    assert summary["status"] == "completed" and np.isfinite(summary["final_val_loss"])
+    assert summary["norms"] == {"kind": "batchnorm", "placement": "pre",
+                                "leaks_across_positions": True, "batch_statistics": True}
+    assert "model.norm.kind=batchnorm pools statistics over positions" in capsys.readouterr().err
