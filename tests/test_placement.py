@@ -203,3 +203,17 @@ def test_scan_and_unrolled_agree_for_every_placement(tiny, placement):
     scanned, looped, one_by_one = (m(tokens()) for m in models)
     np.testing.assert_allclose(scanned, looped, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(scanned, one_by_one, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", sorted(NORMS))
+def test_scan_and_unrolled_agree_for_every_norm(tiny, kind):
+    """Post-Norm puts the norm on the stream itself; batch statistics come out equal too."""
+    models = [make_model(tiny("model.placement=post", f"model.norm.kind={kind}",
+                              "model.norm.groups=4", "model.n_layer=3", *o).model,
+                         vocab_size=64, max_len=T, seed=0)
+              for o in ([], ["model.scan=false"])]
+    scanned, looped = (m(tokens()) for m in models)
+    np.testing.assert_allclose(scanned, looped, rtol=1e-5, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(nnx.state(models[0], nnx.BatchStat)),
+                    jax.tree.leaves(nnx.state(models[1], nnx.BatchStat))):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
