@@ -225,7 +225,7 @@ class GPT(nnx.Module):
         shallow = L <= AUTO_UNROLL_MAX and remat is None
         self.unroll = cfg.scan_unroll or (L if shallow else 1)
         fused = fused_attention_for(cfg.attention, jax.default_backend())
-        layers = Layers(cfg, rows_per_seq=max_len, rngs=rngs)
+        layers = Layers(cfg, rows_per_seq=max_len, rngs=rngs)  # the model-level layers
         self.tok_embed = nnx.Embed(vocab_size, cfg.d_model, dtype=self.dtype, rngs=rngs,
                                    embedding_init=nnx.initializers.normal(std))
         self.pos_embed = nnx.Param(std * jax.random.normal(rngs.params(), (max_len, cfg.d_model)))
@@ -235,11 +235,10 @@ class GPT(nnx.Module):
         @nnx.split_rngs(splits=L)
         @nnx.vmap(in_axes=(0,), out_axes=0)
         def stacked_blocks(rngs):
-            layers.rngs = rngs
-            return Block(layers, std=std, out_std=out_std, fused_attention=fused)
+            return Block(Layers(cfg, rows_per_seq=max_len, rngs=rngs), std=std, out_std=out_std,
+                         fused_attention=fused)
 
         self.blocks = stacked_blocks(rngs)  # every parameter has a leading [L] axis
-        layers.rngs = rngs
         self.dual_norm = layers.norm(cfg.d_model, "final") if place.dual else None
         self.final_norm = layers.norm(cfg.d_model, "final") if cfg.final_norm else None
         self.whole_sequences = any(n.batch_statistics or n.leaks_across_positions
