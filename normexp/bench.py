@@ -115,8 +115,8 @@ def bench(cfg, *, steps=10, repeats=5, depths=(4, 64), compile_cache=True):
         "memory": on.memory}
 
     # the run's data pipeline (prefetched random windows) vs one fixed batch
-    prefetch = data_lib.Prefetcher(corpus.train, seed=cfg.run.seed, start=0, batch_size=B,
-                                   seq_len=T)
+    prefetch = data_lib.Prefetcher(lambda step: data_lib.batch(
+        corpus.train, seed=cfg.run.seed, step=step, batch_size=B, seq_len=T), start=0)
     try:
         real = Variant(on.step, on.state, lambda: next(prefetch), 0.0, on.memory)
         fix = Variant(on.step, jax.tree.map(jnp.copy, on.state), lambda: fixed, 0.0, on.memory)

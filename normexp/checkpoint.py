@@ -22,6 +22,9 @@ class Checkpoints:
     def latest_step(self):
         return self.manager.latest_step()
 
+    def all_steps(self):
+        return list(self.manager.all_steps())
+
     def save(self, step, state):
         if step in self.manager.all_steps():
             return

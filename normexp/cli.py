@@ -1,4 +1,5 @@
-"""The `normexp` command: train, prepare, bench. It parses arguments and calls the library."""
+"""The `normexp` command: train, sweep, results, prepare, bench. It parses arguments and calls
+the library."""
 
 import argparse
 import json
@@ -36,6 +37,28 @@ def cmd_train(ns):
     print(f"{summary['run_dir']}: {json.dumps(line)}")
     if summary["status"] == "interrupted":
         return 128 + signal.Signals[summary["signal"]].value
+    return 0
+
+
+def cmd_sweep(ns):
+    from normexp import sweep as sweep_lib
+    sweep = sweep_lib.load(ns.sweep_file, out_dir=ns.out)
+    shard = sweep_lib.parse_shard(ns.shard) if ns.shard else (1, 1)
+    if ns.dry_run:
+        print(sweep_lib.describe(sweep, shard))
+        return 0
+    if ns.worker:  # one of --max-parallel's processes: the given units, no bars, no table
+        units = [u for i, u in enumerate(sweep.units()) if str(i) in ns.units.split(",")]
+        return sweep_lib._run_units(sweep, units, progress=False)
+    return sweep_lib.run(sweep, shard=shard, max_parallel=ns.max_parallel)
+
+
+def cmd_results(ns):
+    from normexp.results import collect, format_table, write
+    rows = collect(ns.sweep_dir)
+    print(format_table(rows))
+    paths = write(rows, ns.sweep_dir)
+    print(f"wrote {', '.join(paths)}", file=sys.stderr)
     return 0
 
 
@@ -89,6 +112,19 @@ def parser():
     t.add_argument("--resume", action="store_true", help="continue an existing run directory")
     t.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     t.set_defaults(func=cmd_train)
+    sw = sub.add_parser("sweep", help="train every run of a sweep file (resumable, shardable)")
+    sw.add_argument("sweep_file", metavar="SWEEP.yaml")
+    sw.add_argument("--shard", metavar="I/N", help="train only the I-th of N slices (1 <= I <= N)")
+    sw.add_argument("--dry-run", action="store_true", help="list the runs and their count")
+    sw.add_argument("--max-parallel", type=_positive, default=1, metavar="K",
+                    help="train K units at once in K processes (default 1: in this process)")
+    sw.add_argument("--out", help="the sweep's directory (default: out_dir of the sweep file)")
+    sw.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    sw.add_argument("--units", default="", help=argparse.SUPPRESS)
+    sw.set_defaults(func=cmd_sweep)
+    rs = sub.add_parser("results", help="print and write the results table of a sweep directory")
+    rs.add_argument("sweep_dir", metavar="SWEEP_DIR")
+    rs.set_defaults(func=cmd_results)
     pr = sub.add_parser("prepare", help="write byte-level train.bin/val.bin/meta.json")
     pr.add_argument("text_file")
     pr.add_argument("out_dir")

@@ -5,6 +5,7 @@ type or out-of-range value raises `UsageError` with one line naming the key path
 valid. Every field carries a one-line doc (`metadata["doc"]`) that the README reference mirrors.
 """
 
+import copy
 import dataclasses
 import difflib
 import math
@@ -177,6 +178,9 @@ class TrainConfig:
     keep_checkpoints: int = opt(2, "how many of the latest checkpoints to keep", positive)
     compile_cache: str = opt("", "directory of JAX's persistent compilation cache (a second run of "
                                  "the same shapes skips compiling); empty = off")
+    data_parallel: str = opt("auto", "auto: split each batch over every device (a jax.sharding "
+                                     "mesh; batch_size must be a multiple of the device count), "
+                                     "off: one device", one_of("auto", "off"))
     remat: bool = opt(False, "rematerialise each block in the backward pass (jax.checkpoint): "
                              "less memory, more step time (see README, Deep models)")
     remat_policy: str = opt("nothing", "what remat keeps: nothing (recompute the block), dots "
@@ -221,14 +225,20 @@ class _Override(str):
 
 def load(path=None, overrides=()):
     """Config from an optional YAML file plus `dotted.key=value` overrides, validated."""
-    raw = {}
-    if path is not None:
-        raw = _read_yaml(path)
+    settings = []
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise UsageError(f"override {item!r} must look like dotted.key=value "
                              f"(e.g. optim.lr=3e-3)")
+        settings.append((key, _Override(value)))
+    return build(read_yaml(path) if path is not None else {}, settings)
+
+
+def build(raw, settings=()):
+    """Config from a nested mapping (a parsed config file) and (dotted key, value) settings."""
+    raw = copy.deepcopy(raw)
+    for key, value in settings:
         node = raw
         parts = key.split(".")
         for i, part in enumerate(parts[:-1]):
@@ -236,13 +246,14 @@ def load(path=None, overrides=()):
             if not isinstance(child, dict):
                 raise UsageError(f"{'.'.join(parts[:i + 1])}: is a value, not a section")
             node = child
-        node[parts[-1]] = _Override(value)
+        node[parts[-1]] = value
     cfg = _build(Config, raw, "")
     _check_cross(cfg)
     return cfg
 
 
-def _read_yaml(path):
+def read_yaml(path, what="sections (model:, optim:, ...)"):
+    """The mapping in a YAML file; any problem is a UsageError naming the file."""
     try:
         with open(path) as f:
             raw = yaml.safe_load(f)
@@ -259,8 +270,7 @@ def _read_yaml(path):
     if raw is None:
         return {}
     if not isinstance(raw, dict):
-        raise UsageError(f"{path}: expected a mapping of sections (model:, optim:, ...), "
-                         f"got {type(raw).__name__}")
+        raise UsageError(f"{path}: expected a mapping of {what}, got {type(raw).__name__}")
     return raw
 
 
@@ -356,6 +366,18 @@ def _check_cross(cfg):
 
 def to_dict(cfg):
     return dataclasses.asdict(cfg)
+
+
+def flatten(tree, prefix=""):
+    """{"optim": {"lr": 1e-3}} -> {"optim.lr": 1e-3}: a config (or its dict) by dotted key."""
+    tree = to_dict(tree) if dataclasses.is_dataclass(tree) else tree
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
 
 
 def to_yaml(cfg):

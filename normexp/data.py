@@ -144,12 +144,13 @@ def batch(tokens, *, seed, step, batch_size, seq_len, stream=TRAIN_STREAM):
 class Prefetcher:
     """Training batches for steps start, start+1, ... on the device, two steps ahead.
 
-    A background thread samples each batch and transfers it while the device runs the current
-    step (double buffering), so the step never waits for the host. The order is the order of
-    steps, so what a run sees stays a function of (seed, step).
+    `sample(step)` makes a step's host arrays and `put` moves them to the devices. A background
+    thread does both while the device runs the current step (double buffering), so the step
+    never waits for the host. The order is the order of steps, so what a run sees stays a
+    function of (seed, step).
     """
 
-    def __init__(self, tokens, *, seed, start, batch_size, seq_len, depth=2):
+    def __init__(self, sample, *, start, put=jax.device_put, depth=2):
         self.queue = queue.Queue(maxsize=depth)
         self.stopped = threading.Event()
         self.error = None
@@ -158,8 +159,7 @@ class Prefetcher:
             step = start
             while not self.stopped.is_set():
                 try:
-                    item = jax.device_put(batch(tokens, seed=seed, step=step,
-                                                batch_size=batch_size, seq_len=seq_len))
+                    item = put(sample(step))
                 except BaseException as e:  # handed to the consumer, raised there
                     item = e
                 while not self.stopped.is_set():

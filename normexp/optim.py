@@ -1,14 +1,21 @@
-"""AdamW with linear warmup then cosine decay, and optional global-norm clipping (optax)."""
+"""AdamW with linear warmup then cosine decay, and optional global-norm clipping (optax).
+
+The transform runs at a peak learning rate of 1; the train step multiplies its update by the
+run's own peak `lr`, a value in the train state rather than a constant of the program. AdamW's
+update, decoupled weight decay included, is linear in the learning rate, so this is the same
+update, and runs that differ only in `lr` share one compiled step (a sweep's compile cache, and
+`jax.vmap` over learning rates).
+"""
 
 import jax
 import optax
 
 
-def schedule(cfg, total_steps):
-    """0 -> lr linearly over warmup_steps, then cosine down to lr * min_lr_ratio at the end."""
+def schedule(cfg, total_steps, peak=1.0):
+    """0 -> peak linearly over warmup_steps, then cosine down to peak * min_lr_ratio at the end."""
     return optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=cfg.lr, warmup_steps=cfg.warmup_steps,
-        decay_steps=max(total_steps, cfg.warmup_steps + 1), end_value=cfg.lr * cfg.min_lr_ratio)
+        init_value=0.0, peak_value=peak, warmup_steps=cfg.warmup_steps,
+        decay_steps=max(total_steps, cfg.warmup_steps + 1), end_value=peak * cfg.min_lr_ratio)
 
 
 def decay_mask(params):
@@ -17,8 +24,10 @@ def decay_mask(params):
 
 
 def make_optimizer(cfg, total_steps):
-    """The optax transform; its state's `hyperparams['learning_rate']` is the lr of the update."""
-    adamw = optax.inject_hyperparams(optax.adamw)(
+    """The optax transform at peak lr 1; `hyperparams['learning_rate']` is the schedule's factor."""
+    # the mask is a function of the params, not a schedule: static, or it would be called with
+    # the step count (and mask everything out)
+    adamw = optax.inject_hyperparams(optax.adamw, static_args=("mask",))(
         learning_rate=schedule(cfg, total_steps), b1=cfg.beta1, b2=cfg.beta2, eps=cfg.eps,
         weight_decay=cfg.weight_decay, mask=decay_mask)
     if cfg.clip_norm > 0:
@@ -26,5 +35,6 @@ def make_optimizer(cfg, total_steps):
     return optax.chain(optax.identity(), adamw)
 
 
-def learning_rate(opt_state):
-    return opt_state[1].hyperparams["learning_rate"]
+def learning_rate(opt_state, peak):
+    """The learning rate of the update: the schedule's factor times the run's peak lr."""
+    return opt_state[1].hyperparams["learning_rate"] * peak

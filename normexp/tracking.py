@@ -28,6 +28,15 @@ def finite_or_none(value):
     return value if math.isfinite(value) else None
 
 
+def read_json(path):
+    """A JSON file's content, or None if it is missing or unreadable (being replaced)."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
 def read_metrics(path):
     """The records of a metrics.jsonl; a truncated last line (a killed writer) is skipped."""
     records = []
@@ -46,21 +55,26 @@ class Tracker:
     """Appends one JSON object per logged step to metrics.jsonl, and mirrors it to TensorBoard.
 
     `start_step` > 0 resumes: records at or after it are dropped (they will be logged again
-    by the resumed run) and TensorBoard purges its events from that step on.
+    by the resumed run) and TensorBoard purges its events from that step on. A tracker that is
+    not `enabled` (a secondary process of a multi-host job) writes nothing.
     """
 
-    def __init__(self, run_dir, *, start_step=0, tensorboard=True):
+    def __init__(self, run_dir, *, start_step=0, tensorboard=True, enabled=True):
         self.path = os.path.join(run_dir, "metrics.jsonl")
         kept = [r for r in read_metrics(self.path) if r["step"] < start_step]
-        write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         self.kept = kept  # what earlier processes of this run logged (best val loss so far)
+        self.file = self.tb = None
+        if not enabled:
+            return
+        write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         self.file = open(self.path, "a")
-        self.tb = None
         if tensorboard:
             from tensorboardX import SummaryWriter
             self.tb = SummaryWriter(run_dir, purge_step=start_step or None, flush_secs=10)
 
     def log(self, step, metrics):
+        if self.file is None:
+            return
         record = {"step": int(step), **{k: finite_or_none(v) for k, v in metrics.items()}}
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
@@ -69,6 +83,7 @@ class Tracker:
                 self.tb.add_scalar(key, float(value), int(step))
 
     def close(self):
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
         if self.tb is not None:
             self.tb.close()

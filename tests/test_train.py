@@ -266,9 +266,13 @@ def test_compile_cache_is_written_and_reused(tiny, tmp_path):
     assert entries() == first  # read, not rewritten: a fresh process skipped both compiles
 
 
+def windows(tokens, seed=0):
+    return lambda step: data_lib.batch(tokens, seed=seed, step=step, batch_size=2, seq_len=8)
+
+
 def test_prefetcher_yields_the_batches_of_each_step_in_order():
     tokens = np.arange(5000, dtype=np.uint16)
-    prefetch = data_lib.Prefetcher(tokens, seed=3, start=7, batch_size=2, seq_len=8)
+    prefetch = data_lib.Prefetcher(windows(tokens, seed=3), start=7)
     try:
         for step in range(7, 12):
             x, y = next(prefetch)
@@ -281,8 +285,8 @@ def test_prefetcher_yields_the_batches_of_each_step_in_order():
 
 
 def test_prefetcher_raises_the_producers_error_in_the_consumer():
-    prefetch = data_lib.Prefetcher(np.arange(5, dtype=np.uint16), seed=0, start=0, batch_size=2,
-                                   seq_len=8)  # windows longer than the stream
+    prefetch = data_lib.Prefetcher(windows(np.arange(5, dtype=np.uint16)), start=0)
+    # windows longer than the stream
     with pytest.raises(ValueError):
         next(prefetch)
     with pytest.raises(ValueError):  # again, rather than waiting forever
@@ -294,8 +298,7 @@ def test_prefetcher_raises_the_producers_error_in_the_consumer():
 
 
 def _closed_prefetcher():
-    prefetch = data_lib.Prefetcher(np.arange(5000, dtype=np.uint16), seed=0, start=0,
-                                   batch_size=2, seq_len=8)
+    prefetch = data_lib.Prefetcher(windows(np.arange(5000, dtype=np.uint16)), start=0)
     prefetch.close()
     while not prefetch.queue.empty():
         prefetch.queue.get()

@@ -1,0 +1,370 @@
+"""`normexp sweep`: a grid of runs from one file, resumable, shardable, and vectorized over seeds.
+
+A sweep file has `base:` (a config path, relative to the sweep file, or inline config keys),
+axes `grid:` (every combination), `zip:` (lists varied together) and `seeds:`, and optionally
+`out_dir:` and `vectorize: seeds`. Each run is `normexp train` of the base plus its overrides,
+named from them, in `<out_dir>/<name>/`. Finished runs are skipped and interrupted ones resumed;
+a lock per run keeps two processes off the same run; `--shard I/N` takes every N-th unit of work.
+"""
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+from normexp import config as config_lib
+from normexp.errors import UsageError
+from normexp.locks import RunLock
+from normexp.tracking import read_json, write_atomic
+
+KEYS = {"base": "a config file (relative to the sweep file) or inline config keys",
+        "grid": "dotted key -> list of values, every combination",
+        "zip": "dotted key -> list of values, all lists varied together (or a list of such)",
+        "seeds": "a count n (seeds 0..n-1) or a list of seeds, for run.seed",
+        "out_dir": "where the runs go (default sweeps/<sweep file stem>)",
+        "vectorize": "none, or seeds: train runs that differ only in seed and optim.lr "
+                     "together with jax.vmap"}
+RESERVED = ("run.name", "run.out_dir", "run.seed")
+FINISHED = ("completed", "diverged")
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    name: str
+    overrides: tuple  # ((dotted key, value), ...) in axis order, run.seed last
+    cfg: config_lib.Config
+
+
+@dataclasses.dataclass(frozen=True)
+class Sweep:
+    path: str
+    out_dir: str
+    axes: tuple  # the swept dotted keys, run.seed last when seeds are swept
+    runs: tuple
+    vectorize: str
+
+    def units(self):
+        """Runs trained together: one group per config up to seed and lr, or one per run."""
+        if self.vectorize == "none":
+            return [[r] for r in self.runs]
+        groups = {}
+        for r in self.runs:
+            key = json.dumps({k: v for k, v in config_lib.flatten(r.cfg).items()
+                              if k not in ("run.seed", "optim.lr", "run.name", "run.out_dir")},
+                             sort_keys=True)
+            groups.setdefault(key, []).append(r)
+        return list(groups.values())
+
+
+def _axis(where, values):
+    """A non-empty list of values for a swept key."""
+    if not isinstance(values, list):
+        raise UsageError(f"{where}: expected a list of values, got {values!r}")
+    if not values:
+        raise UsageError(f"{where}: empty list; give at least one value")
+    return values
+
+
+def _zip_rows(spec, path):
+    blocks = spec if isinstance(spec, list) else [spec]
+    all_rows, keys = [[]], []
+    for i, block in enumerate(blocks):
+        where = f"{path}: zip" + (f"[{i}]" if isinstance(spec, list) else "")
+        if not isinstance(block, dict) or not block:
+            raise UsageError(f"{where}: expected a mapping of dotted key -> list of values")
+        lists = {str(k): _axis(f"{where}.{k}", v) for k, v in block.items()}
+        lengths = {k: len(v) for k, v in lists.items()}
+        if len(set(lengths.values())) > 1:
+            raise UsageError(f"{where}: lists must have one length to be zipped, got "
+                             + ", ".join(f"{k}: {n}" for k, n in lengths.items()))
+        rows = [list(zip(lists, values)) for values in zip(*lists.values())]
+        all_rows = [a + b for a in all_rows for b in rows]
+        keys += list(lists)
+    return keys, all_rows
+
+
+def _seeds(value, path):
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 1:
+            raise UsageError(f"{path}: seeds: a count must be >= 1, got {value}")
+        return list(range(value))
+    seeds = _axis(f"{path}: seeds", value)
+    if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds):
+        raise UsageError(f"{path}: seeds: expected non-negative integers, got {seeds!r}")
+    if len(set(seeds)) != len(seeds):
+        raise UsageError(f"{path}: seeds: {seeds!r} repeats a seed")
+    return seeds
+
+
+def load(path, out_dir=None):
+    """Parse and expand a sweep file; every run's config is validated here, before training."""
+    raw = config_lib.read_yaml(path, what=f"sweep keys ({', '.join(KEYS)})")
+    for key in raw:
+        if key not in KEYS:
+            import difflib
+            near = difflib.get_close_matches(str(key), KEYS, n=1)
+            hint = f"; did you mean {near[0]!r}?" if near else ""
+            raise UsageError(f"{path}: {key}: unknown sweep key{hint} (valid: {', '.join(KEYS)})")
+    base = raw.get("base") or {}
+    if isinstance(base, str):
+        base = config_lib.read_yaml(os.path.join(os.path.dirname(path), base))
+    elif not isinstance(base, dict):
+        raise UsageError(f"{path}: base: expected a config file path or config keys, got "
+                         f"{base!r}")
+    grid = raw.get("grid") or {}
+    if not isinstance(grid, dict):
+        raise UsageError(f"{path}: grid: expected a mapping of dotted key -> list of values")
+    grid = {str(k): _axis(f"{path}: grid.{k}", v) for k, v in grid.items()}
+    zip_keys, zip_rows = _zip_rows(raw["zip"], path) if raw.get("zip") else ([], [[]])
+    seeds = _seeds(raw["seeds"], path) if "seeds" in raw else None
+    keys = list(grid) + zip_keys
+    for key in keys:
+        if keys.count(key) > 1:
+            raise UsageError(f"{path}: {key}: swept twice (in grid and zip, or in two zips)")
+        if key in RESERVED:
+            raise UsageError(f"{path}: {key}: set by the sweep itself (use seeds: for run.seed)")
+    vectorize = raw.get("vectorize", "none")
+    if vectorize not in ("none", "seeds"):
+        raise UsageError(f"{path}: vectorize: must be none or seeds, got {vectorize!r}")
+    stem = os.path.splitext(os.path.basename(path))[0]
+    out_dir = out_dir or raw.get("out_dir") or os.path.join("sweeps", stem)
+    if not isinstance(out_dir, str):
+        raise UsageError(f"{path}: out_dir: expected a directory path, got {out_dir!r}")
+    axes = keys + (["run.seed"] if seeds is not None else [])
+    train = base.get("train", {})
+    if isinstance(train, dict) and not train.get("compile_cache"):  # one shape compiles once
+        base = {**base, "train": {**train, "compile_cache": os.path.join(out_dir, ".compile_cache")}}
+    short = short_names(axes)
+    runs, names = [], {}
+    combos = itertools.product(itertools.product(*grid.values()), zip_rows, seeds or [None])
+    for grid_values, zip_row, seed in combos:
+        overrides = list(zip(grid, grid_values)) + zip_row
+        if seed is not None:
+            overrides.append(("run.seed", seed))
+        try:
+            cfg = config_lib.build(base, overrides)
+        except UsageError as e:
+            where = " ".join(f"{k}={_text(v)}" for k, v in overrides)
+            raise UsageError(f"{path}: the run with {where}: {e}") from None
+        typed = config_lib.flatten(cfg)  # 1e-3 is a string in YAML 1.1: name what was run
+        overrides = [(key, typed[key]) for key, _ in overrides]
+        name = run_name(overrides, short)
+        if name in names:
+            raise UsageError(f"{path}: two runs get the name {name!r}: an axis repeats a value "
+                             f"({names[name]} and {overrides})")
+        names[name] = overrides
+        cfg = dataclasses.replace(cfg, run=dataclasses.replace(
+            cfg.run, name=name, out_dir=os.path.join(out_dir, name)))
+        runs.append(Run(name, tuple(overrides), cfg))
+    return Sweep(path, out_dir, tuple(axes), tuple(runs), vectorize)
+
+
+def short_names(keys):
+    """Each dotted key's shortest tail that no other key ends with: lr, norm.eps, optim.eps."""
+    out = {}
+    for key in keys:
+        parts = key.split(".")
+        for n in range(1, len(parts) + 1):
+            tail = ".".join(parts[-n:])
+            if not any(o != key and (o == tail or o.endswith("." + tail)) for o in keys):
+                break
+        out[key] = "seed" if key == "run.seed" else tail
+    return out
+
+
+def _text(value):
+    if isinstance(value, bool) or value is None:
+        return json.dumps(value)
+    if isinstance(value, float):
+        return format(value, "g")
+    return str(value)
+
+
+def run_name(overrides, short):
+    """A deterministic, file-system-safe name, e.g. `placement=post,lr=0.003,seed=1`.
+
+    Characters outside [A-Za-z0-9._+-] and runs of dots become '_'; when that changed a value,
+    or the name is long, a hash of the exact overrides keeps names of distinct runs distinct.
+    """
+    if not overrides:
+        return "base"
+    parts, lossy = [], False
+    for key, value in overrides:
+        text = _text(value)
+        safe = re.sub(r"\.{2,}", "_", re.sub(r"[^A-Za-z0-9._+-]", "_", text))
+        lossy |= safe != text
+        parts.append(f"{short[key]}={safe}")
+    name = ",".join(parts)
+    if lossy or len(name) > 120:
+        digest = hashlib.sha1(json.dumps(overrides, default=str).encode()).hexdigest()[:8]
+        name = f"{name[:110]}-{digest}"
+    return name
+
+
+def parse_shard(text):
+    """'I/N' -> (I, N) with 1 <= I <= N."""
+    match = re.fullmatch(r"(\d+)/(\d+)", text or "")
+    if not match or not 1 <= int(match[1]) <= int(match[2]):
+        raise UsageError(f"--shard {text!r}: expected I/N with 1 <= I <= N, e.g. 2/8")
+    return int(match[1]), int(match[2])
+
+
+def shard_units(sweep, shard):
+    """Every N-th unit of work, starting at the I-th: the shards partition the runs."""
+    i, n = shard
+    return [u for k, u in enumerate(sweep.units()) if k % n == i - 1]
+
+
+def status(run_dir):
+    summary = read_json(os.path.join(run_dir, "summary.json"))
+    if summary is None:
+        return "pending" if not os.path.isdir(run_dir) else "started"
+    return summary.get("status", "started")
+
+
+def describe(sweep, shard):
+    """The dry run: every run of this shard with its overrides, and the counts."""
+    units = shard_units(sweep, shard)
+    lines = []
+    for k, unit in enumerate(units):
+        for r in unit:
+            sets = " ".join(f"{key}={_text(v)}" for key, v in r.overrides) or "(the base config)"
+            group = f"[group {k + 1}] " if sweep.vectorize == "seeds" else ""
+            lines.append(f"{group}{r.name}: {sets}")
+    runs = sum(len(u) for u in units)
+    shard_note = f" (shard {shard[0]}/{shard[1]} of {len(sweep.runs)})" if shard[1] > 1 else ""
+    how = f" in {len(units)} vectorized group(s)" if sweep.vectorize == "seeds" else ""
+    lines.append(f"{runs} runs{how}{shard_note} -> {sweep.out_dir}")
+    return "\n".join(lines)
+
+
+def _manifest(sweep):
+    """sweep.json: what `normexp results` needs to list every run, started or not."""
+    return json.dumps({"sweep_file": os.path.abspath(sweep.path), "axes": list(sweep.axes),
+                       "vectorize": sweep.vectorize,
+                       "runs": [{"name": r.name, "overrides": dict(r.overrides)}
+                                for r in sweep.runs]}, indent=1) + "\n"
+
+
+def run(sweep, *, shard=(1, 1), max_parallel=1, progress=True):
+    """Train this shard's unfinished runs; returns the exit code (0, 1 if a run failed)."""
+    os.makedirs(sweep.out_dir, exist_ok=True)
+    manifest = os.path.join(sweep.out_dir, "sweep.json")
+    if not os.path.exists(manifest) or open(manifest).read() != _manifest(sweep):
+        write_atomic(manifest, _manifest(sweep))
+    units = shard_units(sweep, shard)
+    if max_parallel > 1:
+        code = _run_workers(sweep, units, max_parallel, progress)
+    else:
+        code = _run_units(sweep, units, progress)
+    from normexp.results import collect, write
+    write(collect(sweep.out_dir), sweep.out_dir)
+    print(f"results: {os.path.join(sweep.out_dir, 'results.csv')} (normexp results "
+          f"{sweep.out_dir} prints the table)", file=sys.stderr)
+    return code
+
+
+def _bar(total, initial, progress):
+    from tqdm import tqdm
+    return tqdm(total=total, initial=initial, desc="sweep", unit="run", disable=not progress,
+                dynamic_ncols=True, file=sys.stderr, position=0)
+
+
+def _done(units):
+    return sum(status(r.cfg.run.dir) in FINISHED for u in units for r in u)
+
+
+def _run_units(sweep, units, progress):
+    """Train unit after unit in this process, skipping finished and locked runs."""
+    from normexp.train import run_group
+    total = sum(len(u) for u in units)
+    bar = _bar(total, _done(units), progress)
+    failed = False
+    try:
+        for unit in units:
+            todo = [r for r in unit if status(r.cfg.run.dir) not in FINISHED]
+            if not todo:
+                continue
+            locks = [RunLock(sweep.out_dir, r.name) for r in todo]
+            taken = [lock for lock in locks if lock.acquire()]
+            try:
+                if len(taken) < len(locks):
+                    busy = next(lock for lock in locks if lock not in taken)
+                    bar.write(f"{busy.path}: held by {busy.holder()}; skipping "
+                              f"{', '.join(r.name for r in todo)}", file=sys.stderr)
+                    continue
+                for lock in taken:
+                    if lock.stale:
+                        bar.write(f"{lock.path}: taking over from {lock.stale} (not running)",
+                                  file=sys.stderr)
+                try:
+                    summaries = run_group([r.cfg for r in todo], resume=True)
+                except UsageError:
+                    raise
+                except Exception as e:  # a crashed run is recorded; the sweep goes on
+                    summaries = [_record_failure(r, e) for r in todo]
+                    failed = True
+            finally:
+                for lock in taken:
+                    lock.release()
+            for r, s in zip(todo, summaries):
+                bar.write(_line(r, s))
+            bar.update(_done(units) - bar.n)
+            if any(s["status"] == "interrupted" for s in summaries):
+                return 128 + signal.Signals[summaries[0].get("signal", "SIGINT")].value
+    finally:
+        bar.close()
+    return 1 if failed else 0
+
+
+def _record_failure(r, error):
+    summary = {"status": "failed", "error": f"{type(error).__name__}: {error}",
+               "run_dir": os.path.abspath(r.cfg.run.dir)}
+    os.makedirs(r.cfg.run.dir, exist_ok=True)
+    write_atomic(os.path.join(r.cfg.run.dir, "summary.json"), json.dumps(summary, indent=1))
+    return summary
+
+
+def _line(r, s):
+    parts = [s["status"]]
+    if s.get("diverged_step") is not None:
+        parts.append(f"at step {s['diverged_step']}")
+    if s.get("final_val_loss") is not None:
+        parts.append(f"val loss {s['final_val_loss']:.4f}")
+    if s.get("tokens_per_s"):
+        parts.append(f"{s['tokens_per_s']:.0f} tok/s")
+    if s.get("error"):
+        parts.append(s["error"])
+    return f"{r.name}: {', '.join(parts)}"
+
+
+def _run_workers(sweep, units, k, progress):
+    """K copies of this sweep in child processes; the run locks share the work among them."""
+    args = [sys.executable, "-m", "normexp.cli", "sweep", sweep.path, "--out", sweep.out_dir,
+            "--worker"]
+    env = dict(os.environ)
+    # one accelerator shared by K processes: each may take its share of the memory
+    env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", f"{0.9 / k:.3f}")
+    ids = ",".join(str(i) for i, u in enumerate(sweep.units()) if u in units)
+    children = [subprocess.Popen(args + ["--units", ids], env=env) for _ in range(k)]
+    bar = _bar(sum(len(u) for u in units), _done(units), progress)
+    try:
+        while any(c.poll() is None for c in children):
+            time.sleep(1.0)
+            bar.update(_done(units) - bar.n)
+    except BaseException:
+        for c in children:
+            c.send_signal(signal.SIGTERM)
+        for c in children:
+            c.wait()
+        raise
+    finally:
+        bar.close()
+    codes = [c.returncode for c in children]
+    return max(codes, key=abs) if any(codes) else 0
