@@ -12,7 +12,7 @@ import os
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from normexp.errors import UsageError
 
@@ -49,7 +49,8 @@ class Devices:
                 raise UsageError(f"train.batch_size: {batch_size} sequences do not split evenly "
                                  f"over {count} devices (train.data_parallel=auto); use a "
                                  f"multiple of {count} or train.data_parallel=off")
-            self.mesh = jax.make_mesh((count,), (AXIS,))
+            # Auto axes: XLA propagates the batch sharding through the unchanged model code
+            self.mesh = jax.make_mesh((count,), (AXIS,), axis_types=(AxisType.Auto,))
         self.count = count if self.mesh is not None else 1
         spec = [None] * batch_axis + [AXIS]
         self._batch = self.mesh and NamedSharding(self.mesh, PartitionSpec(*spec))
