@@ -49,7 +49,7 @@ def cmd_sweep(ns):
         return 0
     if ns.worker:  # one of --max-parallel's processes: the given units, no bars, no table
         units = [u for i, u in enumerate(sweep.units()) if str(i) in ns.units.split(",")]
-        return sweep_lib._run_units(sweep, units, progress=False)
+        return sweep_lib.run_units(sweep, units, progress=False)
     return sweep_lib.run(sweep, shard=shard, max_parallel=ns.max_parallel)
 
 
@@ -149,6 +149,9 @@ def main(argv=None):
         reexec_with_fast_allocator()
     ns = parser().parse_args(argv)
     try:
+        if ns.command == "train":
+            from normexp.parallel import initialize_distributed
+            initialize_distributed()
         return ns.func(ns)
     except UsageError as e:
         print(f"normexp: error: {e}", file=sys.stderr)

@@ -28,8 +28,8 @@ def _runs(sweep_dir):
                 {r["name"]: r["overrides"] for r in runs})
     names = sorted(d for d in os.listdir(sweep_dir)
                    if os.path.isfile(os.path.join(sweep_dir, d, "config.yaml")))
-    configs = {n: config_lib.flatten(config_lib.read_yaml(os.path.join(sweep_dir, n, "config.yaml")))
-               for n in names}
+    configs = {n: config_lib.flatten(config_lib.read_yaml(
+        os.path.join(sweep_dir, n, "config.yaml"))) for n in names}
     keys = sorted({k for c in configs.values() for k, v in c.items()
                    if k not in ("run.name", "run.out_dir")
                    and any(o.get(k) != v for o in configs.values())})
@@ -41,6 +41,7 @@ def collect(sweep_dir):
     if not os.path.isdir(sweep_dir):
         raise UsageError(f"{sweep_dir}: no such sweep directory")
     names, keys, values = _runs(sweep_dir)
+    is_sweep = os.path.isfile(os.path.join(sweep_dir, "sweep.json"))
     if not names:
         raise UsageError(f"{sweep_dir}: neither a sweep (no sweep.json) nor a directory of runs "
                          f"(no <run>/config.yaml)")
@@ -49,7 +50,7 @@ def collect(sweep_dir):
         run_dir = os.path.join(sweep_dir, name)
         summary = read_json(os.path.join(run_dir, "summary.json")) or {}
         status = summary.get("status") or ("pending" if not os.path.isdir(run_dir) else "started")
-        if status in ("running", "started") and not RunLock(sweep_dir, name).held():
+        if is_sweep and status in ("running", "started") and not RunLock(sweep_dir, name).held():
             status = "stopped"  # its process is gone: the next sweep resumes it
         grad_norms = [r["grad_norm"] for r in read_metrics(os.path.join(run_dir, "metrics.jsonl"))
                       if r.get("grad_norm") is not None]

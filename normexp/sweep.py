@@ -8,6 +8,7 @@ a lock per run keeps two processes off the same run; `--shard I/N` takes every N
 """
 
 import dataclasses
+import difflib
 import hashlib
 import itertools
 import json
@@ -107,7 +108,6 @@ def load(path, out_dir=None):
     raw = config_lib.read_yaml(path, what=f"sweep keys ({', '.join(KEYS)})")
     for key in raw:
         if key not in KEYS:
-            import difflib
             near = difflib.get_close_matches(str(key), KEYS, n=1)
             hint = f"; did you mean {near[0]!r}?" if near else ""
             raise UsageError(f"{path}: {key}: unknown sweep key{hint} (valid: {', '.join(KEYS)})")
@@ -139,7 +139,8 @@ def load(path, out_dir=None):
     axes = keys + (["run.seed"] if seeds is not None else [])
     train = base.get("train", {})
     if isinstance(train, dict) and not train.get("compile_cache"):  # one shape compiles once
-        base = {**base, "train": {**train, "compile_cache": os.path.join(out_dir, ".compile_cache")}}
+        cache = os.path.join(out_dir, ".compile_cache")
+        base = {**base, "train": {**train, "compile_cache": cache}}
     short = short_names(axes)
     runs, names = [], {}
     combos = itertools.product(itertools.product(*grid.values()), zip_rows, seeds or [None])
@@ -255,14 +256,12 @@ def _manifest(sweep):
 def run(sweep, *, shard=(1, 1), max_parallel=1, progress=True):
     """Train this shard's unfinished runs; returns the exit code (0, 1 if a run failed)."""
     os.makedirs(sweep.out_dir, exist_ok=True)
-    manifest = os.path.join(sweep.out_dir, "sweep.json")
-    if not os.path.exists(manifest) or open(manifest).read() != _manifest(sweep):
-        write_atomic(manifest, _manifest(sweep))
+    write_atomic(os.path.join(sweep.out_dir, "sweep.json"), _manifest(sweep))
     units = shard_units(sweep, shard)
     if max_parallel > 1:
         code = _run_workers(sweep, units, max_parallel, progress)
     else:
-        code = _run_units(sweep, units, progress)
+        code = run_units(sweep, units, progress)
     from normexp.results import collect, write
     write(collect(sweep.out_dir), sweep.out_dir)
     print(f"results: {os.path.join(sweep.out_dir, 'results.csv')} (normexp results "
@@ -280,7 +279,7 @@ def _done(units):
     return sum(status(r.cfg.run.dir) in FINISHED for u in units for r in u)
 
 
-def _run_units(sweep, units, progress):
+def run_units(sweep, units, progress):
     """Train unit after unit in this process, skipping finished and locked runs."""
     from normexp.train import run_group
     total = sum(len(u) for u in units)
@@ -324,10 +323,11 @@ def _run_units(sweep, units, progress):
 
 
 def _record_failure(r, error):
+    """Mark a crashed run `failed` in its summary.json (if its directory was made)."""
     summary = {"status": "failed", "error": f"{type(error).__name__}: {error}",
                "run_dir": os.path.abspath(r.cfg.run.dir)}
-    os.makedirs(r.cfg.run.dir, exist_ok=True)
-    write_atomic(os.path.join(r.cfg.run.dir, "summary.json"), json.dumps(summary, indent=1))
+    if os.path.isfile(os.path.join(r.cfg.run.dir, "config.yaml")):
+        write_atomic(os.path.join(r.cfg.run.dir, "summary.json"), json.dumps(summary, indent=1))
     return summary
 
 
@@ -348,7 +348,7 @@ def _run_workers(sweep, units, k, progress):
     """K copies of this sweep in child processes; the run locks share the work among them."""
     args = [sys.executable, "-m", "normexp.cli", "sweep", sweep.path, "--out", sweep.out_dir,
             "--worker"]
-    env = dict(os.environ)
+    env = dict(os.environ, NORMEXP_WORKER="1")  # no step bars: the parent draws one bar
     # one accelerator shared by K processes: each may take its share of the memory
     env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", f"{0.9 / k:.3f}")
     ids = ",".join(str(i) for i, u in enumerate(sweep.units()) if u in units)

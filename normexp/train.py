@@ -392,7 +392,8 @@ def _loop(members, graphdef, tx, state, start, stop, *, batches, val_batches):
 def _progress(cfg, start, runs):
     from tqdm import tqdm
     desc = cfg.run.name if runs == 1 else f"{runs} runs vectorized"
-    return tqdm(total=cfg.train.steps, initial=start, disable=not cfg.log.progress,
+    hidden = not cfg.log.progress or os.environ.get("NORMEXP_WORKER")  # a sweep's worker
+    return tqdm(total=cfg.train.steps, initial=start, disable=bool(hidden),
                 desc=desc, unit="step", dynamic_ncols=True, file=sys.stderr)
 
 

@@ -23,7 +23,8 @@ for kind in ("layernorm", "batchnorm"):
     for mode in ("off", "auto"):
         name = f"{kind}-{mode}"
         summary = run(cfg(name, f"model.norm.kind={kind}", f"train.data_parallel={mode}"))
-        result[name] = {"devices": summary["devices"], "metrics": read_metrics(f"{out}/{name}/metrics.jsonl")}
+        result[name] = {"devices": summary["devices"],
+                        "metrics": read_metrics(f"{out}/{name}/metrics.jsonl")}
 group = run_group([cfg(f"group{s}", f"run.seed={s}") for s in (0, 1)])
 result["group"] = [s["devices"] for s in group]
 single = run(cfg("seed1", "run.seed=1", "train.data_parallel=off"))
@@ -50,7 +51,8 @@ def test_data_parallel_over_four_devices_equals_one_device(tmp_path):
         assert (one["devices"], four["devices"]) == (1, 4)
         # Under BatchNorm the biases feeding a norm have a zero gradient up to rounding, which
         # Adam scales up to lr-sized steps: the running means (so val losses) follow that noise.
-        assert_close(one["metrics"], four["metrics"], val_rtol=1e-4 if kind == "layernorm" else 1e-3)
+        assert_close(one["metrics"], four["metrics"],
+                     val_rtol=1e-4 if kind == "layernorm" else 1e-3)
     assert result["group"] == [4, 4]  # a vectorized group splits each member's batch too
     assert_close(result["seed1"], result["group1"])
     assert result["odd"].startswith("train.batch_size: 6 sequences do not split evenly over 4 "

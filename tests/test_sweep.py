@@ -238,6 +238,29 @@ def test_a_locked_run_is_skipped_and_a_dead_holders_lock_is_taken_over(tmp_path,
     assert sweep_lib.status(busy.cfg.run.dir) == "completed"
 
 
+def test_a_crashed_run_is_recorded_as_failed_and_the_next_sweep_retries_it(tmp_path,
+                                                                            monkeypatch):
+    from normexp import train
+    sweep = sweep_lib.load(write_sweep(tmp_path, grid={"optim.lr": [1e-3, 2e-3]},
+                                       base=tiny_base("train.steps=2")))
+    real = train._train
+
+    def crash_on_the_first(members, *args, **kwargs):
+        if members[0].cfg.optim.lr == 1e-3:
+            raise RuntimeError("out of memory (simulated)")
+        return real(members, *args, **kwargs)
+
+    monkeypatch.setattr(train, "_train", crash_on_the_first)
+    assert sweep_lib.run(sweep, progress=False) == 1
+    failed = json.load(open(os.path.join(sweep.runs[0].cfg.run.dir, "summary.json")))
+    assert failed["status"] == "failed"
+    assert failed["error"] == "RuntimeError: out of memory (simulated)"
+    assert [r["status"] for r in results_lib.collect(sweep.out_dir)] == ["failed", "completed"]
+    monkeypatch.setattr(train, "_train", real)
+    assert sweep_lib.run(sweep, progress=False) == 0
+    assert [r["status"] for r in results_lib.collect(sweep.out_dir)] == ["completed"] * 2
+
+
 def test_runs_use_the_sweeps_compile_cache(tmp_path):
     sweep = sweep_lib.load(write_sweep(tmp_path, seeds=2, base=tiny_base("train.steps=2")))
     cache = os.path.join(sweep.out_dir, ".compile_cache")
@@ -339,3 +362,32 @@ def test_results_of_a_plain_directory_of_runs_finds_the_keys_that_differ(tmp_pat
     rows = results_lib.collect(str(tmp_path))
     assert [(r["run"], r["optim.lr"], r["status"]) for r in rows] == [
         ("1e-3", 0.001, "completed"), ("2e-3", 0.002, "completed")]
+
+
+def test_the_slurm_launcher_runs_the_array_tasks_shard(tmp_path):
+    import subprocess
+    path = write_sweep(tmp_path, grid={"optim.lr": [1e-3, 2e-3, 3e-3]}, seeds=2)
+    env = {**os.environ, "SLURM_ARRAY_TASK_ID": "7", "SLURM_ARRAY_TASK_MIN": "5",
+           "SLURM_ARRAY_TASK_COUNT": "4", "SLURM_SUBMIT_DIR": ROOT,
+           "NORMEXP": os.path.join(os.path.dirname(sys.executable), "normexp")}
+    done = subprocess.run(["bash", os.path.join(ROOT, "scripts", "slurm_sweep.sh"), path,
+                           "--dry-run"], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    expected = sweep_lib.describe(sweep_lib.load(path), (3, 4))
+    assert done.stdout.strip() == expected and "(shard 3/4 of 6)" in expected
+    bare = subprocess.run(["bash", os.path.join(ROOT, "scripts", "slurm_sweep.sh"), path],
+                          env={"PATH": os.environ["PATH"]}, capture_output=True, text=True)
+    assert bare.returncode != 0 and "submit with sbatch --array=1-N" in bare.stderr
+
+
+def test_the_shipped_sweeps_expand_as_documented():
+    warmup = sweep_lib.load(os.path.join(ROOT, "configs", "sweeps", "placement_warmup.yaml"))
+    assert len(warmup.runs) == 2 * 2 * 3 * 2 * 3
+    assert [len(u) for u in warmup.units()] == [9] * 8  # 3 lrs x 3 seeds per group
+    assert warmup.out_dir == os.path.join("sweeps", "placement_warmup")
+    assert {(r.cfg.model.placement, r.cfg.model.final_norm) for r in warmup.runs} == {
+        ("pre", True), ("post", False)}
+    depth = sweep_lib.load(os.path.join(ROOT, "configs", "sweeps", "depth.yaml"))
+    assert sorted((r.cfg.model.n_layer, r.cfg.model.placement) for r in depth.runs) == sorted(
+        (n, p) for n in (2, 4, 8, 16) for p in ("pre", "post"))
+    assert {r.cfg.model.d_model for r in depth.runs} == {64}

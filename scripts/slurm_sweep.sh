@@ -1,0 +1,30 @@
+#!/bin/bash
+# One shard of a normexp sweep per SLURM array task. From the repository root:
+#
+#   sbatch --array=1-8 scripts/slurm_sweep.sh configs/sweeps/placement_warmup.yaml
+#
+# Task k of an array of N runs `normexp sweep SWEEP.yaml --shard k/N`; the shards partition the
+# sweep's runs, and any arguments after the sweep file are passed on (e.g. --max-parallel 2).
+# What the tasks need:
+#   - the sweep's out_dir on a filesystem every node sees, with flock (NFS does; Lustre needs
+#     the flock mount option): run directories, locks, the shared compile cache and the table;
+#   - the environment made by `make test` or `make demo` (.venv), or NORMEXP=/path/to/normexp;
+#   - nothing else: no coordinator, no jax.distributed (each task trains its own runs). A rerun
+#     of the same array skips finished runs and resumes interrupted ones; a task killed by the
+#     scheduler leaves a lock that the next task takes over.
+# On GPU nodes add e.g. `#SBATCH --gpus-per-task=1`; with --max-parallel K each process may take
+# 0.9/K of the GPU's memory (XLA_PYTHON_CLIENT_MEM_FRACTION is set for you).
+#
+#SBATCH --job-name=normexp-sweep
+#SBATCH --cpus-per-task=8
+#SBATCH --mem=16G
+#SBATCH --time=04:00:00
+#SBATCH --output=slurm-%A_%a.out
+set -euo pipefail
+
+sweep=${1:?usage: sbatch --array=1-N scripts/slurm_sweep.sh SWEEP.yaml [normexp sweep options]}
+shift
+count=${SLURM_ARRAY_TASK_COUNT:?not an array task: submit with sbatch --array=1-N}
+index=$(( SLURM_ARRAY_TASK_ID - ${SLURM_ARRAY_TASK_MIN:-1} + 1 ))
+cd "${SLURM_SUBMIT_DIR:-.}"
+exec "${NORMEXP:-.venv/bin/normexp}" sweep "$sweep" --shard "$index/$count" "$@"
