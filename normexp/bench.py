@@ -64,10 +64,11 @@ class Variant:
     ms: list = dataclasses.field(default_factory=list)
 
 
-def compile_variant(cfg, vocab, batch, *, grad_norms=True, next_batch=None):
+def compile_variant(cfg, vocab, batch, *, grad_norms=True, activations=None, next_batch=None):
     graphdef, tx, state = init_state(cfg, vocab)
     t0 = time.perf_counter()
-    step = make_train_step(graphdef, tx, grad_norms=grad_norms).lower(state, *batch).compile()
+    step = make_train_step(graphdef, tx, grad_norms=grad_norms, activations=activations).lower(
+        state, *batch).compile()
     seconds = time.perf_counter() - t0
     mem = step.memory_analysis()
     memory = {"temp_mib": round(mem.temp_size_in_bytes / 2 ** 20, 1),
@@ -104,15 +105,22 @@ def bench(cfg, *, steps=10, repeats=5, depths=(4, 64), compile_cache=True):
                           "allocator": allocator.active()},
               "steps_per_repeat": steps, "repeats": repeats}
 
-    # per-layer statistics on vs off
+    # per-layer statistics on vs off; activation statistics at log steps and at every step
     on = compile_variant(cfg, vocab, fixed)
     off = compile_variant(cfg, vocab, fixed, grad_norms=False)
-    ms = time_alternating({"on": on, "off": off}, steps=steps, repeats=repeats)
+    acts = compile_variant(cfg, vocab, fixed, activations=(cfg.log.every, 1 << 30))
+    acts_all = compile_variant(cfg, vocab, fixed, activations=(1, 1 << 30))
+    ms = time_alternating({"on": on, "off": off, "acts": acts, "acts_all": acts_all},
+                          steps=max(steps, cfg.log.every), repeats=repeats)
     result["step"] = {
         "compile_seconds": round(on.compile_seconds, 3), "ms_per_step": ms["on"],
         "ms_per_step_no_stats": ms["off"], "tokens_per_s": round(tokens / ms["on"] * 1e3, 1),
         "grad_norm_overhead_pct": round((ms["on"] / ms["off"] - 1) * 100, 2),
+        "ms_per_step_activations": ms["acts"],
+        "activations_overhead_pct": round((ms["acts"] / ms["on"] - 1) * 100, 2),
+        "activations_every_step_overhead_pct": round((ms["acts_all"] / ms["on"] - 1) * 100, 2),
         "memory": on.memory}
+    del acts, acts_all
 
     # the run's data pipeline (prefetched random windows) vs one fixed batch
     prefetch = data_lib.Prefetcher(lambda step: data_lib.batch(

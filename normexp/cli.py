@@ -3,6 +3,7 @@ the library."""
 
 import argparse
 import json
+import os
 import signal
 import sys
 
@@ -60,6 +61,36 @@ def cmd_results(ns):
     paths = write(rows, ns.sweep_dir)
     print(f"wrote {', '.join(paths)}", file=sys.stderr)
     return 0
+
+
+def cmd_report(ns):
+    from normexp.report import write_report
+    paths = write_report(ns.path if len(ns.path) > 1 else ns.path[0], ns.out)
+    print(f"{os.path.dirname(paths[-1])}: {', '.join(os.path.basename(p) for p in paths)}")
+    return 0
+
+
+def cmd_claims(ns):
+    from normexp.claims import run_claims
+    from normexp.studies import SCALES
+    scale = SCALES["quick" if ns.quick else "full"]
+    out = ns.out or os.path.join("claims", scale.name)
+    only = [int(n) for n in ns.only.split(",")] if ns.only else None
+    results = run_claims(scale, out, only=only, echo=lambda line: print(line, file=sys.stderr))
+    for r in results:
+        print(f"{r.number}. {r.claim}\n   setup:    {r.setup}\n   measured: {r.verdict.figure}"
+              f"\n   verdict:  {r.verdict.verdict.upper()} ({r.verdict.rule})")
+    print(f"wrote {os.path.join(out, 'claims.md')}", file=sys.stderr)
+    return 0
+
+
+def _claim_numbers(text):
+    from normexp.claims import CLAIMS
+    numbers = text.split(",")
+    if not all(n.isdigit() and int(n) in CLAIMS for n in numbers):
+        raise argparse.ArgumentTypeError(f"expected claim numbers from {min(CLAIMS)} to "
+                                         f"{max(CLAIMS)} separated by commas, got {text!r}")
+    return text
 
 
 def cmd_prepare(ns):
@@ -125,6 +156,20 @@ def parser():
     rs = sub.add_parser("results", help="print and write the results table of a sweep directory")
     rs.add_argument("sweep_dir", metavar="SWEEP_DIR")
     rs.set_defaults(func=cmd_results)
+    rp = sub.add_parser("report", help="write report.md, report.html and figures for runs")
+    rp.add_argument("path", nargs="+", metavar="RUNS_OR_SWEEP_DIR",
+                    help="a run, a sweep, or a directory of runs (several may be given)")
+    rp.add_argument("--out", help="where to write (default: <first path>/report)")
+    rp.set_defaults(func=cmd_report)
+    cl = sub.add_parser("claims", help="test published claims about norms with small studies")
+    cl.add_argument("--quick", action="store_true",
+                    help="CPU-sized studies (minutes on 2 cores); default: the full studies, "
+                         "meant for an accelerator")
+    cl.add_argument("--out", help="where runs and claims.md go (default: claims/quick or "
+                                  "claims/full)")
+    cl.add_argument("--only", type=_claim_numbers, metavar="N[,N...]",
+                    help="only these claims (numbers as in claims.md)")
+    cl.set_defaults(func=cmd_claims)
     pr = sub.add_parser("prepare", help="write byte-level train.bin/val.bin/meta.json")
     pr.add_argument("text_file")
     pr.add_argument("out_dir")

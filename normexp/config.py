@@ -117,6 +117,11 @@ class ModelConfig:
                          registered("placement"))
     final_norm: bool = opt(True, "apply a norm to the residual stream before the output head")
     bias: bool = opt(True, "biases in the attention and MLP projections")
+    init: str = opt("gpt2", "gpt2: every weight N(0, init_std^2) (residual projections scaled "
+                            "by scale_residual_init); xavier: the Transformer's init as in Xiong "
+                            "et al. 2020, kernels Glorot normal std sqrt(2 / (fan_in + fan_out)), "
+                            "embeddings N(0, 1/d_model) times sqrt(d_model) at the input",
+                    one_of("gpt2", "xavier"))
     init_std: float = opt(0.02, "std of the normal init of embeddings and projections", positive)
     scale_residual_init: bool = opt(True, "GPT-2: residual output projections init with "
                                           "std init_std / sqrt(2 * n_layer) (deepnorm uses its "
@@ -192,6 +197,9 @@ class TrainConfig:
 class LogConfig:
     every: int = opt(10, "fetch and write training metrics every N steps (step 0 always)", positive)
     grad_norms: bool = opt(True, "per-block gradient, parameter and update/parameter norms")
+    activations: bool = opt(False, "per-block activation statistics at log steps: residual "
+                                   "stream mean, RMS, excess kurtosis, and the RMS of each "
+                                   "sublayer's first norm output")
     tensorboard: bool = opt(True, "also write TensorBoard events (tensorboardX)")
     progress: bool = opt(True, "show a progress bar")
 

@@ -82,6 +82,10 @@ class Layers:
         self.dtype = DTYPES[cfg.dtype]
         self.weight_norm = cfg.weight_norm or cfg.norm.kind == "weightnorm"
 
+    def std(self, din, dout, std):
+        """A kernel's init std: `std` (GPT-2), or Glorot's sqrt(2 / (din + dout)) (xavier)."""
+        return math.sqrt(2.0 / (din + dout)) if self.cfg.init == "xavier" else std
+
     def linear(self, din, dout, init):
         cls = WeightNormLinear if self.weight_norm else nnx.Linear
         return cls(din, dout, kernel_init=init, **linear_options(
@@ -106,8 +110,10 @@ class Attention(nnx.Module):
         self.n_head, self.fused = H, fused
         self.core = (custom_grads.causal_attention if cfg.custom_grads
                      else custom_grads.causal_attention_plain)
-        self.qkv = layers.linear(C, 3 * C, normal_init(std, gain, from_column=2 * C))
-        self.proj = layers.linear(C, C, normal_init(out_std * gain))
+        # q, k and v are three C x C projections, whose fans Glorot's rule takes
+        self.qkv = layers.linear(C, 3 * C, normal_init(layers.std(C, C, std), gain,
+                                                       from_column=2 * C))
+        self.proj = layers.linear(C, C, normal_init(layers.std(C, C, out_std) * gain))
         if place.qkv_norm:
             self.q_norm, self.k_norm, self.v_norm = (layers.norm(C, "attn") for _ in range(3))
         else:
@@ -151,8 +157,9 @@ class MLP(nnx.Module):
         F = cfg.mlp_ratio * cfg.d_model
         self.gelu = custom_grads.gelu if cfg.custom_grads else functools.partial(
             jax.nn.gelu, approximate=False)
-        self.up = layers.linear(cfg.d_model, F, normal_init(std * gain))
-        self.down = layers.linear(F, cfg.d_model, normal_init(out_std * gain))
+        C = cfg.d_model
+        self.up = layers.linear(C, F, normal_init(layers.std(C, F, std) * gain))
+        self.down = layers.linear(F, C, normal_init(layers.std(F, C, out_std) * gain))
         self.mid_norm = layers.norm(F, "mlp") if place.mid_norm else None
 
     def __call__(self, x_NxC):
@@ -181,6 +188,47 @@ class SublayerNorms(nnx.Module):
         self.gate = Gate() if "gate" in names else None
 
 
+def stream_stats(x_NxC):
+    """Mean, RMS and excess kurtosis E[(x - mean)^4] / var^2 - 3 of all entries, in float32."""
+    x = jax.lax.stop_gradient(x_NxC).astype(jnp.float32)
+    mean = x.mean()
+    var = jnp.mean(jnp.square(x - mean))
+    kurtosis = jnp.mean(jnp.square(jnp.square(x - mean))) / jnp.square(var) - 3.0
+    return {"mean": mean, "rms": jnp.sqrt(jnp.mean(jnp.square(x))), "kurtosis": kurtosis}
+
+
+def rms(x):
+    x = jax.lax.stop_gradient(x).astype(jnp.float32)
+    return jnp.sqrt(jnp.mean(jnp.square(x)))
+
+
+class NormProbe:
+    """A sublayer's norms as a placement rule sees them, keeping the first norm output the rule
+    computes (the input norm's, or the output norm's where the rule has no input norm)."""
+
+    def __init__(self, norms):
+        self.gate, self.seen = norms.gate, None
+        self.input = norms.input and self._watch(norms.input)
+        self.output = norms.output and self._watch(norms.output)
+
+    def _watch(self, norm):
+        def call(x):
+            y = norm(x)
+            if self.seen is None:
+                self.seen = y
+            return y
+        return call
+
+
+def block_stats(seen):
+    """Activation statistics of one block from what it kept (see `Block.__call__`)."""
+    stats = stream_stats(seen["stream"])
+    for sublayer in ("attn", "mlp"):
+        if sublayer in seen:
+            stats[f"{sublayer}_norm_rms"] = rms(seen[sublayer])
+    return stats
+
+
 class Block(nnx.Module):
     """One transformer block: attention then MLP, each wrapped by its placement rule."""
 
@@ -196,10 +244,23 @@ class Block(nnx.Module):
                                        lambda: layers.norm(cfg.d_model, "mlp"))
         self.mlp = MLP(layers, self.place, std=std, out_std=out_std, gain=gain)
 
-    def __call__(self, stream, seq_len, depth):
+    def __call__(self, stream, seq_len, depth, record=None):
+        """The block's output stream; with `record` (a traced bool) also its activation
+        statistics, computed only where `record` is true (zeros elsewhere)."""
         attn = lambda h: self.attn(h, seq_len)
-        stream = self.place.attn(stream, attn, self.attn_norms, depth)
-        return self.place.mlp(stream, self.mlp, self.mlp_norms, depth)
+        attn_norms, mlp_norms = self.attn_norms, self.mlp_norms
+        if record is not None:
+            attn_norms, mlp_norms = NormProbe(attn_norms), NormProbe(mlp_norms)
+        stream = self.place.attn(stream, attn, attn_norms, depth)
+        stream = self.place.mlp(stream, self.mlp, mlp_norms, depth)
+        if record is None:
+            return stream
+        seen = {"stream": stream[0] if isinstance(stream, tuple) else stream,
+                "attn": attn_norms.seen, "mlp": mlp_norms.seen}
+        seen = {k: v for k, v in seen.items() if v is not None}
+        skip = lambda seen: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype),
+                                         jax.eval_shape(block_stats, seen))
+        return stream, jax.lax.cond(record, block_stats, skip, seen)
 
 
 def fused_attention_for(setting, platform):
@@ -226,9 +287,14 @@ class GPT(nnx.Module):
         self.unroll = cfg.scan_unroll or (L if shallow else 1)
         fused = fused_attention_for(cfg.attention, jax.default_backend())
         layers = Layers(cfg, rows_per_seq=max_len, rngs=rngs)  # the model-level layers
+        # xavier: the Transformer's embeddings, N(0, 1/C) scaled by sqrt(C) at the input, so the
+        # first block sees unit-scale tokens as in Xiong et al.'s analysis
+        embed_std = cfg.d_model ** -0.5 if cfg.init == "xavier" else std
+        self.embed_scale = math.sqrt(cfg.d_model) if cfg.init == "xavier" else 1.0
         self.tok_embed = nnx.Embed(vocab_size, cfg.d_model, dtype=self.dtype, rngs=rngs,
-                                   embedding_init=nnx.initializers.normal(std))
-        self.pos_embed = nnx.Param(std * jax.random.normal(rngs.params(), (max_len, cfg.d_model)))
+                                   embedding_init=nnx.initializers.normal(embed_std))
+        self.pos_embed = nnx.Param(embed_std * jax.random.normal(rngs.params(),
+                                                                 (max_len, cfg.d_model)))
         self.embed_norm = (layers.norm(cfg.d_model, "final")
                            if cfg.embed_norm or place.embed_norm else None)
 
@@ -244,65 +310,75 @@ class GPT(nnx.Module):
         self.whole_sequences = any(n.batch_statistics or n.leaks_across_positions
                                    for n in norm_modules(self))
 
-    def features(self, tokens_BxT):
-        """The residual stream after the last block (and final norm), as [N, C]."""
+    def features(self, tokens_BxT, record=None):
+        """The residual stream after the last block (and final norm), as [N, C]; with `record`
+        also each block's activation statistics, as [L] vectors (see `Block.__call__`)."""
         B, T = tokens_BxT.shape
         if self.whole_sequences and T != self.max_len:
             raise ValueError(f"norm kind {self.cfg.norm.kind!r} pools over sequences of "
                              f"{self.max_len} tokens; got {T}")
         x_BxTxC = self.tok_embed(tokens_BxT) + self.pos_embed[:T].astype(self.dtype)
+        if self.embed_scale != 1.0:
+            x_BxTxC = x_BxTxC * self.embed_scale
         x_NxC = x_BxTxC.reshape(B * T, -1)
         if self.embed_norm is not None:
             x_NxC = self.embed_norm(x_NxC)
-        stream = self._apply_blocks((x_NxC, x_NxC) if self.dual else x_NxC, T)
+        stream, stats = self._apply_blocks((x_NxC, x_NxC) if self.dual else x_NxC, T, record)
         if self.dual:  # ResiDual's output: x_L + N(d_L)
             x_NxC, d_NxC = stream
             stream = x_NxC + self.dual_norm(d_NxC)
         x_NxC = stream
         if self.final_norm is not None:
             x_NxC = self.final_norm(x_NxC)
-        return x_NxC
+        return x_NxC if record is None else (x_NxC, stats)
 
-    def _apply_blocks(self, stream, seq_len):
+    def _apply_blocks(self, stream, seq_len, record=None):
         graphdef, params, rest = nnx.split(self.blocks, nnx.Param, ...)
         L, cfg = self.n_layer, self.cfg
         place = PLACEMENTS[cfg.placement]
         bounds = place.segments(L, cfg) if place.segments else (0, L)
         index_L = jnp.arange(L, dtype=jnp.int32)
-        rests = []
+        rests, stats = [], []
         for segment, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:])):
             if start == stop:
                 continue
 
             def one_block(stream, params, rest, index, segment=segment):
                 block = nnx.merge(graphdef, params, rest)
-                stream = block(stream, seq_len, Depth(index, L, segment, cfg))
-                return stream, nnx.state(block, nnx.Not(nnx.Param))  # e.g. new running stats
+                out = block(stream, seq_len, Depth(index, L, segment, cfg), record)
+                stream, seen = out if record is not None else (out, {})
+                # the block's new non-parameter state (e.g. running statistics) and statistics
+                return stream, (nnx.state(block, nnx.Not(nnx.Param)), seen)
 
             if self.remat is not None:
                 one_block = jax.checkpoint(one_block, policy=REMAT_POLICIES[self.remat])
             run = lambda tree: jax.tree.map(lambda a: a[start:stop], tree)
             if self.scan:
-                stream, rest_run = jax.lax.scan(
+                stream, (rest_run, seen_run) = jax.lax.scan(
                     lambda s, xs: one_block(s, *xs), stream,
                     (run(params), run(rest), index_L[start:stop]),
                     unroll=min(self.unroll, stop - start))
                 rests.append(rest_run)
+                stats.append(seen_run)
             else:
                 for i in range(start, stop):
                     layer = lambda tree: jax.tree.map(lambda a: a[i], tree)
-                    stream, rest_i = one_block(stream, layer(params), layer(rest), index_L[i])
+                    stream, (rest_i, seen_i) = one_block(stream, layer(params), layer(rest),
+                                                         index_L[i])
                     rests.append(jax.tree.map(lambda a: a[None], rest_i))
-        if len(rests) > 1:
-            rest = jax.tree.map(lambda *a: jnp.concatenate(a), *rests)
-        elif rests:
-            rest = rests[0]
+                    stats.append(jax.tree.map(lambda a: a[None], seen_i))
+        rest, stats = (jax.tree.map(lambda *a: jnp.concatenate(a), *parts) if len(parts) > 1
+                       else parts[0] for parts in (rests, stats))
         nnx.update(self.blocks, rest)
-        return stream
+        return stream, stats
 
-    def __call__(self, tokens_BxT):
-        """Logits [N, V] through the tied output embedding."""
-        return self.tok_embed.attend(self.features(tokens_BxT))
+    def __call__(self, tokens_BxT, record=None):
+        """Logits [N, V] through the tied output embedding (and, with `record`, the blocks'
+        activation statistics)."""
+        if record is None:
+            return self.tok_embed.attend(self.features(tokens_BxT))
+        x_NxC, stats = self.features(tokens_BxT, record)
+        return self.tok_embed.attend(x_NxC), stats
 
 
 def norm_report(model):

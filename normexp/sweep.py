@@ -9,6 +9,7 @@ a lock per run keeps two processes off the same run; `--shard I/N` takes every N
 
 import dataclasses
 import difflib
+import functools
 import hashlib
 import itertools
 import json
@@ -344,6 +345,19 @@ def _line(r, s):
     return f"{r.name}: {', '.join(parts)}"
 
 
+def worker_cores(k):
+    """Disjoint sets of this process's CPU cores for k workers (None: leave them unpinned).
+
+    XLA:CPU sizes its thread pool to the cores a process may use. A small model's step scales
+    poorly over threads, so on a 2-core CPU two workers on one core each train 1.3x the steps
+    per second of one process on both (and 1.1x two unpinned workers).
+    """
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if len(cpus) < k:
+        return [None] * k
+    return [set(cpus[i * len(cpus) // k:(i + 1) * len(cpus) // k]) for i in range(k)]
+
+
 def _run_workers(sweep, units, k, progress):
     """K copies of this sweep in child processes; the run locks share the work among them."""
     args = [sys.executable, "-m", "normexp.cli", "sweep", sweep.path, "--out", sweep.out_dir,
@@ -352,7 +366,10 @@ def _run_workers(sweep, units, k, progress):
     # one accelerator shared by K processes: each may take its share of the memory
     env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", f"{0.9 / k:.3f}")
     ids = ",".join(str(i) for i, u in enumerate(sweep.units()) if u in units)
-    children = [subprocess.Popen(args + ["--units", ids], env=env) for _ in range(k)]
+    children = [subprocess.Popen(args + ["--units", ids], env=env,
+                                 preexec_fn=cores and functools.partial(os.sched_setaffinity, 0,
+                                                                        cores))
+                for cores in worker_cores(k)]
     bar = _bar(sum(len(u) for u in units), _done(units), progress)
     try:
         while any(c.poll() is None for c in children):

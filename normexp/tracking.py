@@ -82,6 +82,16 @@ class Tracker:
             for key, value in metrics.items():
                 self.tb.add_scalar(key, float(value), int(step))
 
+    def hparams(self, values, metrics=("loss", "val_loss")):
+        """Record a run's hyperparameters for TensorBoard's HParams dashboard, in the run's own
+        event file, with `metrics` (tags this run logs) as the columns to compare."""
+        if self.tb is None:
+            return
+        from tensorboardX.summary import hparams
+        experiment, start, end = hparams(values, {tag: 0.0 for tag in metrics})
+        for summary in (experiment, start, end):
+            self.tb.file_writer.add_summary(summary)
+
     def close(self):
         if self.file is not None:
             self.file.close()

@@ -53,20 +53,29 @@ def init_state(cfg, vocab_size):
     return graphdef, tx, state
 
 
-def make_train_step(graphdef, tx, *, grad_norms, vectorized=False):
+def make_train_step(graphdef, tx, *, grad_norms, activations=None, vectorized=False):
     """(state, inputs, targets) -> (state, metrics): forward, backward, statistics, update.
 
+    activations: (every, steps) to compute the blocks' activation statistics (`act/block/...`)
+    at the steps the loop logs (multiples of `every` and the last), zeros at the others.
     vectorized: every argument has a leading axis of runs, trained independently (jax.vmap).
     """
 
     def train_step(state, inputs_BxT, targets_BxT):
+        step = state["step"]
+
         def loss_of(params):
             # fresh Variables of this trace, so batch-statistics norms may update them here
             model = nnx.merge(graphdef, params, jax.tree.map(lambda a: a, state["rest"]))
-            loss = loss_fn(model(inputs_BxT), targets_BxT)
-            return loss, nnx.state(model, nnx.Not(nnx.Param))
+            if activations is None:
+                logits, acts = model(inputs_BxT), {}
+            else:
+                every, steps = activations
+                logits, acts = model(inputs_BxT, record=(step % every == 0) | (step == steps - 1))
+            rest = nnx.state(model, nnx.Not(nnx.Param))
+            return loss_fn(logits, targets_BxT), (rest, acts)
 
-        (loss, rest), grads = jax.value_and_grad(loss_of, has_aux=True)(state["params"])
+        (loss, (rest, acts)), grads = jax.value_and_grad(loss_of, has_aux=True)(state["params"])
         updates, opt = tx.update(grads, state["opt"], state["params"])
         updates = jax.tree.map(lambda u: u * state["lr"], updates)  # tx runs at peak lr 1
         params = optax.apply_updates(state["params"], updates)
@@ -74,7 +83,8 @@ def make_train_step(graphdef, tx, *, grad_norms, vectorized=False):
         metrics = {"loss": loss, "lr": learning_rate(opt, state["lr"]), "grad_norm": grad_norm}
         if grad_norms:
             metrics.update(layer_stats(state["params"], grads, updates))
-        step, diverged = state["step"], state["diverged_step"]
+        metrics.update({f"act/block/{name}": v for name, v in acts.items()})
+        diverged = state["diverged_step"]
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         diverged = jnp.where((diverged < 0) & ~finite, step, diverged)
         new_state = {"params": params, "rest": rest, "opt": opt, "step": step + 1,
@@ -280,6 +290,7 @@ def _train(members, corpus, stop, *, resume):
         m.write_summary()
         m.tracker = Tracker(m.dir, start_step=start, tensorboard=cfg.log.tensorboard,
                             enabled=is_primary())
+        m.tracker.hparams(config_lib.flatten(m.cfg))
         val_losses = [r["val_loss"] for r in m.tracker.kept if r.get("val_loss") is not None]
         m.best = min(val_losses, default=None)
     seeds = [m.cfg.run.seed for m in members]
@@ -307,7 +318,8 @@ def _loop(members, graphdef, tx, state, start, stop, *, batches, val_batches):
     steps, T, B = cfg.train.steps, cfg.data.seq_len, cfg.train.batch_size
     inputs, targets = next(batches)
     t0 = time.perf_counter()
-    step_fn = make_train_step(graphdef, tx, grad_norms=cfg.log.grad_norms,
+    step_fn = make_train_step(graphdef, tx, grad_norms=cfg.log.grad_norms, activations=(
+        cfg.log.every, steps) if cfg.log.activations else None,
                               vectorized=vectorized).lower(state, inputs, targets).compile()
     eval_fn = make_eval_step(graphdef, vectorized).lower(
         state["params"], state["rest"], *val_batches[0]).compile()

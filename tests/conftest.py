@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
 # Tests compile a few hundred tiny programs, where LLVM's optimisation passes are most of the
 # compile time; level 0 compiles ~40% faster and changes no semantics (no fast-math). Set
@@ -33,3 +34,24 @@ def normexp(*args, cwd=None, env=None):
     """Run the `normexp` command line in a fresh interpreter; returns CompletedProcess."""
     return subprocess.run([sys.executable, "-m", "normexp.cli", *args], cwd=cwd or ROOT,
                           capture_output=True, text=True, env=env, timeout=300)
+
+
+def tiny_base(*extra):
+    """The tiny model's overrides as the nested mapping of a sweep's inline base."""
+    base = {}
+    for item in [*TINY, *extra]:
+        key, value = item.split("=", 1)
+        *sections, leaf = key.split(".")
+        node = base
+        for part in sections:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(value)
+    return base
+
+
+def write_sweep(tmp_path, name="s", **spec):
+    spec.setdefault("base", tiny_base())
+    spec.setdefault("out_dir", str(tmp_path / "out"))
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return str(path)

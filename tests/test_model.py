@@ -78,3 +78,62 @@ def test_bfloat16_computes_in_bf16_with_float32_parameters(tiny):
     reference = model_of(tiny)
     np.testing.assert_allclose(model(tokens()).astype(jnp.float32), reference(tokens()),
                                atol=0.05)
+
+
+def test_xavier_init_uses_glorot_stds_per_projection(tiny):
+    C, F = 128, 512
+    model = model_of(tiny, "model.n_layer=8", f"model.d_model={C}", "model.n_head=4",
+                     "model.init=xavier")
+    std = lambda p, cols=slice(None): float(np.std(np.asarray(p[...])[3][:, cols]))
+    blocks = model.blocks
+    assert std(blocks.attn.qkv.kernel, slice(0, C)) == pytest.approx(math.sqrt(1 / C), rel=0.05)
+    assert std(blocks.attn.proj.kernel) == pytest.approx(math.sqrt(1 / C), rel=0.05)
+    assert std(blocks.mlp.up.kernel) == pytest.approx(math.sqrt(2 / (C + F)), rel=0.05)
+    assert std(blocks.mlp.down.kernel) == pytest.approx(math.sqrt(2 / (C + F)), rel=0.05)
+    assert float(np.std(np.asarray(model.tok_embed.embedding[...]))) == pytest.approx(
+        C ** -0.5, rel=0.05)
+    # the input is scaled by sqrt(C): a block input of ~unit scale, as in the Transformer
+    assert model.embed_scale == pytest.approx(math.sqrt(C))
+    scaled = model.features(tokens())
+    model.embed_scale = 1.0
+    assert not np.allclose(model.features(tokens()), scaled, atol=1e-3)
+
+
+def reference_stats(x):
+    x = np.asarray(x, np.float64)
+    centred = x - x.mean()
+    return {"mean": x.mean(), "rms": np.sqrt(np.mean(x ** 2)),
+            "kurtosis": np.mean(centred ** 4) / np.mean(centred ** 2) ** 2 - 3}
+
+
+def test_activation_statistics_match_a_numpy_reference(tiny):
+    model = model_of(tiny, "model.placement=pre", "model.final_norm=false", "model.init_std=0.3")
+    x = tokens()
+    logits, stats = model(x, record=jnp.asarray(True))
+    np.testing.assert_array_equal(logits, model(x))  # recording changes nothing computed
+    assert set(stats) == {"mean", "rms", "kurtosis", "attn_norm_rms", "mlp_norm_rms"}
+    assert all(v.shape == (2,) for v in stats.values())
+    last = reference_stats(model.features(x))  # no final norm: the last block's output
+    for key, value in last.items():
+        assert float(stats[key][-1]) == pytest.approx(value, rel=1e-4, abs=1e-6), key
+    # block 0's attention input norm sees the embeddings; its gain is 1 and bias 0 at init
+    e = np.asarray(model.tok_embed.embedding[...])[np.asarray(x)] + np.asarray(
+        model.pos_embed[...])[:T]
+    e = e.reshape(-1, e.shape[-1]).astype(np.float64)
+    normed = (e - e.mean(-1, keepdims=True)) / np.sqrt(e.var(-1, keepdims=True) + 1e-5)
+    assert float(stats["attn_norm_rms"][0]) == pytest.approx(np.sqrt(np.mean(normed ** 2)),
+                                                             rel=1e-5)
+    _, off = model(x, record=jnp.asarray(False))
+    assert all(float(jnp.abs(v).max()) == 0.0 for v in off.values())
+
+
+def test_activation_statistics_follow_the_placement(tiny):
+    post = model_of(tiny, "model.placement=post", "model.final_norm=false", "model.init_std=0.3")
+    _, stats = post(tokens(), record=jnp.asarray(True))
+    # Post-Norm's first norm is its output norm, which leaves unit-RMS tokens (gain 1, bias 0)
+    np.testing.assert_allclose(stats["attn_norm_rms"], 1.0, rtol=1e-3)
+    np.testing.assert_allclose(stats["rms"], 1.0, rtol=1e-3)  # and so is the stream
+    rezero = model_of(tiny, "model.placement=rezero", "model.norm.kind=none",
+                      "model.final_norm=false")
+    _, stats = rezero(tokens(), record=jnp.asarray(True))
+    assert set(stats) == {"mean", "rms", "kurtosis"}  # no norm, no norm statistics

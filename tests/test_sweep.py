@@ -5,7 +5,6 @@ import sys
 
 import numpy as np
 import pytest
-import yaml
 
 from normexp import config as config_lib
 from normexp import results as results_lib
@@ -14,28 +13,7 @@ from normexp.errors import UsageError
 from normexp.locks import RunLock
 from normexp.tracking import read_metrics
 
-from conftest import ROOT, TINY, normexp
-
-
-def tiny_base(*extra):
-    """The tiny model's overrides as the nested mapping of a sweep's inline base."""
-    base = {}
-    for item in [*TINY, *extra]:
-        key, value = item.split("=", 1)
-        *sections, leaf = key.split(".")
-        node = base
-        for part in sections:
-            node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(value)
-    return base
-
-
-def write_sweep(tmp_path, name="s", **spec):
-    spec.setdefault("base", tiny_base())
-    spec.setdefault("out_dir", str(tmp_path / "out"))
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(spec, sort_keys=False))
-    return str(path)
+from conftest import ROOT, TINY, normexp, tiny_base, write_sweep
 
 
 def overrides(sweep):
@@ -391,3 +369,10 @@ def test_the_shipped_sweeps_expand_as_documented():
     assert sorted((r.cfg.model.n_layer, r.cfg.model.placement) for r in depth.runs) == sorted(
         (n, p) for n in (2, 4, 8, 16) for p in ("pre", "post"))
     assert {r.cfg.model.d_model for r in depth.runs} == {64}
+
+
+def test_workers_get_disjoint_cores(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4}, raising=False)
+    assert sweep_lib.worker_cores(2) == [{0, 1}, {2, 3, 4}]
+    assert sweep_lib.worker_cores(5) == [{0}, {1}, {2}, {3}, {4}]
+    assert sweep_lib.worker_cores(6) == [None] * 6  # fewer cores than workers: not pinned

@@ -1,0 +1,167 @@
+"""Figures of runs, each a matplotlib `Figure` built from the tables of `normexp.analysis`.
+
+- `loss_curves`: a loss over steps, one line per setup (mean over seeds, band = min..max);
+- `grad_norm_by_layer`: gradient norm against block index at one step (0 = initialisation),
+  one line per setup;
+- `grad_norm_heatmap`: one run's per-block gradient norm, block x step;
+- `divergence_map`: a grid of two config keys (e.g. learning rate x placement), colour = final
+  loss, a cross where runs diverged.
+
+A *setup* is a group of runs that share the values of the `by` keys (by default every key the
+runs vary except the seed), so seeds are averaged. Figures are made without pyplot, so nothing
+accumulates in a long notebook or report.
+"""
+
+import math
+
+import numpy as np
+from matplotlib.colors import LogNorm
+from matplotlib.figure import Figure
+
+from normexp.analysis import varying_keys
+from normexp.sweep import short_names
+
+
+def setup_keys(runs, by=None):
+    """The keys that define a setup: `by` (a key or a list), else what varies but the seed."""
+    if by is None:
+        return [k for k in varying_keys(runs) if k != "run.seed"]
+    return [by] if isinstance(by, str) else list(by)
+
+
+def setups(runs, by=None):
+    """[(label, [run names])] in order of first appearance; the label names the key values."""
+    keys = setup_keys(runs, by)
+    short = short_names(keys)
+    groups = {}
+    for name, row in runs.iterrows():
+        label = ", ".join(f"{short[k]}={_text(row[k])}" for k in keys) or "all runs"
+        groups.setdefault(label, []).append(name)
+    return list(groups.items())
+
+
+def _text(value):
+    return format(value, "g") if isinstance(value, float) else str(value)
+
+
+def _figure(width=6.4, height=4.2):
+    fig = Figure(figsize=(width, height), layout="constrained")
+    return fig, fig.add_subplot()
+
+
+def loss_curves(metrics, runs, by=None, metric="loss"):
+    """`metric` (loss, val_loss) over steps, one line per setup: the mean over its runs, with
+    their min..max as a band. Runs that diverged stop where they diverged."""
+    fig, ax = _figure()
+    values = metrics[metrics["metric"] == metric].pivot_table(
+        index="step", columns="run", values="value", dropna=False)
+    for label, names in setups(runs, by):
+        present = [n for n in names if n in values.columns]
+        if not present:
+            continue
+        group = values[present].replace([np.inf, -np.inf], np.nan)
+        finite = group.dropna(how="all")
+        diverged = sum(runs.loc[n, "status"] == "diverged" for n in names)
+        note = f" ({diverged} of {len(names)} diverged)" if diverged else ""
+        line, = ax.plot(finite.index, finite.mean(axis=1), label=label + note)
+        if len(present) > 1:
+            ax.fill_between(finite.index, finite.min(axis=1), finite.max(axis=1),
+                            color=line.get_color(), alpha=0.2, linewidth=0)
+    what = "validation loss" if metric == "val_loss" else "training loss"
+    ax.set(title=f"{what.capitalize()} by {', '.join(setup_keys(runs, by)) or 'run'}",
+           xlabel="step", ylabel=f"{what} (nats/token)")
+    ax.legend(fontsize="small")
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def _nearest_step(metrics, family, step):
+    steps = np.unique(metrics.loc[metrics["family"] == family, "step"])
+    if not len(steps):
+        raise ValueError(f"no {family!r} metrics in these runs (log.grad_norms off?)")
+    return int(steps[np.argmin(np.abs(steps - step))])
+
+
+def grad_norm_by_layer(metrics, runs, step=0, by=None, part=None):
+    """Gradient norm per block at `step` (the nearest logged step), one line per setup (mean
+    over its runs); `part` = attn | mlp | norm for one sublayer's parameters only."""
+    family = "grad_norm/block" + (f"/{part}" if part else "")
+    at = _nearest_step(metrics, family, step)
+    rows = metrics[(metrics["family"] == family) & (metrics["step"] == at)]
+    values = rows.pivot_table(index="layer", columns="run", values="value")
+    fig, ax = _figure()
+    for label, names in setups(runs, by):
+        present = [n for n in names if n in values.columns]
+        if present:
+            ax.plot(values.index.astype(int), values[present].mean(axis=1), marker="o",
+                    label=label)
+    when = "at initialisation" if at == 0 else f"at step {at}"
+    ax.set(title=f"Gradient norm per block {when}" + (f" ({part})" if part else ""),
+           xlabel="block (0 = nearest the embeddings)", ylabel="gradient L2 norm (log scale)",
+           yscale="log")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.legend(fontsize="small")
+    ax.grid(alpha=0.3, which="both")
+    return fig
+
+
+def grad_norm_heatmap(metrics, run, part=None):
+    """One run's gradient norm per block (rows) and logged step (columns), log colour scale."""
+    family = "grad_norm/block" + (f"/{part}" if part else "")
+    rows = metrics[(metrics["run"] == run) & (metrics["family"] == family)]
+    if rows.empty:
+        raise ValueError(f"run {run!r} has no {family!r} metrics")
+    grid = rows.pivot_table(index="layer", columns="step", values="value", dropna=False)
+    data = grid.to_numpy(dtype=float)
+    positive = data[np.isfinite(data) & (data > 0)]
+    fig, ax = _figure(7.2, 3.6)
+    norm = LogNorm(positive.min(), positive.max()) if len(positive) else None
+    image = ax.imshow(np.ma.masked_invalid(data), aspect="auto", origin="lower",
+                      interpolation="nearest", norm=norm, cmap="viridis",
+                      extent=(grid.columns[0] - 0.5, grid.columns[-1] + 0.5, -0.5,
+                              len(grid.index) - 0.5))
+    fig.colorbar(image, ax=ax, label="gradient L2 norm")
+    ax.set(title=f"Gradient norm per block over training: {run}", xlabel="step",
+           ylabel="block")
+    ax.yaxis.get_major_locator().set_params(integer=True)
+    return fig
+
+
+def divergence_map(runs, x="optim.lr", y="model.placement", value="final_val_loss"):
+    """A cell per (y, x) value pair: colour = mean `value` over its runs that finished, a cross
+    where every run diverged, 'k/n div.' where some did."""
+    xs, ys = sorted(runs[x].dropna().unique(), key=_order), sorted(
+        runs[y].dropna().unique(), key=_order)
+    mean = np.full((len(ys), len(xs)), np.nan)
+    fig, ax = _figure(1.6 + 1.3 * len(xs), 1.4 + 0.8 * len(ys))
+    marks = []
+    for i, yv in enumerate(ys):
+        for j, xv in enumerate(xs):
+            cell = runs[(runs[y] == yv) & (runs[x] == xv)]
+            finite = cell[cell["status"] != "diverged"][value].dropna()
+            diverged = int((cell["status"] == "diverged").sum())
+            if len(finite):
+                mean[i, j] = finite.mean()
+            marks.append((i, j, diverged, len(cell), mean[i, j]))
+    image = ax.imshow(np.ma.masked_invalid(mean), cmap="viridis_r", aspect="auto",
+                      origin="lower")
+    ax.set_facecolor("0.85")  # cells with no finished run
+    fig.colorbar(image, ax=ax, label=f"{value.replace('_', ' ')} (nats/token)")
+    for i, j, diverged, count, v in marks:
+        if count and diverged == count:
+            ax.plot(j, i, marker="x", color="crimson", markersize=18, markeredgewidth=3)
+            continue
+        text = f"{v:.3f}" if math.isfinite(v) else "-"
+        if diverged:
+            text += f"\n{diverged}/{count} div."
+        ax.text(j, i, text, ha="center", va="center", fontsize="small",
+                color="crimson" if diverged else "black")
+    ax.set_xticks(range(len(xs)), [_text(v) for v in xs])
+    ax.set_yticks(range(len(ys)), [_text(v) for v in ys])
+    ax.set(title=f"{value.replace('_', ' ').capitalize()} (x: every run diverged)",
+           xlabel=x, ylabel=y)
+    return fig
+
+
+def _order(value):
+    return (0, value, "") if isinstance(value, (int, float)) else (1, 0, str(value))

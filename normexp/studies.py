@@ -1,0 +1,294 @@
+"""The studies behind `normexp claims`: each `measure_*` runs one at a `Scale` and returns plain
+numbers for the claim's judge in `normexp.claims`.
+
+Training studies write ordinary run directories under `<out>/<study>/`, which `normexp report`
+and `normexp.analysis` read; a second invocation reuses finished runs (they are resumed, which
+for a finished run is nothing). Seeds of one setup train together as a vectorized group.
+"""
+
+import dataclasses
+import math
+import os
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Scale:
+    """How big the studies are: --quick (CPU minutes), full (an accelerator), tiny (tests)."""
+    name: str
+    n_layer: int  # trained studies
+    d_model: int
+    seq_len: int
+    batch_size: int
+    steps: int
+    seeds: int
+    init_layers: int  # claim 1, gradients at initialisation only
+    init_width: int
+    timing_steps: int
+
+
+SCALES = {
+    "tiny": Scale("tiny", 2, 32, 16, 4, 12, 2, 3, 32, 2),
+    "quick": Scale("quick", 6, 64, 64, 16, 300, 3, 12, 128, 10),
+    "full": Scale("full", 8, 128, 128, 32, 2000, 3, 12, 128, 20),
+}
+
+# -- 1. gradient norm vs depth at initialisation (Xiong et al. 2020) --------------------------
+
+def measure_init_gradients(scale, init):
+    """Per-block gradient norms of the first train step (before any update), per seed."""
+    import jax
+    from normexp import config as config_lib, data as data_lib
+    from normexp.train import init_state, make_train_step
+    corpus = data_lib.load_corpus("", 0, scale.seq_len)
+    ratios, profiles = {}, {}
+    for placement in ("pre", "post"):
+        ratios[placement], profiles[placement] = [], []
+        for seed in range(scale.seeds):
+            cfg = config_lib.build({}, [
+                ("model.n_layer", scale.init_layers), ("model.d_model", scale.init_width),
+                ("model.n_head", 4), ("model.placement", placement), ("model.init", init),
+                ("model.final_norm", placement == "pre"), ("data.seq_len", scale.seq_len),
+                ("run.seed", seed)])
+            graphdef, tx, state = init_state(cfg, corpus.vocab_size)
+            x, y = data_lib.batch(corpus.train, seed=seed, step=0, batch_size=scale.batch_size,
+                                  seq_len=scale.seq_len)
+            _, metrics = make_train_step(graphdef, tx, grad_norms=True)(state, x, y)
+            norms = np.asarray(jax.device_get(metrics["grad_norm/block"]), float)
+            ratios[placement].append(float(norms[-1] / norms[0]))
+            profiles[placement].append(norms.tolist())
+    return {"ratios": ratios, "profiles": profiles}
+
+# -- 2. Post-Norm needs warmup, Pre-Norm does not --------------------------------------------
+
+def _train_cfgs(scale, out, study, overrides):
+    from normexp import config as config_lib
+    cfgs = []
+    for seed in range(scale.seeds):
+        name = ",".join(f"{k.split('.')[-1]}={v}" for k, v in overrides) + f",seed={seed}"
+        cfgs.append(config_lib.build({}, [
+            ("model.n_layer", scale.n_layer), ("model.d_model", scale.d_model),
+            ("model.n_head", 4 if scale.d_model >= 64 else 2), ("data.seq_len", scale.seq_len),
+            ("data.eval_batches", 4), ("train.batch_size", scale.batch_size),
+            ("train.steps", scale.steps), ("train.eval_every", max(1, scale.steps // 4)),
+            ("train.checkpoint_every", scale.steps), ("log.every", max(1, scale.steps // 30)),
+            ("log.activations", True), ("log.tensorboard", False), ("log.progress", False),
+            ("run.seed", seed), ("run.name", name),
+            ("run.out_dir", os.path.join(out, study, name)), *overrides]))
+    return cfgs
+
+
+def train_seeds(scale, out, study, overrides):
+    """Train (or reuse) one vectorized group of seeds; returns their summaries."""
+    from normexp.train import run_group
+    return run_group(_train_cfgs(scale, out, study, overrides), resume=True)
+
+
+def _final_losses(summaries):
+    return [s["final_val_loss"] if s["status"] == "completed" and s["final_val_loss"] is not None
+            else math.inf for s in summaries]
+
+
+def warmup_overrides(scale, placement, warmup):
+    """The warmup study's setup: a high learning rate, with or without warmup."""
+    return [("model.placement", placement), ("model.final_norm", placement == "pre"),
+            ("optim.lr", 3e-3),  # where warmup lets Post-Norm train (1e-2 stalls it anyway)
+            ("optim.warmup_steps", max(1, scale.steps // 3) if warmup else 0)]
+
+
+def measure_warmup(scale, out):
+    losses = {}
+    for placement in ("post", "pre"):
+        losses[placement] = {label: _final_losses(train_seeds(
+            scale, out, "warmup", warmup_overrides(scale, placement, label == "warmup")))
+            for label in ("none", "warmup")}
+    return {"losses": losses, "unigram": unigram_entropy()}
+
+
+def unigram_entropy():
+    """The entropy of the training bytes (nats): the loss of a model that ignores context."""
+    from normexp import data as data_lib
+    counts = np.bincount(np.asarray(data_lib.load_corpus("", 0, 1).train), minlength=256)
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+# -- 3. RMSNorm matches LayerNorm at lower cost (Zhang & Sennrich 2019) -----------------------
+
+def _time_norm_ops(scale, repeats=7):
+    """Median time of forward + backward of each norm alone on [N, C] rows, alternating."""
+    import time
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+    from normexp import config as config_lib
+    from normexp.norms import make_norm
+    n, c = 4 * scale.batch_size * scale.seq_len, 4 * scale.d_model
+    x = jax.random.normal(jax.random.key(0), (n, c))
+    fns, times = {}, {}
+    for kind in ("layernorm", "rmsnorm"):
+        norm_cfg = config_lib.build({}, [("model.norm.kind", kind)]).model.norm
+        graphdef, params = nnx.split(make_norm(norm_cfg, c, role="attn", rows_per_seq=n,
+                                               rngs=nnx.Rngs(0)))
+        loss = lambda p, x, g=graphdef: jnp.sum(jnp.square(nnx.merge(g, p)(x)))
+        fns[kind] = (jax.jit(jax.value_and_grad(loss, argnums=(0, 1))), params)
+        times[kind] = []
+        jax.block_until_ready(fns[kind][0](params, x))
+    for _ in range(repeats):
+        for kind, (fn, params) in fns.items():
+            t = time.perf_counter()
+            for _ in range(20):
+                out = fn(params, x)
+            jax.block_until_ready(out)
+            times[kind].append(time.perf_counter() - t)
+    return {k: float(np.median(v)) for k, v in times.items()}
+
+
+def measure_rmsnorm(scale, out):
+    from normexp import data as data_lib
+    from normexp.bench import compile_variant, time_alternating
+    losses, cfgs = {}, {}
+    for kind in ("layernorm", "rmsnorm"):
+        overrides = [("model.norm.kind", kind), ("optim.lr", 3e-3)]
+        losses[kind] = _final_losses(train_seeds(scale, out, "rmsnorm", overrides))
+        cfgs[kind] = _train_cfgs(scale, out, "rmsnorm", overrides)[0]
+    corpus = data_lib.load_corpus("", 0, scale.seq_len)
+    batch = data_lib.batch(corpus.train, seed=0, step=0, batch_size=scale.batch_size,
+                           seq_len=scale.seq_len)
+    variants = {k: compile_variant(c, corpus.vocab_size, batch) for k, c in cfgs.items()}
+    step_ms = time_alternating(variants, steps=scale.timing_steps, repeats=5)
+    op = _time_norm_ops(scale)
+    return {"losses": losses, "step_ms": step_ms, "op_seconds": op,
+            "op_ratio": op["rmsnorm"] / op["layernorm"],
+            "step_ratio": step_ms["rmsnorm"] / step_ms["layernorm"]}
+
+# -- 4. BatchNorm: train and eval differ; one sample of one token has zero variance -----------
+
+def measure_batchnorm(scale, out):
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+    from normexp import config as config_lib, data as data_lib
+    from normexp.checkpoint import Checkpoints
+    from normexp.model import evaluation_view, loss_fn
+    from normexp.norms import make_norm
+    from normexp.train import init_state
+    cfg = _train_cfgs(scale, out, "batchnorm", [("model.norm.kind", "batchnorm"),
+                                                 ("optim.lr", 3e-3)])[0]
+    train_seeds(dataclasses.replace(scale, seeds=1), out, "batchnorm",
+                [("model.norm.kind", "batchnorm"), ("optim.lr", 3e-3)])
+    corpus = data_lib.load_corpus("", 0, scale.seq_len)
+    graphdef, _, state = init_state(cfg, corpus.vocab_size)
+    checkpoints = Checkpoints(os.path.join(cfg.run.dir, "checkpoints"), 1)
+    state = checkpoints.restore(checkpoints.latest_step(), state)
+    checkpoints.close()
+    x, y = data_lib.eval_batches(corpus.val, seed=0, count=1, batch_size=scale.batch_size,
+                                 seq_len=scale.seq_len)[0]
+    model = nnx.merge(graphdef, state["params"], state["rest"])
+    eval_loss = float(loss_fn(evaluation_view(model)(x), y))
+    train_loss = float(loss_fn(model(x), y))  # batch statistics (this copy's running stats move)
+    spreads, variance = {}, None
+    tokens = jax.random.normal(jax.random.key(1), (2, 1, scale.d_model))
+    for kind in ("batchnorm", "layernorm"):
+        norm_cfg = config_lib.build({}, [("model.norm.kind", kind)]).model.norm
+        norm = make_norm(norm_cfg, scale.d_model, role="attn", rows_per_seq=1, rngs=nnx.Rngs(0))
+        outputs = [norm(t) for t in tokens]  # each call: a batch of one sequence of one token
+        spreads[kind] = float(jnp.max(jnp.abs(outputs[0] - outputs[1])))
+        if kind == "batchnorm":
+            variance = float(jnp.max(jnp.var(tokens[0], axis=0)))
+    return {"train_loss": train_loss, "eval_loss": eval_loss,
+            "train_eval_rel": abs(train_loss - eval_loss) / eval_loss,
+            "single_variance": variance, "single_spread": spreads["batchnorm"],
+            "layernorm_spread": spreads["layernorm"]}
+
+# -- 5. BatchNorm and InstanceNorm leak across positions --------------------------------------
+
+def measure_leak(scale):
+    """Change the tokens after position t; how much do the logits at positions <= t move?"""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+    from normexp import config as config_lib
+    from normexp.train import init_state
+    T, t = scale.seq_len, scale.seq_len // 2
+    x = jax.random.randint(jax.random.key(0), (scale.batch_size, T), 0, 256)
+    changed = x.at[:, t + 1:].set((x[:, t + 1:] + 101) % 256)
+    leaks = {}
+    for kind in ("layernorm", "rmsnorm", "batchnorm", "instancenorm"):
+        cfg = config_lib.build({}, [("model.n_layer", scale.n_layer),
+                                    ("model.d_model", scale.d_model), ("model.n_head", 2),
+                                    ("model.norm.kind", kind), ("data.seq_len", T)])
+        graphdef, _, state = init_state(cfg, 256)
+        logits = jax.jit(lambda s, x: nnx.merge(graphdef, s["params"], s["rest"])(x))
+        before = logits(state, x).reshape(scale.batch_size, T, -1)[:, :t + 1]
+        after = logits(state, changed).reshape(scale.batch_size, T, -1)[:, :t + 1]
+        leaks[kind] = float(jnp.max(jnp.abs(after - before)) / jnp.max(jnp.abs(before)))
+    return {"leaks": leaks, "position": t}
+
+# -- 6. The residual stream becomes more Gaussian with depth ----------------------------------
+
+def measure_kurtosis(scale, out, placement):
+    """Excess kurtosis per block at the last logged step of the warmup study's runs with warmup
+    (trained here if they are not there yet), mean over seeds."""
+    from normexp.tracking import read_metrics
+    overrides = warmup_overrides(scale, placement, warmup=True)
+    train_seeds(scale, out, "warmup", overrides)
+    per_seed = []
+    for cfg in _train_cfgs(scale, out, "warmup", overrides):
+        records = [r for r in read_metrics(os.path.join(cfg.run.dir, "metrics.jsonl"))
+                   if "act/block_00/kurtosis" in r]
+        if records:
+            per_seed.append([records[-1].get(f"act/block_{i:02d}/kurtosis", math.nan)
+                             for i in range(scale.n_layer)])
+    return {"kurtosis": np.nanmean(np.array(per_seed, dtype=float), axis=0).tolist(),
+            "seeds": len(per_seed)}
+
+
+# -- 7. A norm makes the weights feeding it scale-invariant -----------------------------------
+
+def measure_scale_invariance(scale, factors=(0.5, 2.0, 10.0)):
+    """A Pre-Norm model with per-head QK-norm: q = N(W_q x + b_q) is invariant to (W_q, b_q) ->
+    c (W_q, b_q), and so is k; the MLP's input projection is the control."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+    from normexp import config as config_lib, data as data_lib
+    from normexp.metrics import path_names
+    from normexp.model import loss_fn
+    from normexp.train import init_state
+    C = scale.d_model
+    cfg = config_lib.build({}, [("model.n_layer", scale.n_layer), ("model.d_model", C),
+                                ("model.n_head", 2), ("model.qk_norm", True),
+                                ("data.seq_len", scale.seq_len)])
+    corpus = data_lib.load_corpus("", 0, scale.seq_len)
+    graphdef, _, state = init_state(cfg, corpus.vocab_size)
+    x, y = data_lib.batch(corpus.train, seed=0, step=0, batch_size=scale.batch_size,
+                          seq_len=scale.seq_len)
+
+    def scaled(params, c, target):
+        def f(path, leaf):
+            names = path_names(path)
+            if names[:3] == ("blocks", "attn", "qkv") and target == "qk":
+                return leaf.at[..., :2 * C].multiply(c)  # q and k columns (kernel and bias)
+            if names[:3] == ("blocks", "mlp", "up") and target == "mlp":
+                return leaf * c
+            return leaf
+        return jax.tree_util.tree_map_with_path(f, params)
+
+    @jax.jit
+    def logits_and_qk_grad(params):
+        loss = lambda p: loss_fn(nnx.merge(graphdef, p, state["rest"])(x), y)
+        logits = nnx.merge(graphdef, params, state["rest"])(x)
+        kernel = jax.grad(loss)(params)["blocks"]["attn"]["qkv"]["kernel"][...]
+        return logits, jnp.linalg.norm(kernel[..., :2 * C])
+
+    base, g1 = logits_and_qk_grad(state["params"])
+    rel = lambda a: float(jnp.max(jnp.abs(a - base)) / jnp.max(jnp.abs(base)))
+    output_change, grad_scaling = {}, {}
+    for c in factors:
+        logits, g = logits_and_qk_grad(scaled(state["params"], c, "qk"))
+        output_change[c], grad_scaling[c] = rel(logits), float(g * c / g1)
+    control = rel(logits_and_qk_grad(scaled(state["params"], 2.0, "mlp"))[0])
+    return {"output_change": output_change, "grad_scaling": grad_scaling,
+            "control_change": control}
