@@ -13,6 +13,7 @@ accumulates in a long notebook or report.
 """
 
 import math
+import textwrap
 
 import numpy as np
 from matplotlib.colors import LogNorm
@@ -49,6 +50,11 @@ def _figure(width=6.4, height=4.2):
     return fig, fig.add_subplot()
 
 
+def _title(ax, text, width=70):
+    """Titles name setups and runs, which can be long: wrap them rather than cut them off."""
+    ax.set_title(textwrap.fill(text, width), fontsize="medium")
+
+
 def loss_curves(metrics, runs, by=None, metric="loss"):
     """`metric` (loss, val_loss) over steps, one line per setup: the mean over its runs, with
     their min..max as a band. Runs that diverged stop where they diverged."""
@@ -68,8 +74,8 @@ def loss_curves(metrics, runs, by=None, metric="loss"):
             ax.fill_between(finite.index, finite.min(axis=1), finite.max(axis=1),
                             color=line.get_color(), alpha=0.2, linewidth=0)
     what = "validation loss" if metric == "val_loss" else "training loss"
-    ax.set(title=f"{what.capitalize()} by {', '.join(setup_keys(runs, by)) or 'run'}",
-           xlabel="step", ylabel=f"{what} (nats/token)")
+    _title(ax, f"{what.capitalize()} by {', '.join(setup_keys(runs, by)) or 'run'}")
+    ax.set(xlabel="step", ylabel=f"{what} (nats/token)")
     ax.legend(fontsize="small")
     ax.grid(alpha=0.3)
     return fig
@@ -96,8 +102,8 @@ def grad_norm_by_layer(metrics, runs, step=0, by=None, part=None):
             ax.plot(values.index.astype(int), values[present].mean(axis=1), marker="o",
                     label=label)
     when = "at initialisation" if at == 0 else f"at step {at}"
-    ax.set(title=f"Gradient norm per block {when}" + (f" ({part})" if part else ""),
-           xlabel="block (0 = nearest the embeddings)", ylabel="gradient L2 norm (log scale)",
+    _title(ax, f"Gradient norm per block {when}" + (f" ({part})" if part else ""))
+    ax.set(xlabel="block (0 = nearest the embeddings)", ylabel="gradient L2 norm (log scale)",
            yscale="log")
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.legend(fontsize="small")
@@ -121,8 +127,8 @@ def grad_norm_heatmap(metrics, run, part=None):
                       extent=(grid.columns[0] - 0.5, grid.columns[-1] + 0.5, -0.5,
                               len(grid.index) - 0.5))
     fig.colorbar(image, ax=ax, label="gradient L2 norm")
-    ax.set(title=f"Gradient norm per block over training: {run}", xlabel="step",
-           ylabel="block")
+    _title(ax, f"Gradient norm per block over training: {run}")
+    ax.set(xlabel="step", ylabel="block")
     ax.yaxis.get_major_locator().set_params(integer=True)
     return fig
 
@@ -133,7 +139,7 @@ def divergence_map(runs, x="optim.lr", y="model.placement", value="final_val_los
     xs, ys = sorted(runs[x].dropna().unique(), key=_order), sorted(
         runs[y].dropna().unique(), key=_order)
     mean = np.full((len(ys), len(xs)), np.nan)
-    fig, ax = _figure(1.6 + 1.3 * len(xs), 1.4 + 0.8 * len(ys))
+    fig, ax = _figure(max(6.4, 3.5 + 1.3 * len(xs)), 1.8 + 0.7 * len(ys))
     marks = []
     for i, yv in enumerate(ys):
         for j, xv in enumerate(xs):
@@ -154,12 +160,13 @@ def divergence_map(runs, x="optim.lr", y="model.placement", value="final_val_los
         text = f"{v:.3f}" if math.isfinite(v) else "-"
         if diverged:
             text += f"\n{diverged}/{count} div."
+        dark = math.isfinite(v) and image.norm(v) > 0.6  # the dark end of viridis_r
         ax.text(j, i, text, ha="center", va="center", fontsize="small",
-                color="crimson" if diverged else "black")
+                color="crimson" if diverged else "white" if dark else "black")
     ax.set_xticks(range(len(xs)), [_text(v) for v in xs])
     ax.set_yticks(range(len(ys)), [_text(v) for v in ys])
-    ax.set(title=f"{value.replace('_', ' ').capitalize()} (x: every run diverged)",
-           xlabel=x, ylabel=y)
+    _title(ax, f"{value.replace('_', ' ').capitalize()} (x: every run diverged)", 50)
+    ax.set(xlabel=x, ylabel=y)
     return fig
 
 

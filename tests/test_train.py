@@ -141,22 +141,55 @@ def test_tiny_run_end_to_end(tiny, tmp_path):
     assert vals[-1][1] < vals[0][1] - 0.5  # it learns
     assert on_disk["final_val_loss"] == pytest.approx(vals[-1][1])
     assert on_disk["best_val_loss"] == pytest.approx(min(v for _, v in vals))
-    tags = tensorboard_tags(run_dir)
-    assert {"loss", "grad_norm/block_00/mlp", "update_ratio/block_01", "val_loss"} <= tags
+    values = tensorboard_values(run_dir)
+    assert {"loss", "grad_norm/block_00/mlp", "update_ratio/block_01", "val_loss"} <= set(values)
+    # the HParams dashboard: the run's config as its hyperparameters, in its own event file
+    from tensorboardX.proto.plugin_hparams_pb2 import HParamsPluginData
+    (start,) = values["_hparams_/session_start_info"]
+    hparams = HParamsPluginData.FromString(start.metadata.plugin_data.content)
+    hparams = hparams.session_start_info.hparams
+    assert hparams["optim.lr"].number_value == pytest.approx(3e-3)
+    assert hparams["model.placement"].string_value == "pre"
+    assert hparams["log.grad_norms"].bool_value is True
 
 
-def tensorboard_tags(run_dir):
-    """Scalar tags in the run's event file, read as TFRecords of tensorboardX's Event proto."""
+def tensorboard_values(run_dir):
+    """{tag: [summary values]} of the run's event file, read as TFRecords of Event protos."""
     from tensorboardX.proto import event_pb2
     (name,) = [f for f in os.listdir(run_dir) if f.startswith("events.out.tfevents")]
-    tags, blob = set(), open(os.path.join(run_dir, name), "rb").read()
+    values, blob = {}, open(os.path.join(run_dir, name), "rb").read()
     offset = 0
     while offset < len(blob):
         (length,) = struct.unpack("<Q", blob[offset:offset + 8])
         event = event_pb2.Event.FromString(blob[offset + 12:offset + 12 + length])
-        tags |= {v.tag for v in event.summary.value}
+        for v in event.summary.value:
+            values.setdefault(v.tag, []).append(v)
         offset += 12 + length + 4
-    return tags
+    return values
+
+
+def test_activation_statistics_are_computed_at_log_steps_only(tiny, tmp_path):
+    cfg = tiny("log.activations=true", "log.every=3", "train.steps=7")
+    corpus = data_lib.load_corpus("", 0, cfg.data.seq_len)
+    graphdef, tx, state = init_state(cfg, corpus.vocab_size)
+    step = make_train_step(graphdef, tx, grad_norms=True, activations=(3, 7))
+    plain = make_train_step(graphdef, tx, grad_norms=True)
+    for s in range(7):
+        x, y = data_lib.batch(corpus.train, seed=0, step=s, batch_size=4, seq_len=16)
+        reference, metrics = plain(jax.tree.map(np.copy, state), x, y)
+        state, metrics_with = step(state, x, y)
+        acts = {k: np.asarray(v) for k, v in metrics_with.items() if k.startswith("act/")}
+        assert sorted(acts) == ["act/block/attn_norm_rms", "act/block/kurtosis",
+                                "act/block/mean", "act/block/mlp_norm_rms", "act/block/rms"]
+        logged = s % 3 == 0 or s == 6
+        assert all((np.abs(v) > 0).all() == logged for v in acts.values()), (s, acts)
+        # recording is a side branch: the update is the one without it
+        for a, b in zip(jax.tree.leaves(reference["params"]), jax.tree.leaves(state["params"])):
+            np.testing.assert_array_equal(a, b)
+    run(cfg)
+    records = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in records] == [0, 3, 6]
+    assert all(r["act/block_01/rms"] > 0 and "act/block_00/kurtosis" in r for r in records)
 
 
 def test_no_grad_norms_logs_only_the_global_norm(tiny, tmp_path):
