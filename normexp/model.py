@@ -208,8 +208,8 @@ class NormProbe:
 
     def __init__(self, norms):
         self.gate, self.seen = norms.gate, None
-        self.input = norms.input and self._watch(norms.input)
-        self.output = norms.output and self._watch(norms.output)
+        self.input = None if norms.input is None else self._watch(norms.input)
+        self.output = None if norms.output is None else self._watch(norms.output)
 
     def _watch(self, norm):
         def call(x):

@@ -360,6 +360,8 @@ def worker_cores(k):
 
 def _run_workers(sweep, units, k, progress):
     """K copies of this sweep in child processes; the run locks share the work among them."""
+    # no more workers than units with work left: an idle worker would keep its cores idle too
+    k = max(1, min(k, sum(any(status(r.cfg.run.dir) not in FINISHED for r in u) for u in units)))
     args = [sys.executable, "-m", "normexp.cli", "sweep", sweep.path, "--out", sweep.out_dir,
             "--worker"]
     env = dict(os.environ, NORMEXP_WORKER="1")  # no step bars: the parent draws one bar

@@ -6,7 +6,7 @@
 Times `normexp sweep SWEEP --shard I/N` in a fresh process, in a new directory each time (so
 compiling is counted, with the sweep's shared compile cache as a real sweep has it), in three
 modes, alternating: `vectorize: seeds`, `vectorize: none`, and `vectorize: seeds` with
-`--max-parallel 2`. Every run of the shipped sweeps costs the same (only values change, not
+`--max-parallel 2` (two worker processes, each pinned to half of the cores). Every run of the shipped sweeps costs the same (only values change, not
 shapes), so a shard's runs/hour stands for the whole sweep's. Prints the wall times, their
 medians, runs/hour and the speed-ups over one by one, as JSON.
 """

@@ -1,8 +1,8 @@
 """The default study: a Pre-LN and a Post-LN GPT on the embedded corpus, same seed and batches.
 
 Run by `make demo`; prints each run's outcome, the per-block gradient norms at initialisation
-side by side, and where to look next. A second `make demo` reuses finished runs and continues
-interrupted ones.
+side by side, writes a report (figures and table) of both runs, and says where to look next.
+A second `make demo` reuses finished runs and continues interrupted ones.
 """
 
 import os
@@ -17,6 +17,7 @@ OUT = os.path.join("runs", "demo")
 
 def main():
     from normexp.config import load
+    from normexp.report import write_report
     from normexp.tracking import read_metrics
     from normexp.train import run
 
@@ -38,8 +39,11 @@ def main():
     print(f"{'block':<10}" + "".join(f"{name:>10}" for name in at_init))
     for key in blocks:
         print(f"{key.split('/')[1]:<10}" + "".join(f"{m[key]:>10.4f}" for m in at_init.values()))
+    report = os.path.join(OUT, "report")
+    write_report(OUT, report)
     print(f"\nresults: {os.path.abspath(OUT)}/<run>/ (metrics.jsonl, summary.json, config.yaml, "
           f"checkpoints/)")
+    print(f"report:  {os.path.abspath(report)}/report.html (and report.md, the PNG figures)")
     print(f"view:    tensorboard --logdir {OUT}   (pip install tensorboard, if it is missing)")
     print(f"afresh:  rm -rf {OUT} && make demo")
     return 0

@@ -376,3 +376,27 @@ def test_workers_get_disjoint_cores(monkeypatch):
     assert sweep_lib.worker_cores(2) == [{0, 1}, {2, 3, 4}]
     assert sweep_lib.worker_cores(5) == [{0}, {1}, {2}, {3}, {4}]
     assert sweep_lib.worker_cores(6) == [None] * 6  # fewer cores than workers: not pinned
+
+
+def test_no_more_workers_than_units_with_work(tmp_path, monkeypatch):
+    sweep = sweep_lib.load(write_sweep(tmp_path, grid={"optim.lr": [1e-3, 2e-3]}, seeds=2,
+                                       vectorize="seeds"))
+    started = []
+
+    class Child:
+        returncode = 0
+
+        def __init__(self, args, env, preexec_fn):
+            started.append(preexec_fn)
+
+        def poll(self):
+            return 0
+
+    monkeypatch.setattr(sweep_lib.subprocess, "Popen", Child)
+    assert sweep_lib._run_workers(sweep, sweep.units(), 2, progress=False) == 0
+    assert len(started) == 1  # one vectorized group: a second worker would only hold a core
+    plain = sweep_lib.load(write_sweep(tmp_path, "p", grid={"optim.lr": [1e-3, 2e-3]},
+                                       out_dir=str(tmp_path / "p")))
+    started.clear()
+    sweep_lib._run_workers(plain, plain.units(), 2, progress=False)
+    assert len(started) == 2
