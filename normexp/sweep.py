@@ -349,8 +349,8 @@ def worker_cores(k):
     """Disjoint sets of this process's CPU cores for k workers (None: leave them unpinned).
 
     XLA:CPU sizes its thread pool to the cores a process may use. A small model's step scales
-    poorly over threads, so on a 2-core CPU two workers on one core each train 1.3x the steps
-    per second of one process on both (and 1.1x two unpinned workers).
+    poorly over threads, so on a 2-core CPU two workers on one core each train 1.3x the runs
+    per hour of one process on both (scripts/bench_sweep.py, see the README).
     """
     cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
     if len(cpus) < k:
