@@ -1,39 +1,148 @@
-"""Orbax checkpoints of the whole train state: every N steps, at the end and on interrupt."""
+"""Orbax checkpoints of the whole train state, each verified before it is restored.
 
+A save is complete only once `normexp.sha256` (the SHA-256 of every file orbax wrote, in
+`sha256sum` format) stands beside it: a checkpoint without that record, or whose files no
+longer match it, is damaged (a save cut short, a truncated or flipped file, a deleted
+manifest) and is never restored. `sha256sum -c normexp.sha256` inside a step directory checks
+it by hand.
+"""
+
+import hashlib
+import logging
 import os
+import re
+import shutil
 
 import jax
 import orbax.checkpoint as ocp
-from absl import logging as absl_logging
 
-absl_logging.set_verbosity(absl_logging.ERROR)  # orbax narrates every save at INFO
+from normexp.errors import UsageError
+from normexp.tracking import write_atomic
+
+# orbax narrates every save at INFO and prints whole tracebacks from its writer threads when a
+# write fails; the failure reaches the caller as an exception, reported there in one line.
+logging.getLogger("absl").setLevel(logging.CRITICAL)
+
+RECORD = "normexp.sha256"
+SET_ASIDE = "checkpoints_damaged"  # beside checkpoints/: orbax never sees what is moved there
+
+
+def file_digests(step_dir):
+    """{path relative to step_dir: sha256 hex} of every file but the record itself."""
+    digests = {}
+    for root, dirs, files in os.walk(step_dir):
+        dirs.sort()
+        for name in sorted(files):
+            path = os.path.join(root, name)
+            rel = os.path.relpath(path, step_dir)
+            if rel == RECORD:
+                continue
+            digest = hashlib.sha256()
+            with open(path, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(chunk)
+            digests[rel] = digest.hexdigest()
+    return digests
+
+
+def damage(step_dir):
+    """Why the checkpoint in `step_dir` cannot be trusted, or None if it is intact."""
+    record = os.path.join(step_dir, RECORD)
+    try:
+        with open(record) as f:
+            lines = [line.split(None, 1) for line in f.read().splitlines() if line.strip()]
+    except FileNotFoundError:
+        return f"no {RECORD} (its save did not finish)"
+    except OSError as e:
+        return f"cannot read {RECORD} ({e.strerror})"
+    expected = {rel.strip(): digest for digest, rel in (p for p in lines if len(p) == 2)}
+    if not expected or len(expected) != len(lines):
+        return f"{RECORD} is malformed"
+    try:
+        actual = file_digests(step_dir)
+    except OSError as e:
+        return f"cannot read {e.filename} ({e.strerror})"
+    for rel, digest in sorted(expected.items()):
+        if rel not in actual:
+            return f"{rel} is missing"
+        if actual[rel] != digest:
+            return f"{rel} does not match its checksum"
+    return None
 
 
 class Checkpoints:
-    """The last `keep` checkpoints of a run under `directory`, written atomically by orbax."""
+    """The last `keep` checkpoints of a run under `directory`.
 
-    def __init__(self, directory, keep):
+    On opening, every step directory is verified: `intact` lists the steps that may be
+    restored, `damaged` maps the others to the reason. `primary` is the process that writes
+    the checksum records (orbax coordinates the data files across processes itself).
+    """
+
+    def __init__(self, directory, keep, *, primary=True):
+        self.directory = os.path.abspath(directory)
+        self.primary = primary
         # Synchronous saves: the train step donates its state buffers, and an interrupted run
         # must have its checkpoint on disk before the process exits.
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                                enable_async_checkpointing=False)
-        self.manager = ocp.CheckpointManager(os.path.abspath(directory), options=options)
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self.damaged = {}
+        for name in os.listdir(self.directory):
+            path = os.path.join(self.directory, name)
+            if re.fullmatch(r"\d+", name) and os.path.isdir(path):
+                reason = damage(path)
+                if reason:
+                    self.damaged[int(name)] = reason
+        self.intact = sorted(set(self.manager.all_steps()) - set(self.damaged))
 
-    def latest_step(self):
-        return self.manager.latest_step()
+    def set_aside(self, step):
+        """Move a damaged checkpoint out of the way (never delete it); returns where it went."""
+        target = os.path.join(os.path.dirname(self.directory), SET_ASIDE, str(step))
+        suffix = 1
+        while os.path.exists(target):
+            suffix += 1
+            target = os.path.join(os.path.dirname(self.directory), SET_ASIDE, f"{step}.{suffix}")
+        if self.primary:
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            shutil.move(os.path.join(self.directory, str(step)), target)
+        return target
 
-    def all_steps(self):
-        return list(self.manager.all_steps())
+    def reload(self):
+        """Forget what was set aside (every process, once the primary has moved it)."""
+        self.manager.reload()
+        self.intact = sorted(set(self.manager.all_steps()) - set(self.damaged))
 
     def save(self, step, state):
         if step in self.manager.all_steps():
             return
-        self.manager.save(step, args=ocp.args.StandardSave(state))
+        try:
+            self.manager.save(step, args=ocp.args.StandardSave(state))
+        except ValueError as e:  # tensorstore reports a failed write as a ValueError
+            raise _os_error(e) or e
+        if self.primary:
+            step_dir = os.path.join(self.directory, str(step))
+            write_atomic(os.path.join(step_dir, RECORD), "".join(
+                f"{digest}  {rel}\n" for rel, digest in file_digests(step_dir).items()))
 
     def restore(self, step, like):
         """The state saved at `step`, with the structure, shapes and dtypes of `like`."""
         target = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
-        return self.manager.restore(step, args=ocp.args.StandardRestore(target))
+        try:
+            return self.manager.restore(step, args=ocp.args.StandardRestore(target))
+        except (ValueError, KeyError, OSError) as e:
+            raise UsageError(f"{self.directory}/{step}: cannot restore a checkpoint that "
+                               f"passed its checksums ({type(e).__name__}: "
+                               f"{str(e).splitlines()[0][:300]})") from None
 
     def close(self):
         self.manager.close()
+
+
+def _os_error(e):
+    """The OSError behind a tensorstore write failure ("... [os_error_code='28']"), if any."""
+    code = re.search(r"os_error_code='(\d+)'", str(e))
+    if not code:
+        return None
+    path = re.search(r'Failed (?:writing|to write)[^"]*"([^"]+)"', str(e))
+    number = int(code.group(1))
+    return OSError(number, os.strerror(number), path.group(1) if path else None)

@@ -1,15 +1,25 @@
-"""The `normexp` command: train, sweep, results, prepare, bench. It parses arguments and calls
-the library."""
+"""The `normexp` command line: it parses arguments and calls the library.
+
+Commands import what they use when they run, so `normexp --help` answers without loading JAX.
+"""
 
 import argparse
+import functools
 import json
 import os
+import re
 import signal
 import sys
 
-from normexp.errors import UsageError
+from normexp.errors import EXIT_STORAGE, EXIT_USAGE, StorageError, UsageError
 
-EXIT_USAGE = 2
+DESCRIPTION = ("Train and compare normalization layers in transformers with seven commands: "
+               "train (one run), sweep (every run of a sweep file), results (a sweep's table), "
+               "report (figures and tables of runs), claims (published claims about norms, "
+               "tested), prepare (a byte-level corpus) and bench (compile and step times).")
+
+# A first argument like this is a forgotten `=`, not a config file name.
+_DOTTED_KEY = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+")
 
 
 def _split_config_args(args):
@@ -17,6 +27,10 @@ def _split_config_args(args):
     path = None
     if args and "=" not in args[0]:
         path, args = args[0], args[1:]
+        if (_DOTTED_KEY.fullmatch(path) and not path.lower().endswith((".yaml", ".yml"))
+                and not os.path.exists(path)):
+            raise UsageError(f"{path!r}: expected dotted.key=value (e.g. model.n_layer=8); "
+                             f"a config file ends in .yaml")
     for arg in args:
         if "=" not in arg:
             raise UsageError(f"{arg!r}: expected dotted.key=value after the config file "
@@ -32,7 +46,7 @@ def _load(args):
 def cmd_train(ns):
     from normexp.train import run
     cfg = _load(ns.config)
-    summary = run(cfg, resume=ns.resume, overwrite=ns.overwrite)
+    summary = run(cfg, resume=ns.resume, overwrite=ns.overwrite, missing_ok=False)
     line = {k: summary[k] for k in ("status", "steps", "diverged_step", "final_val_loss",
                                     "best_val_loss", "tokens_per_s")}
     print(f"{summary['run_dir']}: {json.dumps(line)}")
@@ -96,7 +110,8 @@ def _claim_numbers(text):
 def cmd_prepare(ns):
     from normexp.data import prepare
     n_train, n_val = prepare(ns.text_file, ns.out_dir)
-    print(f"{ns.out_dir}: train.bin {n_train} tokens, val.bin {n_val} tokens, vocab 256 (bytes)")
+    print(f"{ns.out_dir}: train.bin {n_train} tokens, val.bin {n_val} tokens, "
+          f"vocab 256 (bytes, dtype uint16)")
     return 0
 
 
@@ -134,16 +149,38 @@ def _positive(text):
     return value
 
 
+class _Version(argparse.Action):
+    """--version, looked up only when asked for: the metadata scan costs every other command."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS,
+                         help="print the installed version and exit")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from importlib import metadata
+        try:
+            version = metadata.version("normexp")
+        except metadata.PackageNotFoundError:
+            version = "unknown (not installed; pip install -e .)"
+        print(f"normexp {version}")
+        parser.exit()
+
+
 def parser():
-    p = argparse.ArgumentParser(prog="normexp", description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("train", help="train one run")
+    # allow_abbrev=False everywhere: a prefix such as --o would otherwise mean --overwrite and
+    # delete a run, and any later option sharing the prefix would change what it means.
+    p = argparse.ArgumentParser(prog="normexp", description=DESCRIPTION, allow_abbrev=False,
+                                epilog="`normexp COMMAND --help` lists a command's options.")
+    p.add_argument("--version", action=_Version)
+    sub = p.add_subparsers(dest="command", required=True, title="commands", metavar="COMMAND")
+    add = functools.partial(sub.add_parser, allow_abbrev=False)
+    t = add("train", help="train one run")
     t.add_argument("config", nargs="*", metavar="[CONFIG.yaml] [key=value]",
                    help="a YAML config (default: built-in defaults) then dotted overrides")
     t.add_argument("--resume", action="store_true", help="continue an existing run directory")
     t.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     t.set_defaults(func=cmd_train)
-    sw = sub.add_parser("sweep", help="train every run of a sweep file (resumable, shardable)")
+    sw = add("sweep", help="train every run of a sweep file (resumable, shardable)")
     sw.add_argument("sweep_file", metavar="SWEEP.yaml")
     sw.add_argument("--shard", metavar="I/N", help="train only the I-th of N slices (1 <= I <= N)")
     sw.add_argument("--dry-run", action="store_true", help="list the runs and their count")
@@ -153,15 +190,15 @@ def parser():
     sw.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     sw.add_argument("--units", default="", help=argparse.SUPPRESS)
     sw.set_defaults(func=cmd_sweep)
-    rs = sub.add_parser("results", help="print and write the results table of a sweep directory")
+    rs = add("results", help="print and write the results table of a sweep directory")
     rs.add_argument("sweep_dir", metavar="SWEEP_DIR")
     rs.set_defaults(func=cmd_results)
-    rp = sub.add_parser("report", help="write report.md, report.html and figures for runs")
+    rp = add("report", help="write report.md, report.html and figures for runs")
     rp.add_argument("path", nargs="+", metavar="RUNS_OR_SWEEP_DIR",
                     help="a run, a sweep, or a directory of runs (several may be given)")
     rp.add_argument("--out", help="where to write (default: <first path>/report)")
     rp.set_defaults(func=cmd_report)
-    cl = sub.add_parser("claims", help="test published claims about norms with small studies")
+    cl = add("claims", help="test published claims about norms with small studies")
     cl.add_argument("--quick", action="store_true",
                     help="CPU-sized studies (minutes on 2 cores); default: the full studies, "
                          "meant for an accelerator")
@@ -170,11 +207,11 @@ def parser():
     cl.add_argument("--only", type=_claim_numbers, metavar="N[,N...]",
                     help="only these claims (numbers as in claims.md)")
     cl.set_defaults(func=cmd_claims)
-    pr = sub.add_parser("prepare", help="write byte-level train.bin/val.bin/meta.json")
+    pr = add("prepare", help="write byte-level train.bin/val.bin/meta.json")
     pr.add_argument("text_file")
     pr.add_argument("out_dir")
     pr.set_defaults(func=cmd_prepare)
-    b = sub.add_parser("bench", help="time compile and step, with and without per-layer norms")
+    b = add("bench", help="time compile and step, with and without per-layer norms")
     b.add_argument("config", nargs="*", metavar="[CONFIG.yaml] [key=value]")
     b.add_argument("--steps", type=_positive, default=10, help="steps per timed repeat")
     b.add_argument("--repeats", type=_positive, default=5,
@@ -201,6 +238,10 @@ def main(argv=None):
     except UsageError as e:
         print(f"normexp: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except (StorageError, OSError) as e:  # disk full, read-only, permission denied
+        error = StorageError.from_os(e) if isinstance(e, OSError) else e
+        print(f"normexp: error: {error}", file=sys.stderr)
+        return EXIT_STORAGE
     except KeyboardInterrupt:  # before the training loop takes over the signal
         print("normexp: interrupted", file=sys.stderr)
         return 128 + signal.SIGINT

@@ -19,6 +19,9 @@ import yaml
 from normexp.errors import UsageError
 
 
+INT32_MAX = 2**31 - 1  # the step counter, token ids and positions are int32 on the device
+
+
 def opt(default, doc, check=None):
     """A config field with its default, a one-line doc and an optional range check."""
     return field(default=default, metadata={"doc": doc, "check": check})
@@ -61,14 +64,27 @@ def safe_name(v):
             "not starting with '.' or '-')")
 
 
+def suggest(name, valid):
+    """The valid name that `name` most likely meant, or None. A name it extends or abbreviates
+    comes first (prenorm -> pre, layer -> layernorm): by spelling alone difflib ranks prenorm
+    nearer to deepnorm than to pre."""
+    text = str(name).lower()
+    affixed = [v for v in valid if text and (text.startswith(v.lower()) or
+                                             v.lower().startswith(text))]
+    if affixed:
+        return max(affixed, key=len)
+    near = difflib.get_close_matches(str(name), list(valid), n=1)
+    return near[0] if near else None
+
+
 def registered(registry_name):
     """Checks a name against a registry (norms, placements) that is imported lazily."""
     def check(v):
         names = sorted(_registry(registry_name))
         if v in names:
             return None
-        near = difflib.get_close_matches(v, names, n=1)
-        hint = f"; did you mean {near[0]!r}?" if near else ""
+        near = suggest(v, names)
+        hint = f"; did you mean {near!r}?" if near else ""
         return f"unknown {registry_name} {v!r}{hint} (valid: {', '.join(names)})"
     return check
 
@@ -275,8 +291,8 @@ def read_yaml(path, what="sections (model:, optim:, ...)"):
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
         raise UsageError(f"{path}:{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
-    if raw is None:
-        return {}
+    if raw is None:  # an empty file (or only comments) would silently mean the defaults
+        raise UsageError(f"{path}: is empty, expected a mapping of {what}")
     if not isinstance(raw, dict):
         raise UsageError(f"{path}: expected a mapping of {what}, got {type(raw).__name__}")
     return raw
@@ -289,8 +305,8 @@ def _build(cls, raw, prefix):
     hints = typing.get_type_hints(cls)
     for key in raw:
         if key not in fields:
-            near = difflib.get_close_matches(str(key), fields, n=1)
-            hint = f"; did you mean '{prefix}{near[0]}'?" if near else ""
+            near = suggest(key, fields)
+            hint = f"; did you mean '{prefix}{near}'?" if near else ""
             raise UsageError(f"{prefix}{key}: unknown key{hint} "
                              f"(valid in {prefix.rstrip('.') or 'the top level'}: "
                              f"{', '.join(fields)})")
@@ -306,6 +322,9 @@ def _build(cls, raw, prefix):
             raise UsageError(f"{path}: is a value, not a section (it has no keys "
                              f"{', '.join(path + '.' + str(k) for k in raw[name])})")
         value = _coerce(raw[name], kind, path)
+        if kind is int and value > INT32_MAX:
+            raise UsageError(f"{path}: must be at most {INT32_MAX} (steps, token ids and "
+                             f"positions are int32), got {value}")
         problem = f.metadata["check"] and f.metadata["check"](value)
         if problem:
             raise UsageError(f"{path}: {problem}, got {value!r}")

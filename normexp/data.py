@@ -21,6 +21,10 @@ from normexp.errors import UsageError
 
 TRAIN_FRACTION = 0.9
 BYTE_VOCAB = 256
+# The width of the ids in train.bin/val.bin, named by meta's "dtype"; uint16 when absent, as in
+# nanoGPT. The files carry no header, so a wrong width reads as plausible garbage: it is checked.
+DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
+DEFAULT_DTYPE = "uint16"
 
 
 @dataclass(frozen=True)
@@ -28,7 +32,7 @@ class Corpus:
     train: np.ndarray  # 1-D token ids (a memmap for user data)
     val: np.ndarray
     vocab_size: int
-    fingerprint: dict  # source, bytes, sha256
+    fingerprint: dict  # source, dtype, bytes (of the files), sha256
 
 
 def pydoc_bytes():
@@ -49,19 +53,23 @@ def load_corpus(path, vocab_size, seq_len):
         raw = pydoc_bytes()
         train, val = split_bytes(raw)
         vocab = vocab_size or BYTE_VOCAB
-        fingerprint = {"source": "pydoc_data.topics", "bytes": len(raw),
+        fingerprint = {"source": "pydoc_data.topics", "dtype": "uint8", "bytes": len(raw),
                        "sha256": hashlib.sha256(raw).hexdigest()}
     else:
         if not os.path.isdir(path):
             raise UsageError(f"data.path: {path!r} is not a directory "
                              f"(expected one holding train.bin and val.bin)")
-        train, val = (_read_bin(os.path.join(path, f"{s}.bin")) for s in ("train", "val"))
-        vocab = vocab_size or _meta_vocab(path)
+        # The meta comes first even when data.vocab_size is set: only it says how wide an id is.
+        meta_file, meta = _read_meta(path)
+        dtype = _meta_dtype(meta_file, meta)
+        vocab = vocab_size or _meta_vocab(path, meta_file, meta)
+        train, val = (_read_bin(os.path.join(path, f"{s}.bin"), dtype) for s in ("train", "val"))
+        _check_vocab_fits(vocab, dtype, meta_file, path, from_config=bool(vocab_size))
         digest = hashlib.sha256()
         for split in (train, val):
             digest.update(np.ascontiguousarray(split).view(np.uint8))
-        fingerprint = {"source": os.path.abspath(path), "bytes": 2 * (len(train) + len(val)),
-                       "sha256": digest.hexdigest()}
+        fingerprint = {"source": os.path.abspath(path), "dtype": dtype,
+                       "bytes": train.nbytes + val.nbytes, "sha256": digest.hexdigest()}
     for name, split in (("train", train), ("val", val)):
         if len(split) < seq_len + 1:
             raise UsageError(f"{name} split has {len(split)} tokens, fewer than data.seq_len + 1 "
@@ -73,19 +81,22 @@ def load_corpus(path, vocab_size, seq_len):
     return Corpus(train, val, vocab, fingerprint)
 
 
-def _read_bin(file):
+def _read_bin(file, dtype):
     if not os.path.isfile(file):
-        raise UsageError(f"{file}: missing (a data directory needs train.bin and val.bin, "
-                         f"uint16 token ids; `normexp prepare TEXT OUT_DIR` writes them)")
-    size = os.path.getsize(file)
-    if size % 2:
-        raise UsageError(f"{file}: {size} bytes is not a whole number of uint16 tokens")
+        raise UsageError(f"{file}: missing (a data directory needs train.bin and val.bin, token "
+                         f"ids of meta.json's \"dtype\", {DEFAULT_DTYPE} by default; "
+                         f"`normexp prepare TEXT OUT_DIR` writes them)")
+    size, width = os.path.getsize(file), np.dtype(DTYPES[dtype]).itemsize
+    if size % width:
+        raise UsageError(f"{file}: {size} bytes is not a whole number of {dtype} tokens "
+                         f"({width} bytes each); check \"dtype\" in meta.json")
     if size == 0:
         raise UsageError(f"{file}: is empty")
-    return np.memmap(file, dtype=np.uint16, mode="r")
+    return np.memmap(file, dtype=DTYPES[dtype], mode="r")
 
 
-def _meta_vocab(path):
+def _read_meta(path):
+    """(file, dict) from meta.json, else meta.pkl; (None, {}) when the directory has neither."""
     meta_json, meta_pkl = os.path.join(path, "meta.json"), os.path.join(path, "meta.pkl")
     if os.path.isfile(meta_json):
         try:
@@ -99,12 +110,47 @@ def _meta_vocab(path):
     elif os.path.isfile(meta_pkl):
         meta, source = read_meta_pkl(meta_pkl), meta_pkl
     else:
+        return None, {}
+    if not isinstance(meta, dict):
+        raise UsageError(f"{source}: expected a mapping like {{\"vocab_size\": N, \"dtype\": "
+                         f"\"{DEFAULT_DTYPE}\"}}, got {type(meta).__name__}")
+    return source, meta
+
+
+def _meta_dtype(source, meta):
+    dtype = meta.get("dtype", DEFAULT_DTYPE)
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise UsageError(f"{source}: 'dtype' must be one of {', '.join(map(repr, DTYPES))} "
+                         f"(the width of the token ids in train.bin/val.bin), got {dtype!r}")
+    return dtype
+
+
+def _meta_vocab(path, source, meta):
+    if source is None:
         raise UsageError(f"{path}: no meta.json or meta.pkl to read the vocabulary size from; "
                          f"set data.vocab_size")
-    vocab = meta.get("vocab_size") if isinstance(meta, dict) else None
+    vocab = meta.get("vocab_size")
     if not isinstance(vocab, int) or isinstance(vocab, bool) or vocab <= 0:
         raise UsageError(f"{source}: needs a positive integer 'vocab_size', got {vocab!r}")
     return vocab
+
+
+def _check_vocab_fits(vocab, dtype, meta_file, path, *, from_config):
+    """A vocabulary wider than the ids is the mark of files written in a wider dtype."""
+    capacity = 1 << (8 * np.dtype(DTYPES[dtype]).itemsize)
+    if vocab <= capacity:
+        return
+    origin = "data.vocab_size" if from_config else "vocab_size"
+    where = meta_file or f"{os.path.join(path, 'train.bin')} (read as {dtype}: no meta.json)"
+    if dtype == "uint32":
+        fix = f"no dtype holds more; fix {origin}"
+    elif meta_file and meta_file.endswith(".pkl"):
+        fix = ("if the .bin files hold uint32 ids, add 'dtype': 'uint32' to meta.pkl or write "
+               "a meta.json with vocab_size and \"dtype\": \"uint32\"")
+    else:
+        fix = "if the .bin files hold uint32 ids, write \"dtype\": \"uint32\" in meta.json"
+    raise UsageError(f"{where}: {origin} {vocab} is more token ids than {dtype} holds "
+                     f"({capacity}); {fix}")
 
 
 class _PlainUnpickler(pickle.Unpickler):
@@ -219,6 +265,7 @@ def prepare(text_file, out_dir):
     os.makedirs(out_dir, exist_ok=True)
     write_atomic(os.path.join(out_dir, "train.bin"), train.astype(np.uint16).tobytes())
     write_atomic(os.path.join(out_dir, "val.bin"), val.astype(np.uint16).tobytes())
-    meta = {"vocab_size": BYTE_VOCAB, "tokenizer": "bytes", "source": os.path.abspath(text_file)}
+    meta = {"vocab_size": BYTE_VOCAB, "dtype": "uint16", "tokenizer": "bytes",
+            "source": os.path.abspath(text_file)}
     write_atomic(os.path.join(out_dir, "meta.json"), json.dumps(meta, indent=1) + "\n")
     return len(train), len(val)

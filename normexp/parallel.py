@@ -19,19 +19,58 @@ from normexp.errors import UsageError
 AXIS = "data"
 
 
+ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
+
+
 def initialize_distributed():
     """Join a multi-host job when its launcher says so (NORMEXP_DISTRIBUTED=1).
 
-    jax.distributed.initialize() reads the coordinator, process count and id from SLURM, Open
-    MPI, TPU pods, or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID.
+    With JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID set, they define the
+    job (jax reads only the address from the environment itself); with none of them, jax
+    detects SLURM, Open MPI or a TPU pod.
     """
-    if os.environ.get("NORMEXP_DISTRIBUTED", "") not in ("", "0"):
-        jax.distributed.initialize()
+    if os.environ.get("NORMEXP_DISTRIBUTED", "") in ("", "0"):
+        return
+    given = {name: os.environ.get(name, "") for name in ENV}
+    if not any(given.values()):
+        try:
+            jax.distributed.initialize()
+        except (ValueError, RuntimeError) as e:
+            raise UsageError(f"NORMEXP_DISTRIBUTED=1: no cluster found ({str(e).splitlines()[0]})"
+                             f"; set {', '.join(ENV)}") from None
+        return
+    missing = [name for name, value in given.items() if not value]
+    if missing:
+        raise UsageError(f"{', '.join(missing)}: not set (NORMEXP_DISTRIBUTED=1 needs all of "
+                         f"{', '.join(ENV)}, or none of them to let jax detect the cluster)")
+    address = given["JAX_COORDINATOR_ADDRESS"]
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise UsageError(f"JAX_COORDINATOR_ADDRESS: expected host:port (process 0's address "
+                         f"and a free port), got {address!r}")
+    count, index = _env_int("JAX_NUM_PROCESSES", given, 1), _env_int("JAX_PROCESS_ID", given, 0)
+    if index >= count:
+        raise UsageError(f"JAX_PROCESS_ID: must be below JAX_NUM_PROCESSES={count}, got {index}")
+    jax.distributed.initialize(address, num_processes=count, process_id=index)
+
+
+def _env_int(name, given, least):
+    value = given[name]
+    if not value.strip().isdigit() or int(value) < least:
+        raise UsageError(f"{name}: expected an integer >= {least}, got {value!r}")
+    return int(value)
 
 
 def is_primary():
     """The process that writes logs, summaries and tables (orbax coordinates checkpoints)."""
     return jax.process_index() == 0
+
+
+def barrier(name):
+    """Wait until every process of the job gets here (nothing to wait for in one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
 
 
 class Devices:

@@ -21,7 +21,7 @@ import sys
 import time
 
 from normexp import config as config_lib
-from normexp.errors import UsageError
+from normexp.errors import StorageError, UsageError
 from normexp.locks import RunLock
 from normexp.tracking import read_json, write_atomic
 
@@ -305,7 +305,7 @@ def run_units(sweep, units, progress):
                                   file=sys.stderr)
                 try:
                     summaries = run_group([r.cfg for r in todo], resume=True)
-                except UsageError:
+                except (UsageError, StorageError):  # the next run would fail the same way
                     raise
                 except Exception as e:  # a crashed run is recorded; the sweep goes on
                     summaries = [_record_failure(r, e) for r in todo]

@@ -4,6 +4,22 @@ import json
 import math
 import os
 import tempfile
+import threading
+
+_umask = None
+_umask_lock = threading.Lock()
+
+
+def _file_mode():
+    """The mode open() gives a new file: 0o666 less the process umask."""
+    global _umask
+    with _umask_lock:
+        if _umask is None:
+            # The umask can only be read by setting it; in between, a file another thread
+            # creates is at worst too private, never too public.
+            _umask = os.umask(0o077)
+            os.umask(_umask)
+    return 0o666 & ~_umask
 
 
 def write_atomic(path, content):
@@ -11,6 +27,9 @@ def write_atomic(path, content):
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-" + os.path.basename(path))
     try:
+        # mkstemp makes the file 0600 whatever the umask; colleagues sharing a cluster read
+        # configs, metrics and reports, so the file gets the mode any other file would.
+        os.fchmod(fd, _file_mode())
         with os.fdopen(fd, "wb" if isinstance(content, bytes) else "w") as f:
             f.write(content)
             f.flush()
@@ -51,6 +70,10 @@ def read_metrics(path):
     return records
 
 
+_SESSION_STATUS = {"completed": "STATUS_SUCCESS", "diverged": "STATUS_FAILURE",
+                   "failed": "STATUS_FAILURE"}
+
+
 class Tracker:
     """Appends one JSON object per logged step to metrics.jsonl, and mirrors it to TensorBoard.
 
@@ -88,9 +111,26 @@ class Tracker:
         if self.tb is None:
             return
         from tensorboardX.summary import hparams
-        experiment, start, end = hparams(values, {tag: 0.0 for tag in metrics})
-        for summary in (experiment, start, end):
+        # tensorboardX also returns a session end marked SUCCESS; end_session writes the real one.
+        experiment, start, _ = hparams(values, {tag: 0.0 for tag in metrics})
+        for summary in (experiment, start):
             self.tb.file_writer.add_summary(summary)
+
+    def end_session(self, status):
+        """End the HParams session with a run's status (summary.json's). An interrupted run is
+        UNKNOWN, not FAILURE: --resume continues it. Built as tensorboardX.summary.hparams
+        builds its session end, which can only say SUCCESS."""
+        if self.tb is None:
+            return
+        from tensorboardX.proto.api_pb2 import Status
+        from tensorboardX.proto.plugin_hparams_pb2 import HParamsPluginData, SessionEndInfo
+        from tensorboardX.proto.summary_pb2 import Summary, SummaryMetadata
+        end = SessionEndInfo(status=Status.Value(_SESSION_STATUS.get(status, "STATUS_UNKNOWN")))
+        content = HParamsPluginData(session_end_info=end, version=0)
+        metadata = SummaryMetadata(plugin_data=SummaryMetadata.PluginData(
+            plugin_name="hparams", content=content.SerializeToString()))
+        self.tb.file_writer.add_summary(Summary(value=[Summary.Value(
+            tag="_hparams_/session_end_info", metadata=metadata)]))
 
     def close(self):
         if self.file is not None:

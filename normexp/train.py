@@ -11,14 +11,10 @@ their states and trains them together with one `jax.vmap`-ed step (a sweep's `ve
 seeds`), each writing the run directory that `normexp train` would have written for it.
 """
 
-import json
 import os
-import platform
-import shutil
 import signal
 import sys
 import time
-from importlib import metadata
 
 import jax
 import jax.numpy as jnp
@@ -26,16 +22,17 @@ import numpy as np
 import optax
 from flax import nnx
 
-from normexp import allocator
+from normexp import allocator, budget, rundir
 from normexp import config as config_lib
 from normexp import data as data_lib
 from normexp.checkpoint import Checkpoints
-from normexp.errors import UsageError
+from normexp.errors import StorageError, UsageError
 from normexp.metrics import layer_stats, per_block
 from normexp.model import evaluation_view, loss_fn, make_model, norm_report
 from normexp.optim import learning_rate, make_optimizer
-from normexp.parallel import Devices, is_primary
-from normexp.tracking import Tracker, finite_or_none, read_json, write_atomic
+from normexp.parallel import Devices, barrier, is_primary
+from normexp.stop import StopRequests
+from normexp.tracking import Tracker, finite_or_none, read_json
 
 # What may differ between the runs of one vectorized group: everything else shapes the program.
 GROUP_KEYS = ("run.seed", "optim.lr", "run.name", "run.out_dir")
@@ -118,75 +115,13 @@ def every(step, n, total):
     return step % n == 0 or step == total - 1
 
 
-def versions():
-    names = ["normexp", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy"]
-    out = {"python": platform.python_version()}
-    for name in names:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = None
-    return out
-
-
-def prepare_run_dir(cfg, *, resume, overwrite):
-    """Create (or check, for --resume) the run directory; nothing is replaced silently."""
-    run_dir = cfg.run.dir
-    if resume and overwrite:
-        raise UsageError("--resume and --overwrite exclude each other: continue the run or "
-                         "replace it")
-    saved = os.path.join(run_dir, "config.yaml")
-    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
-        raise UsageError(f"run.out_dir: {run_dir!r} is a file, not a directory")
-    if os.path.isdir(run_dir) and os.listdir(run_dir):
-        is_run = os.path.isfile(saved)
-        if not is_run:
-            raise UsageError(f"{run_dir}: exists and is not a normexp run (no config.yaml); "
-                             f"refusing to {'resume' if resume else 'replace'} it, choose "
-                             f"another run.name or run.out_dir")
-        if overwrite:
-            shutil.rmtree(run_dir)
-        elif resume:
-            differ = config_lib.differences(config_lib.load(saved), cfg)
-            if differ:
-                raise UsageError(f"{run_dir}: --resume with a config that differs from the "
-                                 f"run's config.yaml in {', '.join(differ)}; pass {saved} "
-                                 f"to continue it as it was")
-        else:
-            raise UsageError(f"{run_dir}: already exists; pass --resume to continue it or "
-                             f"--overwrite to replace it")
-    os.makedirs(run_dir, exist_ok=True)
-    if is_primary():
-        write_atomic(saved, config_lib.to_yaml(cfg))
-    return run_dir
-
-
-class _StopRequests:
-    """Turns SIGINT/SIGTERM into a flag the loop checks between steps."""
-
-    def __init__(self):
-        self.signum = None
-
-    def __enter__(self):
-        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def _handle(self, signum, frame):
-        self.signum = signum
-        signal.signal(signum, self.previous[signum])  # a second signal acts at once
-
-    def __exit__(self, *exc):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-
-
-def run(cfg, *, resume=False, overwrite=False):
+def run(cfg, *, resume=False, overwrite=False, missing_ok=True):
     """Train one run as configured; returns its summary (also written to summary.json).
 
     SIGINT and SIGTERM are turned into a clean stop (checkpoint, status `interrupted`) from
     here on, so a signal during compilation is handled like one during training.
     """
-    return run_group([cfg], resume=resume, overwrite=overwrite)[0]
+    return run_group([cfg], resume=resume, overwrite=overwrite, missing_ok=missing_ok)[0]
 
 
 def check_group(cfgs):
@@ -202,11 +137,10 @@ def check_group(cfgs):
 class Member:
     """One run of a group: its config, directory, writers, and where it stands."""
 
-    def __init__(self, cfg, *, resume, overwrite):
+    def __init__(self, cfg, *, resume, overwrite, missing_ok):
         self.cfg = cfg
-        self.dir = prepare_run_dir(cfg, resume=resume, overwrite=overwrite)
-        self.summary_path = os.path.join(self.dir, "summary.json")
-        previous = read_json(self.summary_path) if resume else None
+        self.dir = rundir.prepare(cfg, resume=resume, overwrite=overwrite, missing_ok=missing_ok)
+        previous = read_json(os.path.join(self.dir, "summary.json")) if resume else None
         self.summary = previous
         self.finished = bool(previous) and previous.get("status") in ("completed", "diverged")
         self.status = None  # set when the run stops: diverged, interrupted, completed
@@ -215,40 +149,77 @@ class Member:
         self.tracker = self.checkpoints = None
 
     def write_summary(self):
-        if is_primary():
-            write_atomic(self.summary_path, _json(self.summary))
+        rundir.write_summary(self.dir, self.summary)
+
+    def fail(self, error):
+        self.summary = {**(self.summary or {}), "status": "failed", "error": str(error),
+                        "run_dir": os.path.abspath(self.dir)}
 
     def close(self):
-        for writer in (self.tracker, self.checkpoints):
-            if writer is not None:
-                writer.close()
+        """Close the writers once, ending TensorBoard's session with the run's status; a run
+        that the disk failed is closed as well as the disk allows."""
+        writers, self.tracker, self.checkpoints = (self.tracker, self.checkpoints), None, None
+        try:
+            if writers[0] is not None and self.summary:
+                writers[0].end_session(self.summary["status"])
+            for writer in writers:
+                if writer is not None:
+                    writer.close()
+        except OSError:
+            if (self.summary or {}).get("status") != "failed":
+                raise
 
 
-def run_group(cfgs, *, resume=False, overwrite=False):
+def run_group(cfgs, *, resume=False, overwrite=False, missing_ok=True):
     """Train runs that differ only in seed and lr; one run trains alone, several vectorized.
 
     Returns their summaries in order. Finished runs (completed or diverged) are not retrained
-    under `resume`; the others continue together from the last checkpoint they all have.
+    under `resume`; the others continue together from the last checkpoint they all have (a run
+    that does not exist yet starts, unless `missing_ok` is false). A config that cannot fit in
+    memory is refused before anything is written. A failing disk ends the runs as `failed` (in
+    summary.json if it can still be written) and raises StorageError; they resume cleanly.
     """
     check_group(cfgs)
     cfg = cfgs[0]
     corpus = data_lib.load_corpus(cfg.data.path, cfg.data.vocab_size, cfg.data.seq_len)
+    budget.check(cfg, corpus.vocab_size, runs=len(cfgs),
+                 devices=jax.device_count() if cfg.train.data_parallel == "auto" else 1)
     if cfg.train.compile_cache:
         enable_compile_cache(cfg.train.compile_cache)
-    with _StopRequests() as stop:
-        members = [Member(c, resume=resume, overwrite=overwrite) for c in cfgs]
-        for m in members:
-            if m.finished:
-                print(f"{m.dir}: already {m.summary['status']}; nothing to do", file=sys.stderr)
-        todo = [m for m in members if not m.finished]
-        if todo:
-            try:
-                _train(todo, corpus, stop, resume=resume)
-            finally:
+    members = []
+    with StopRequests() as stop:
+        try:
+            for c in cfgs:
+                members.append(Member(c, resume=resume, overwrite=overwrite,
+                                      missing_ok=missing_ok))
+            for m in members:
+                if m.finished:
+                    print(f"{m.dir}: already {m.summary['status']}; nothing to do",
+                          file=sys.stderr)
+            todo = [m for m in members if not m.finished]
+            if todo:
+                try:
+                    _train(todo, corpus, stop, resume=resume)
+                except OSError as e:
+                    for m in todo:
+                        m.fail(StorageError.from_os(e))
+                    raise
+                finally:
+                    for m in todo:
+                        m.close()
                 for m in todo:
-                    m.close()
-            for m in todo:
-                m.write_summary()
+                    m.write_summary()
+        except OSError as e:
+            error = StorageError.from_os(e)
+            for m in members:
+                if not m.finished:
+                    m.fail(error)
+                    try:
+                        m.close()
+                        m.write_summary()
+                    except OSError:
+                        pass  # the disk that failed the run may refuse its summary too
+            raise error from None
     return [m.summary for m in members]
 
 
@@ -267,10 +238,10 @@ def _train(members, corpus, stop, *, resume):
     states = []
     for m in members:
         graphdef, tx, state = init_state(m.cfg, corpus.vocab_size)
-        m.checkpoints = Checkpoints(os.path.join(m.dir, "checkpoints"), cfg.train.keep_checkpoints)
+        m.checkpoints = Checkpoints(os.path.join(m.dir, "checkpoints"),
+                                    cfg.train.keep_checkpoints, primary=is_primary())
         states.append(state)
-    saved = [set(m.checkpoints.all_steps()) if resume else set() for m in members]
-    start = max(set.intersection(*saved), default=0)
+    start = _verified_start(members) if resume else 0
     if start:
         states = [m.checkpoints.restore(start, s) for m, s in zip(members, states)]
     norms = {"kind": cfg.model.norm.kind, "placement": cfg.model.placement,
@@ -285,7 +256,7 @@ def _train(members, corpus, stop, *, resume):
                      "final_val_loss": None, "best_val_loss": None, "tokens_per_s": None,
                      "compile_seconds": None, "data_fingerprint": corpus.fingerprint,
                      "vectorized_runs": len(members), "devices": devices.count,
-                     "versions": versions(), "allocator": allocator.active(),
+                     "versions": rundir.versions(), "allocator": allocator.active(),
                      "run_dir": os.path.abspath(m.dir)}
         m.write_summary()
         m.tracker = Tracker(m.dir, start_step=start, tensorboard=cfg.log.tensorboard,
@@ -310,6 +281,32 @@ def _train(members, corpus, stop, *, resume):
               val_batches=val_batches)
     finally:
         batches.close()
+
+
+def _verified_start(members):
+    """The newest step every member has an intact checkpoint of (0: none was saved).
+
+    Damaged checkpoints (a save cut short, files truncated, flipped or deleted) are moved
+    aside with one warning each, never deleted; with no intact one to fall back on, nothing is
+    moved and the resume is refused.
+    """
+    intact = set.intersection(*(set(m.checkpoints.intact) for m in members))
+    damaged = [(m, step, why) for m in members
+               for step, why in sorted(m.checkpoints.damaged.items())]
+    if damaged and not intact:
+        m, step, why = damaged[-1]
+        raise UsageError(f"{m.checkpoints.directory}/{step}: damaged ({why}) and no intact "
+                         f"checkpoint to resume from; pass --overwrite to start the run again")
+    start = max(intact, default=0)
+    for m, step, why in damaged:
+        where = m.checkpoints.set_aside(step)
+        print(f"warning: {m.checkpoints.directory}/{step}: damaged ({why}); moved to {where}, "
+              f"resuming from step {start}", file=sys.stderr)
+    if damaged:
+        barrier("normexp-damaged-checkpoints-moved")
+        for m in members:
+            m.checkpoints.reload()
+    return start
 
 
 def _loop(members, graphdef, tx, state, start, stop, *, batches, val_batches):
@@ -367,18 +364,20 @@ def _loop(members, graphdef, tx, state, start, stop, *, batches, val_batches):
                 m.tracker.log(s, records[id(m)])
         if all(m.status is not None for m in members):
             break  # every run diverged
-        if stop.signum is not None:
+        signum = stop.decide(every(s, cfg.log.every, steps))  # the one reading of this step
+        if signum is not None:
             for m in members:
                 if m.status is None:
-                    m.status, m.last_step = "interrupted", s
-        if stop.signum is not None or every(s + 1, cfg.train.checkpoint_every, steps + 1):
+                    m.status, m.last_step, m.summary["signal"] = ("interrupted", s,
+                                                                   signal.Signals(signum).name)
+        if signum is not None or every(s + 1, cfg.train.checkpoint_every, steps + 1):
             jax.block_until_ready(state)
             t = time.perf_counter()
             for i, m in enumerate(members):
                 if m.status in (None, "interrupted"):
                     m.checkpoints.save(s + 1, _row(state, i) if vectorized else state)
             excluded += time.perf_counter() - t
-        if stop.signum is not None:
+        if signum is not None:
             break
     jax.block_until_ready(state)
     elapsed = time.perf_counter() - t_start - excluded
@@ -397,8 +396,6 @@ def _loop(members, graphdef, tx, state, start, stop, *, batches, val_batches):
             final_val_loss=finite_or_none(m.last_val) if m.status == "completed" else None,
             best_val_loss=finite_or_none(m.best) if m.best is not None else None,
             tokens_per_s=done * B * T / elapsed if elapsed > 0 and done > 0 else None)
-        if m.status == "interrupted":
-            m.summary["signal"] = signal.Signals(stop.signum).name
 
 
 def _progress(cfg, start, runs):
@@ -407,13 +404,3 @@ def _progress(cfg, start, runs):
     hidden = not cfg.log.progress or os.environ.get("NORMEXP_WORKER")  # a sweep's worker
     return tqdm(total=cfg.train.steps, initial=start, disable=bool(hidden),
                 desc=desc, unit="step", dynamic_ncols=True, file=sys.stderr)
-
-
-def _json(obj):
-    return json.dumps(obj, indent=1, default=_to_builtin) + "\n"
-
-
-def _to_builtin(value):
-    if isinstance(value, (np.generic, np.ndarray)):
-        return value.tolist()
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")

@@ -1,4 +1,5 @@
 import os
+import struct
 import subprocess
 import sys
 
@@ -55,3 +56,18 @@ def write_sweep(tmp_path, name="s", **spec):
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     return str(path)
+
+
+def tensorboard_values(run_dir):
+    """{tag: [summary values]} of the run's event file, read as TFRecords of Event protos."""
+    from tensorboardX.proto import event_pb2
+    (name,) = [f for f in os.listdir(run_dir) if f.startswith("events.out.tfevents")]
+    values, blob = {}, open(os.path.join(run_dir, name), "rb").read()
+    offset = 0
+    while offset < len(blob):
+        (length,) = struct.unpack("<Q", blob[offset:offset + 8])
+        event = event_pb2.Event.FromString(blob[offset + 12:offset + 12 + length])
+        for v in event.summary.value:
+            values.setdefault(v.tag, []).append(v)
+        offset += 12 + length + 4
+    return values

@@ -3,7 +3,8 @@ import os
 
 import pytest
 
-from normexp.config import Config, differences, load, reference, reference_markdown, to_yaml
+from normexp.config import (Config, differences, load, reference, reference_markdown, suggest,
+                            to_yaml)
 from normexp.errors import UsageError
 
 from conftest import ROOT, normexp
@@ -71,10 +72,39 @@ def test_bad_files(tmp_path):
     bad.write_text("model:\n  n_layer: [1\n")
     with pytest.raises(UsageError, match="bad.yaml: line"):
         load(str(bad))
+    for text in ("", "# only a comment\n"):  # would silently train the defaults
+        empty = tmp_path / "empty.yaml"
+        empty.write_text(text)
+        with pytest.raises(UsageError, match="empty.yaml: is empty, expected a mapping"):
+            load(str(empty))
     listy = tmp_path / "list.yaml"
     listy.write_text("- 1\n- 2\n")
     with pytest.raises(UsageError, match="expected a mapping"):
         load(str(listy))
+
+
+@pytest.mark.parametrize("override, fragment", [
+    # difflib alone suggests deepnorm for prenorm and nothing for PreNorm
+    ("model.placement=prenorm", "unknown placement 'prenorm'; did you mean 'pre'?"),
+    ("model.placement=postnorm", "unknown placement 'postnorm'; did you mean 'post'?"),
+    ("model.placement=PreNorm", "did you mean 'pre'?"),
+    ("model.norm.kind=layer", "unknown norm 'layer'; did you mean 'layernorm'?"),
+    ("model.norm.kind=layrnorm", "unknown norm 'layrnorm'; did you mean 'layernorm'?"),
+    ("model.norm.kind=rms_norm", "unknown norm 'rms_norm'; did you mean 'rmsnorm'?"),
+    ("model.n_layers=3", "model.n_layers: unknown key; did you mean 'model.n_layer'?"),
+    ("optim.warmup=3", "optim.warmup: unknown key; did you mean 'optim.warmup_steps'?"),
+    ("model.n_layr=3", "model.n_layr: unknown key; did you mean 'model.n_layer'?"),
+])
+def test_suggestions_prefer_a_name_the_input_extends_or_abbreviates(override, fragment):
+    with pytest.raises(UsageError) as err:
+        load(None, [override])
+    assert fragment in str(err.value)
+
+
+def test_suggest_offers_nothing_for_nothing_alike():
+    assert suggest("", ["pre", "post"]) is None
+    assert suggest("zzz", ["pre", "post"]) is None
+    assert suggest("prenorm", ["deepnorm", "pre"]) == "pre"
 
 
 def test_every_field_is_documented():
@@ -88,7 +118,13 @@ def test_every_field_is_documented():
     ("optim.lr=fast", "optim.lr: expected a finite number, got 'fast'"),
     ("model.n_layer=[1", "model.n_layer: expected an integer, got '[1'"),
     ("model.placement=postt", "model.placement: unknown placement 'postt'; did you mean 'post'?"),
+    ("model.placement=prenorm", "unknown placement 'prenorm'; did you mean 'pre'?"),
     ("run.name=../../etc", "run.name: must be a plain file name"),
+    # past int32 (the step counter), before tensorboardX or XLA ever sees the value
+    ("train.steps=100000000000000000000", "train.steps: must be at most 2147483647"),
+    ("model.d_model=1099511627776", "model.d_model: must be at most 2147483647"),
+    ("train.batch_size=2147483648", "train.batch_size: must be at most 2147483647"),
+    ("run.seed=4294967296", "run.seed: must be at most 2147483647"),
 ])
 def test_cli_config_error_exits_2_with_one_line_and_writes_nothing(tmp_path, override, fragment):
     out = tmp_path / "run"
@@ -115,3 +151,11 @@ def test_readme_tables_list_every_norm_and_placement_and_each_placement_has_a_co
     placements = {load(path).model.placement
                   for path in glob.glob(os.path.join(ROOT, "configs", "*.yaml"))}
     assert placements == set(PLACEMENTS)
+
+
+def test_an_empty_config_file_exits_2_and_trains_nothing(tmp_path):
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    result = normexp("train", str(empty), f"run.out_dir={tmp_path / 'run'}")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert "empty.yaml: is empty" in result.stderr and not (tmp_path / "run").exists()

@@ -13,13 +13,25 @@ from normexp.errors import UsageError
 from conftest import ROOT, normexp
 
 
-def write_bins(directory, train, val, meta=None):
+def write_bins(directory, train, val, meta=None, dtype=np.uint16, meta_pkl=False):
     os.makedirs(directory, exist_ok=True)
-    np.asarray(train, np.uint16).tofile(os.path.join(directory, "train.bin"))
-    np.asarray(val, np.uint16).tofile(os.path.join(directory, "val.bin"))
-    if meta is not None:
+    for name, ids in (("train", train), ("val", val)):
+        ids = np.asarray(ids)
+        assert ids.max() <= np.iinfo(dtype).max  # the helper itself must not wrap ids
+        ids.astype(dtype).tofile(os.path.join(directory, f"{name}.bin"))
+    if meta is not None and meta_pkl:
+        with open(os.path.join(directory, "meta.pkl"), "wb") as f:
+            pickle.dump(meta, f)
+    elif meta is not None:
         with open(os.path.join(directory, "meta.json"), "w") as f:
             json.dump(meta, f)
+
+
+LLAMA3_VOCAB = 128256
+# Ids a uint16 reading would mangle: above 65535, and the largest the vocabulary allows.
+WIDE_TRAIN = (np.arange(100) * 1283) % LLAMA3_VOCAB
+WIDE_TRAIN[:3] = [65536, 100000, LLAMA3_VOCAB - 1]
+WIDE_VAL = (np.arange(40) * 3001 + 70000) % LLAMA3_VOCAB
 
 
 def test_embedded_corpus_follows_the_recipe():
@@ -32,6 +44,7 @@ def test_embedded_corpus_follows_the_recipe():
     np.testing.assert_array_equal(corpus.val, np.frombuffer(raw[n:], np.uint8))
     assert corpus.fingerprint["bytes"] == len(raw)
     assert corpus.fingerprint["sha256"] == hashlib.sha256(raw).hexdigest()
+    assert corpus.fingerprint["dtype"] == "uint8"
 
 
 def test_reads_the_nanogpt_format_written_by_the_shared_recipe(tmp_path):
@@ -131,6 +144,9 @@ def test_prepare_writes_a_trainable_dataset(tmp_path):
     assert corpus.vocab_size == 256
     assert len(corpus.train) + len(corpus.val) == len(text.read_bytes())
     assert bytes(np.asarray(corpus.train, np.uint8)[:5]) == b"hello"
+    with open(tmp_path / "out" / "meta.json") as f:
+        assert json.load(f)["dtype"] == "uint16"
+    assert corpus.train.dtype == np.uint16 and corpus.fingerprint["dtype"] == "uint16"
     assert not [f for f in os.listdir(tmp_path / "out") if f.startswith(".tmp")]
 
 
@@ -147,3 +163,105 @@ def test_cli_bad_data_exits_2_and_writes_nothing(tmp_path):
     result = normexp("train", f"data.path={d}", f"run.out_dir={out}", "data.seq_len=8")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "token id 300 >= vocab size 64" in result.stderr and not out.exists()
+
+
+def test_uint32_ids_load_with_the_dtype_from_meta(tmp_path):
+    meta = {"vocab_size": LLAMA3_VOCAB, "dtype": "uint32"}
+    write_bins(tmp_path, WIDE_TRAIN, WIDE_VAL, meta, dtype=np.uint32)
+    corpus = data.load_corpus(str(tmp_path), 0, 8)
+    assert corpus.vocab_size == LLAMA3_VOCAB and corpus.train.dtype == np.uint32
+    assert len(corpus.train) == 100 and len(corpus.val) == 40
+    np.testing.assert_array_equal(corpus.train, WIDE_TRAIN)
+    np.testing.assert_array_equal(corpus.val, WIDE_VAL)
+    assert corpus.fingerprint["bytes"] == 4 * 140 == os.path.getsize(tmp_path / "train.bin") + \
+        os.path.getsize(tmp_path / "val.bin")
+    assert corpus.fingerprint["dtype"] == "uint32"
+    inputs, targets = data.batch(corpus.train, seed=0, step=0, batch_size=4, seq_len=8)
+    assert inputs.max() < LLAMA3_VOCAB and set(inputs.ravel()) <= set(WIDE_TRAIN)
+    # data.vocab_size overrides the meta's vocab_size, but the width still comes from the meta
+    corpus = data.load_corpus(str(tmp_path), 130000, 8)
+    assert corpus.vocab_size == 130000 and len(corpus.train) == 100
+    np.testing.assert_array_equal(corpus.train, WIDE_TRAIN)
+
+
+def test_meta_pkl_carries_the_dtype_too(tmp_path):
+    meta = {"vocab_size": LLAMA3_VOCAB, "dtype": "uint32", "itos": {0: "a"}}
+    write_bins(tmp_path, WIDE_TRAIN, WIDE_VAL, meta, dtype=np.uint32, meta_pkl=True)
+    corpus = data.load_corpus(str(tmp_path), 0, 8)
+    np.testing.assert_array_equal(corpus.val, WIDE_VAL)
+    assert corpus.vocab_size == LLAMA3_VOCAB and corpus.fingerprint["dtype"] == "uint32"
+    del meta["dtype"]  # nanoGPT's own meta.pkl: uint16, which cannot hold this vocabulary
+    write_bins(tmp_path, WIDE_TRAIN, WIDE_VAL, meta, dtype=np.uint32, meta_pkl=True)
+    with pytest.raises(UsageError, match=r"meta\.pkl: vocab_size 128256 is more token ids than "
+                                         r"uint16 holds \(65536\); .*'dtype': 'uint32'"):
+        data.load_corpus(str(tmp_path), 0, 8)
+
+
+def test_uint16_reads_as_before_and_its_whole_range_fits(tmp_path):
+    ids = np.arange(100) * 661 % 65536
+    ids[0] = 65535
+    for meta in ({"vocab_size": 65536}, {"vocab_size": 65536, "dtype": "uint16"}):
+        write_bins(tmp_path, ids, ids[:40], meta)
+        corpus = data.load_corpus(str(tmp_path), 0, 8)
+        assert corpus.train.dtype == np.uint16 and len(corpus.train) == 100
+        np.testing.assert_array_equal(corpus.train, ids)
+        assert corpus.fingerprint["bytes"] == 2 * 140 and corpus.fingerprint["dtype"] == "uint16"
+    write_bins(tmp_path, ids, ids[:40], {"vocab_size": 65537})
+    with pytest.raises(UsageError, match="vocab_size 65537 is more token ids than uint16"):
+        data.load_corpus(str(tmp_path), 0, 8)
+
+
+@pytest.mark.parametrize("problem, fragment", [
+    ("bad_dtype", "meta.json: 'dtype' must be one of 'uint16', 'uint32' "
+                  "(the width of the token ids in train.bin/val.bin), got 'int32'"),
+    ("numeric_dtype", "meta.json: 'dtype' must be one of 'uint16', 'uint32'"),
+    ("bad_dtype_config_vocab", "meta.json: 'dtype' must be one of 'uint16', 'uint32'"),
+    ("not_a_mapping", "meta.json: expected a mapping like"),
+    ("ragged_uint32", "train.bin: 402 bytes is not a whole number of uint32 tokens "
+                      "(4 bytes each)"),
+    ("no_dtype", "meta.json: vocab_size 128256 is more token ids than uint16 holds (65536); "
+                 "if the .bin files hold uint32 ids, write \"dtype\": \"uint32\" in meta.json"),
+    ("no_meta", "train.bin (read as uint16: no meta.json): data.vocab_size 128256 is more "
+                "token ids than uint16 holds (65536)"),
+    ("beyond_uint32", "meta.json: vocab_size 4294967297 is more token ids than uint32 holds "
+                      "(4294967296); no dtype holds more; fix vocab_size"),
+])
+def test_a_dtype_that_disagrees_with_the_data_is_an_error(tmp_path, problem, fragment):
+    meta, dtype, vocab = {"vocab_size": LLAMA3_VOCAB, "dtype": "uint32"}, np.uint32, 0
+    if problem == "bad_dtype":
+        meta["dtype"] = "int32"
+    elif problem == "numeric_dtype":
+        meta["dtype"] = 32
+    elif problem == "bad_dtype_config_vocab":
+        meta, vocab = {"dtype": "float32"}, LLAMA3_VOCAB
+    elif problem == "not_a_mapping":
+        meta = [LLAMA3_VOCAB]
+    elif problem == "no_dtype":
+        del meta["dtype"]
+    elif problem == "no_meta":
+        meta, vocab = None, LLAMA3_VOCAB
+    elif problem == "beyond_uint32":
+        meta["vocab_size"] = 2**32 + 1
+    write_bins(tmp_path, WIDE_TRAIN, WIDE_VAL, meta, dtype=dtype)
+    if problem == "ragged_uint32":
+        with open(tmp_path / "train.bin", "ab") as f:
+            f.write(b"\x00\x00")
+    with pytest.raises(UsageError) as err:
+        data.load_corpus(str(tmp_path), vocab, 8)
+    assert fragment in str(err.value) and "\n" not in str(err.value)
+    assert str(tmp_path) in str(err.value)  # the full path of the file at fault
+
+
+@pytest.mark.parametrize("with_meta", [True, False])
+def test_cli_uint32_files_read_as_uint16_exit_2(tmp_path, with_meta):
+    d, out = tmp_path / "d", tmp_path / "run"
+    write_bins(d, WIDE_TRAIN, WIDE_VAL, {"vocab_size": LLAMA3_VOCAB} if with_meta else None,
+               dtype=np.uint32)
+    args = [] if with_meta else [f"data.vocab_size={LLAMA3_VOCAB}"]
+    result = normexp("train", f"data.path={d}", f"run.out_dir={out}", "data.seq_len=8", *args)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    at_fault = d / ("meta.json" if with_meta else "train.bin")
+    assert lines[0].startswith(f"normexp: error: {at_fault}") and "uint32" in lines[0]
+    assert not out.exists()

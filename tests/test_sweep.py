@@ -140,6 +140,12 @@ def test_bad_sweep_file_exits_2_with_one_line_and_no_traceback(tmp_path):
     assert not (tmp_path / "out").exists()
     missing = normexp("sweep", str(tmp_path / "nope.yaml"))
     assert missing.returncode == 2 and "nope.yaml: no such config file" in missing.stderr
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    result = normexp("sweep", str(empty))  # once trained a full default run
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert "empty.yaml: is empty, expected a mapping of sweep keys" in result.stderr
+    assert not os.path.exists(os.path.join(ROOT, "sweeps", "empty"))
 
 
 # --- running ---------------------------------------------------------------------------------

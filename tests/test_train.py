@@ -1,6 +1,6 @@
 import json
 import os
-import struct
+import signal
 import sys
 
 import jax
@@ -14,9 +14,10 @@ from normexp.checkpoint import Checkpoints
 from normexp.model import loss_fn
 from normexp.metrics import per_block
 from normexp.tracking import read_metrics
+from normexp import train as train_lib
 from normexp.train import init_state, make_train_step, run
 
-from conftest import normexp
+from conftest import normexp, tensorboard_values
 
 KILLER = '''
 import os, signal, sys
@@ -153,21 +154,6 @@ def test_tiny_run_end_to_end(tiny, tmp_path):
     assert hparams["log.grad_norms"].bool_value is True
 
 
-def tensorboard_values(run_dir):
-    """{tag: [summary values]} of the run's event file, read as TFRecords of Event protos."""
-    from tensorboardX.proto import event_pb2
-    (name,) = [f for f in os.listdir(run_dir) if f.startswith("events.out.tfevents")]
-    values, blob = {}, open(os.path.join(run_dir, name), "rb").read()
-    offset = 0
-    while offset < len(blob):
-        (length,) = struct.unpack("<Q", blob[offset:offset + 8])
-        event = event_pb2.Event.FromString(blob[offset + 12:offset + 12 + length])
-        for v in event.summary.value:
-            values.setdefault(v.tag, []).append(v)
-        offset += 12 + length + 4
-    return values
-
-
 def test_activation_statistics_are_computed_at_log_steps_only(tiny, tmp_path):
     cfg = tiny("log.activations=true", "log.every=3", "train.steps=7")
     corpus = data_lib.load_corpus("", 0, cfg.data.seq_len)
@@ -264,6 +250,14 @@ def test_existing_run_dir_is_never_replaced_silently(tiny, tmp_path):
     replaced = normexp("train", *tiny_args(out), "train.steps=3", "--overwrite")
     assert replaced.returncode == 0, replaced.stderr
     assert json.loads((out / "summary.json").read_text())["steps"] == 3
+
+
+def test_resume_with_no_run_to_resume_is_an_error(tmp_path):
+    out = tmp_path / "run"
+    result = normexp("train", *tiny_args(out), "--resume")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert f"no run at {out} to resume; drop --resume to start it" in result.stderr
+    assert not out.exists()
 
 
 def test_overwrite_refuses_a_directory_that_is_not_a_run(tmp_path):
@@ -374,3 +368,69 @@ def test_batchnorm_running_statistics_are_checkpointed_and_its_leak_reported(tin
     assert summary["norms"] == {"kind": "batchnorm", "placement": "pre",
                                 "leaks_across_positions": True, "batch_statistics": True}
     assert "model.norm.kind=batchnorm pools statistics over positions" in capsys.readouterr().err
+
+
+def signal_after(count, sig=signal.SIGTERM):
+    """A wrapper of f that sends this process `sig` right after f's count-th call returns."""
+    calls = []
+
+    def wrap(f):
+        def wrapped(*args, **kwargs):
+            out = f(*args, **kwargs)
+            calls.append(1)
+            if len(calls) == count:
+                os.kill(os.getpid(), sig)
+            return out
+        return wrapped
+    return wrap
+
+
+def signalling_eval(count):
+    """make_eval_step whose compiled evaluation sends SIGTERM after its count-th batch."""
+    real, wrap = train_lib.make_eval_step, signal_after(count)
+
+    class Lowered:
+        def __init__(self, lowered):
+            self.lowered = lowered
+
+        def compile(self):
+            return wrap(self.lowered.compile())
+
+    class Jitted:
+        def __init__(self, jitted):
+            self.jitted = jitted
+
+        def lower(self, *args):
+            return Lowered(self.jitted.lower(*args))
+
+    return lambda graphdef, vectorized=False: Jitted(real(graphdef, vectorized))
+
+
+@pytest.mark.parametrize("where, count, stopped_after", [
+    ("checkpoint", 1, 21),   # while checkpoint 20 of 60 is written: the next step stops
+    ("checkpoint", 3, 60),   # while the last checkpoint is written: the run did finish
+    ("evaluation", 5, 41),   # inside the evaluation at step 40 (2 batches an evaluation)
+    ("evaluation", 7, 60),   # inside the final evaluation, after the last step
+])
+def test_a_signal_at_any_moment_never_marks_an_unfinished_run_completed(
+        tiny, tmp_path, monkeypatch, where, count, stopped_after):
+    steps = ["train.steps=60", "train.checkpoint_every=20", "train.eval_every=20",
+             "log.every=5", "train.keep_checkpoints=5"]
+    reference = run(tiny(*steps, f"run.out_dir={tmp_path / 'reference'}"))
+    cfg = tiny(*steps)
+    with monkeypatch.context() as patch:
+        if where == "checkpoint":
+            patch.setattr(Checkpoints, "save", signal_after(count)(Checkpoints.save))
+        else:
+            patch.setattr(train_lib, "make_eval_step", signalling_eval(count))
+        summary = run(cfg)
+    if stopped_after == 60:
+        assert summary["status"] == "completed" and summary["steps"] == 60
+    else:
+        assert summary["status"] == "interrupted" and summary["steps"] == stopped_after
+        assert summary["signal"] == "SIGTERM"
+        assert str(stopped_after) in os.listdir(tmp_path / "run" / "checkpoints")
+        summary = run(cfg, resume=True)
+    assert summary["status"] == "completed" and summary["steps"] == 60
+    assert summary["final_val_loss"] == reference["final_val_loss"]
+    assert train_records(tmp_path / "run") == train_records(tmp_path / "reference")

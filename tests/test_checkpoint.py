@@ -1,0 +1,132 @@
+import os
+import shutil
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from normexp.checkpoint import RECORD, Checkpoints, damage
+
+from conftest import TINY, normexp
+from test_train import KILLER, train_records
+
+ARGS = [*TINY, "log.every=1"]  # 12 steps, a checkpoint every 4, the last 2 kept
+
+
+def state(value=1.0):
+    return {"w": jnp.full((64, 64), value), "step": jnp.asarray(3, jnp.int32)}
+
+
+def largest_file(step_dir):
+    files = [os.path.join(root, f) for root, _, names in os.walk(step_dir) for f in names
+             if f != RECORD]
+    return max(files, key=os.path.getsize)
+
+
+def test_a_saved_checkpoint_verifies_and_any_change_to_it_is_found(tmp_path):
+    checkpoints = Checkpoints(str(tmp_path / "ckpt"), keep=3)
+    checkpoints.save(4, state())
+    checkpoints.close()
+    step_dir = tmp_path / "ckpt" / "4"
+    assert damage(step_dir) is None
+    lines = (step_dir / RECORD).read_text().splitlines()
+    assert len(lines) >= 5 and all(len(line.split("  ")) == 2 for line in lines)
+    if shutil.which("sha256sum"):  # the record is sha256sum's format
+        subprocess.run(["sha256sum", "--quiet", "-c", RECORD], cwd=step_dir, check=True)
+    restored = Checkpoints(str(tmp_path / "ckpt"), keep=3)
+    assert restored.intact == [4] and restored.damaged == {}
+    np.testing.assert_array_equal(restored.restore(4, state(0.0))["w"], state()["w"])
+    restored.close()
+
+    data = largest_file(step_dir)
+    blob = bytearray(open(data, "rb").read())
+    blob[len(blob) // 2] ^= 0x01  # one bit
+    open(data, "wb").write(bytes(blob))
+    assert "does not match its checksum" in damage(step_dir)
+    os.unlink(step_dir / RECORD)
+    assert "did not finish" in damage(step_dir)
+
+
+@pytest.fixture(scope="module")
+def killed_run(tmp_path_factory):
+    """(reference dir, dir of the same run SIGKILLed at step 9 with checkpoints 4 and 8)."""
+    root = tmp_path_factory.mktemp("killed")
+    reference, broken = root / "reference", root / "broken"
+    assert normexp("train", *ARGS, f"run.out_dir={reference}").returncode == 0
+    killer = root / "killer.py"
+    killer.write_text(KILLER)
+    killed = subprocess.run([sys.executable, str(killer), "9", "SIGKILL", "train", *ARGS,
+                             f"run.out_dir={broken}"], capture_output=True, text=True)
+    assert killed.returncode == -9, killed.stderr
+    assert sorted(os.listdir(broken / "checkpoints")) == ["4", "8"]
+    return reference, broken
+
+
+def copy_run(source, target):
+    """A copy of a run directory that resumes as itself (its config names its directory)."""
+    shutil.copytree(source, target)
+    config = target / "config.yaml"
+    config.write_text(config.read_text().replace(str(source), str(target)))
+
+
+def _delete(path):
+    os.unlink(path)
+
+
+def _truncate(path):
+    os.truncate(path, os.path.getsize(path) // 2)
+
+
+def _flip(path):
+    blob = bytearray(open(path, "rb").read())
+    middle = len(blob) // 2
+    blob[middle:middle + 64] = bytes(b ^ 0xFF for b in blob[middle:middle + 64])
+    open(path, "wb").write(bytes(blob))
+
+
+def _empty_dir(step_dir):
+    for name in os.listdir(step_dir):
+        path = os.path.join(step_dir, name)
+        shutil.rmtree(path) if os.path.isdir(path) else os.unlink(path)
+
+
+DAMAGE = {
+    "delete the largest data file": lambda d: _delete(largest_file(d)),
+    "truncate the largest data file": lambda d: _truncate(largest_file(d)),
+    "flip 64 bytes inside a data file": lambda d: _flip(largest_file(d)),
+    "empty the manifest": lambda d: os.truncate(os.path.join(d, "default", "manifest.ocdbt"), 0),
+    "delete _METADATA": lambda d: _delete(os.path.join(d, "default", "_METADATA")),
+    "empty the step dir": _empty_dir,
+}
+
+
+@pytest.mark.parametrize("how", DAMAGE)
+def test_a_damaged_latest_checkpoint_is_set_aside_and_the_run_resumes_from_the_one_before(
+        killed_run, tmp_path, how):
+    reference, killed = killed_run
+    broken = tmp_path / "run"
+    copy_run(killed, broken)
+    DAMAGE[how](str(broken / "checkpoints" / "8"))
+    resumed = normexp("train", *ARGS, f"run.out_dir={broken}", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "Traceback" not in resumed.stderr
+    warnings = [line for line in resumed.stderr.splitlines() if "damaged" in line]
+    assert len(warnings) == 1 and f"{broken}/checkpoints/8" in warnings[0], resumed.stderr
+    assert "resuming from step 4" in warnings[0]
+    assert os.path.isdir(broken / "checkpoints_damaged" / "8")  # moved aside, not deleted
+    assert train_records(broken) == train_records(reference)  # bit for bit, every step
+
+
+def test_no_intact_checkpoint_is_an_error_and_nothing_is_moved(killed_run, tmp_path):
+    _, killed = killed_run
+    broken = tmp_path / "run"
+    copy_run(killed, broken)
+    for step in ("4", "8"):
+        _flip(largest_file(str(broken / "checkpoints" / step)))
+    resumed = normexp("train", *ARGS, f"run.out_dir={broken}", "--resume")
+    assert resumed.returncode == 2
+    assert resumed.stderr.count("\n") == 1 and "no intact checkpoint" in resumed.stderr
+    assert sorted(os.listdir(broken / "checkpoints")) == ["4", "8"]
+    assert not os.path.exists(broken / "checkpoints_damaged")

@@ -1,0 +1,98 @@
+import argparse
+import importlib.metadata
+import os
+
+import pytest
+import yaml
+
+from normexp import cli
+from normexp.errors import UsageError
+
+from conftest import normexp, tiny_base, write_sweep
+
+COMMANDS = ["train", "sweep", "results", "report", "claims", "prepare", "bench"]
+
+
+def _existing_run(tmp_path):
+    """A config file for a finished run directory, and a file in it that only deleting it loses."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text("{}\n")
+    (run_dir / "keep").write_text("results\n")
+    config = tmp_path / "x.yaml"
+    base = tiny_base("train.steps=2")
+    base["run"] = {"out_dir": str(run_dir)}
+    config.write_text(yaml.safe_dump(base))
+    return str(config), run_dir
+
+
+@pytest.mark.parametrize("option", ["--o", "--overwr", "--resum"])
+def test_train_rejects_abbreviated_options(tmp_path, option):
+    config, run_dir = _existing_run(tmp_path)
+    result = normexp("train", option, config, cwd=tmp_path)
+    assert result.returncode == 2
+    assert f"unrecognized arguments: {option}" in result.stderr
+    assert sorted(os.listdir(run_dir)) == ["config.yaml", "keep"]
+
+
+@pytest.mark.parametrize("args", [["--max-par", "2"], ["--dry"], ["--sh", "1/2"]])
+def test_sweep_rejects_abbreviated_options(tmp_path, args):
+    result = normexp("sweep", write_sweep(tmp_path), *args, cwd=tmp_path)
+    assert result.returncode == 2
+    assert f"unrecognized arguments: {args[0]}" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_no_parser_accepts_abbreviations():
+    top = cli.parser()
+    (sub,) = [a for a in top._actions if isinstance(a, argparse._SubParsersAction)]
+    assert top.allow_abbrev is False
+    assert sorted(sub.choices) == sorted(COMMANDS)
+    assert all(p.allow_abbrev is False for p in sub.choices.values())
+    with pytest.raises(SystemExit) as exit_:
+        top.parse_args(["bench", "--rep", "3"])
+    assert exit_.value.code == 2
+
+
+def test_help_describes_every_command_in_a_full_sentence():
+    result = normexp("--help", env={**os.environ, "COLUMNS": "100"})
+    assert result.returncode == 0
+    text = " ".join(result.stdout.split())
+    assert cli.DESCRIPTION in text and cli.DESCRIPTION.endswith(".")
+    for name in COMMANDS:
+        assert f"{name} (" in cli.DESCRIPTION, name
+    (sub,) = [a for a in cli.parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    lines = result.stdout.splitlines()
+    for choice in sub._choices_actions:
+        # each command on one line with its whole help
+        assert any(line.split() == [choice.dest, *choice.help.split()] for line in lines), \
+            choice.dest
+
+
+def test_version_prints_the_installed_version():
+    result = normexp("--version")
+    assert result.returncode == 0
+    assert result.stdout == f"normexp {importlib.metadata.version('normexp')}\n"
+
+
+@pytest.mark.parametrize("command", ["train", "bench"])
+def test_a_key_without_value_asks_for_key_value(tmp_path, command):
+    result = normexp(command, "model.n_layer", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "Traceback" not in result.stderr
+    assert "'model.n_layer': expected dotted.key=value (e.g. model.n_layer=8)" in result.stderr
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("name", ["missing.yaml", "configs.post_ln.yml"])
+def test_a_missing_yaml_file_is_still_a_missing_file(tmp_path, name):
+    result = normexp("train", name, cwd=tmp_path)
+    assert result.returncode == 2
+    assert f"{name}: no such config file" in result.stderr
+
+
+def test_an_existing_file_with_a_dotted_name_is_a_config(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "post.ln").write_text(yaml.safe_dump({"model": {"n_layr": 2}}))
+    with pytest.raises(UsageError, match="model.n_layr: unknown key"):
+        cli._load(["post.ln"])

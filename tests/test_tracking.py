@@ -1,0 +1,68 @@
+import os
+import stat
+import subprocess
+import sys
+
+import pytest
+
+from normexp.tracking import Tracker
+
+from conftest import ROOT, tensorboard_values
+
+WRITE = """
+import os, sys
+os.umask(int(sys.argv[1], 8))
+from normexp.tracking import write_atomic
+write_atomic(sys.argv[2], "x")
+write_atomic(sys.argv[2], b"y")  # replacing keeps the mode
+assert os.umask(0) == int(sys.argv[1], 8), "write_atomic must leave the umask as it was"
+"""
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_written_files_get_the_mode_the_umask_gives(tmp_path, umask, mode):
+    path = tmp_path / "summary.json"
+    # A fresh interpreter: the umask is read once per process, at the first write.
+    subprocess.run([sys.executable, "-c", WRITE, oct(umask), str(path)], cwd=ROOT, check=True)
+    assert stat.S_IMODE(os.stat(path).st_mode) == mode
+    assert path.read_text() == "y" and os.listdir(tmp_path) == ["summary.json"]
+
+
+@pytest.mark.parametrize("status, expected", [
+    ("completed", "STATUS_SUCCESS"), ("diverged", "STATUS_FAILURE"),
+    ("failed", "STATUS_FAILURE"), ("interrupted", "STATUS_UNKNOWN")])
+def test_hparams_session_ends_with_the_run_status(tmp_path, status, expected):
+    from tensorboardX.proto.api_pb2 import Status
+    from tensorboardX.proto.plugin_hparams_pb2 import HParamsPluginData
+    tracker = Tracker(str(tmp_path), tensorboard=True)
+    tracker.hparams({"optim.lr": 3e-3, "model.placement": "pre"})
+    tracker.end_session(status)
+    tracker.close()
+    values = tensorboard_values(str(tmp_path))
+    assert len(values["_hparams_/experiment"]) == 1
+    (start,) = values["_hparams_/session_start_info"]
+    data = HParamsPluginData.FromString(start.metadata.plugin_data.content)
+    assert data.session_start_info.hparams["model.placement"].string_value == "pre"
+    (end,) = values["_hparams_/session_end_info"]
+    assert end.metadata.plugin_data.plugin_name == "hparams"
+    data = HParamsPluginData.FromString(end.metadata.plugin_data.content)
+    assert data.WhichOneof("data") == "session_end_info"
+    assert Status.Name(data.session_end_info.status) == expected
+
+
+def test_close_does_not_end_the_session(tmp_path):
+    # A run killed before train.py ends the session shows as running, not as a success.
+    tracker = Tracker(str(tmp_path), tensorboard=True)
+    tracker.hparams({"optim.lr": 3e-3})
+    tracker.close()
+    values = tensorboard_values(str(tmp_path))
+    assert "_hparams_/session_start_info" in values
+    assert "_hparams_/session_end_info" not in values
+
+
+def test_a_tracker_without_tensorboard_ends_no_session(tmp_path):
+    tracker = Tracker(str(tmp_path), tensorboard=False)
+    tracker.hparams({"optim.lr": 3e-3})
+    tracker.end_session("completed")
+    tracker.close()
+    assert os.listdir(tmp_path) == ["metrics.jsonl"]
