@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from conftest import ROOT, TINY
 
@@ -65,3 +66,110 @@ def assert_close(a, b, val_rtol=1e-4):
         for key, rtol in (("loss", 1e-4), ("grad_norm", 1e-4), ("val_loss", val_rtol)):
             if key in ra:
                 np.testing.assert_allclose(ra[key], rb[key], rtol=rtol, err_msg=key)
+
+
+# --- several processes: one job of 2 processes x 1 CPU device on this machine ---------------
+
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(out, *extra, kill=None, processes=2, env=None):
+    """Start `normexp train` as one job of `processes` processes on 127.0.0.1; returns them.
+    kill=(process id, step, signal name): that process sends itself the signal once it has
+    logged that step."""
+    from test_train import KILLER
+    port = free_port()
+    children = []
+    for i in range(processes):
+        cmd = ["train", *TINY, "log.every=1", "train.steps=16", f"run.out_dir={out}", *extra]
+        if kill and kill[0] == i:
+            cmd = ["-c", KILLER, str(kill[1]), kill[2], *cmd]
+        else:
+            cmd = ["-m", "normexp.cli", *cmd]
+        child_env = dict(os.environ, NORMEXP_DISTRIBUTED="1", JAX_NUM_PROCESSES=str(processes),
+                         JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_PROCESS_ID=str(i))
+        child_env.update(env or {})
+        children.append(subprocess.Popen([sys.executable, *cmd], cwd=ROOT, env=child_env,
+                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                         text=True))
+    return children
+
+
+def finish(children, timeout=240):
+    """[(exit code, stderr)] of each process, after all have ended."""
+    results = []
+    for child in children:
+        _, err = child.communicate(timeout=timeout)
+        results.append((child.returncode, err))
+    return results
+
+
+def records(run_dir):
+    from normexp.tracking import read_metrics
+    return read_metrics(os.path.join(run_dir, "metrics.jsonl"))
+
+
+def test_two_processes_train_as_one_job_stop_together_and_resume(tmp_path):
+    # the same global batch on one process with two devices
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
+    single = subprocess.run([sys.executable, "-m", "normexp.cli", "train", *TINY, "log.every=1",
+                             "train.steps=16", f"run.out_dir={tmp_path / 'single'}"],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr
+    reference = tmp_path / "reference"
+    results = finish(launch(reference))
+    assert [code for code, _ in results] == [0, 0], results
+    assert_close(records(tmp_path / "single"), records(reference))
+    summary = json.loads((reference / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["devices"] == 2
+    lines = (reference / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == list(range(17))  # written once
+    shards = os.listdir(reference / "checkpoints" / "16" / "default")
+    assert {"ocdbt.process_0", "ocdbt.process_1"} <= set(shards)  # each process its shard
+    from normexp.checkpoint import damage
+    assert damage(reference / "checkpoints" / "16") is None
+
+    # SIGTERM reaches process 1 alone: both stop at the same step, one checkpoint, interrupted
+    stopped = tmp_path / "stopped"
+    results = finish(launch(stopped, kill=(1, 6, "SIGTERM")))
+    assert [code for code, _ in results] == [143, 143], results
+    summary = json.loads((stopped / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["signal"] == "SIGTERM"
+    assert str(summary["steps"]) in os.listdir(stopped / "checkpoints")
+    assert summary["steps"] < 16
+    results = finish(launch(stopped, "--resume"))
+    assert [code for code, _ in results] == [0, 0], results
+    assert records(stopped) == records(reference)
+
+    # SIGKILL of every process, then --resume
+    killed = tmp_path / "killed"
+    children = launch(killed, kill=(0, 9, "SIGKILL"))
+    assert children[0].wait(timeout=240) == -9
+    children[1].kill()
+    finish(children)
+    results = finish(launch(killed, "--resume"))
+    assert [code for code, _ in results] == [0, 0], results
+    assert records(killed) == records(reference)
+
+    # --overwrite: process 0 replaces the directory, the other waits for it
+    results = finish(launch(killed, "--overwrite"))
+    assert [code for code, _ in results] == [0, 0], results
+    assert records(killed) == records(reference)
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"JAX_NUM_PROCESSES": ""}, "JAX_NUM_PROCESSES: not set"),
+    ({"JAX_NUM_PROCESSES": "two"}, "JAX_NUM_PROCESSES: expected an integer >= 1, got 'two'"),
+    ({"JAX_PROCESS_ID": "2"}, "JAX_PROCESS_ID: must be below JAX_NUM_PROCESSES=2, got 2"),
+    ({"JAX_COORDINATOR_ADDRESS": "localhost"}, "JAX_COORDINATOR_ADDRESS: expected host:port"),
+])
+def test_a_missing_or_bad_launch_variable_is_one_line(tmp_path, env, message):
+    (child,) = launch(tmp_path / "run", processes=1, env={"JAX_NUM_PROCESSES": "2", **env})
+    ((code, err),) = finish([child], timeout=60)
+    assert code == 2 and err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "run").exists()
