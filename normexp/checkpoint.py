@@ -7,11 +7,15 @@ manifest) and is never restored. `sha256sum -c normexp.sha256` inside a step dir
 it by hand.
 """
 
+import contextlib
 import hashlib
 import logging
 import os
 import re
 import shutil
+import sys
+import tempfile
+import warnings
 
 import jax
 import orbax.checkpoint as ocp
@@ -116,13 +120,24 @@ class Checkpoints:
         if step in self.manager.all_steps():
             return
         try:
-            self.manager.save(step, args=ocp.args.StandardSave(state))
-        except ValueError as e:  # tensorstore reports a failed write as a ValueError
-            raise _os_error(e) or e
+            with _writer_noise_held():
+                try:
+                    self.manager.save(step, args=ocp.args.StandardSave(state))
+                except ValueError as e:  # tensorstore reports a failed write as a ValueError
+                    raise _os_error(e) or e
+        except OSError:
+            self._remove_partial(step)  # never restorable; on a full disk it holds the space
+            raise                       # the run's failure record needs
         if self.primary:
             step_dir = os.path.join(self.directory, str(step))
             write_atomic(os.path.join(step_dir, RECORD), "".join(
                 f"{digest}  {rel}\n" for rel, digest in file_digests(step_dir).items()))
+
+    def _remove_partial(self, step):
+        if self.primary:
+            for name in os.listdir(self.directory):
+                if name.startswith(f"{step}.orbax-checkpoint-tmp"):
+                    shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
 
     def restore(self, step, like):
         """The state saved at `step`, with the structure, shapes and dtypes of `like`."""
@@ -146,3 +161,43 @@ def _os_error(e):
     path = re.search(r'Failed (?:writing|to write)[^"]*"([^"]+)"', str(e))
     number = int(code.group(1))
     return OSError(number, os.strerror(number), path.group(1) if path else None)
+
+
+@contextlib.contextmanager
+def _writer_noise_held():
+    """Hold back what is written to fd 2 during a save, and pass it on if the save succeeds.
+
+    When a write fails, orbax's writer threads, asyncio and tensorstore's callbacks (some after
+    the save has already raised) print hundreds of traceback lines for the one failure, which
+    reaches the caller as an exception and is reported there in one line. So after a failure
+    fd 2 stays with them (pointed at /dev/null) and Python's stderr moves to a copy of the
+    real one, where late reports of the same failure are dropped too.
+    """
+    sys.stderr.flush()
+    real = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            quiet = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(quiet, 2)
+            os.close(quiet)
+            sys.stderr = os.fdopen(real, "w", buffering=1)
+            sys.excepthook = _closed_loop_ignored(sys.excepthook)
+            logging.getLogger("asyncio").setLevel(logging.CRITICAL)  # unretrieved futures
+            warnings.filterwarnings("ignore", "coroutine .* was never awaited", RuntimeWarning)
+            raise
+        os.dup2(real, 2)
+        os.close(real)
+        held.seek(0)
+        passed_on = held.read()
+    if passed_on:
+        os.write(2, passed_on)
+
+
+def _closed_loop_ignored(hook):
+    def excepthook(kind, value, traceback):
+        if not (kind is RuntimeError and str(value) == "Event loop is closed"):
+            hook(kind, value, traceback)
+    return excepthook

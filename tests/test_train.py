@@ -1,3 +1,4 @@
+import contextlib
 import json
 import os
 import signal
@@ -434,3 +435,89 @@ def test_a_signal_at_any_moment_never_marks_an_unfinished_run_completed(
     assert summary["status"] == "completed" and summary["steps"] == 60
     assert summary["final_val_loss"] == reference["final_val_loss"]
     assert train_records(tmp_path / "run") == train_records(tmp_path / "reference")
+
+
+# --- a failing disk: full, refusing a file's size, read-only ---------------------------------
+
+FULL_DISK = '''
+import resource, signal, sys
+from normexp import cli
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
+limit = int(sys.argv[1])
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+sys.exit(cli.main(sys.argv[2:]))
+'''
+
+
+def assert_storage_error(result, fragment):
+    assert result.returncode == 74, result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.startswith("normexp: error: ") and fragment in result.stderr
+
+
+def test_a_write_the_disk_refuses_fails_the_run_in_one_line_and_it_resumes(tmp_path):
+    """Every file over 100 kB is refused (RLIMIT_FSIZE): the first checkpoint's data file."""
+    reference, broken = tmp_path / "reference", tmp_path / "broken"
+    assert normexp("train", *tiny_args(reference), "log.every=1").returncode == 0
+    import subprocess
+    failed = subprocess.run([sys.executable, "-c", FULL_DISK, str(100_000), "train",
+                             *tiny_args(broken), "log.every=1"], capture_output=True, text=True)
+    assert_storage_error(failed, "File too large (errno 27)")
+    summary = json.loads((broken / "summary.json").read_text())
+    assert summary["status"] == "failed" and "File too large" in summary["error"]
+    assert summary["steps"] == 0  # no checkpoint holds a step: the resume starts over
+    assert train_records(broken)[-1]["step"] == 3
+    resumed = normexp("train", str(broken / "config.yaml"), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert train_records(broken) == train_records(reference)
+
+
+@contextlib.contextmanager
+def mounted(target, *options):
+    """`mount *options target` for the test's duration (skipped where mounting is not allowed)."""
+    os.makedirs(target, exist_ok=True)
+    import subprocess
+    done = subprocess.run(["mount", *options, str(target)], capture_output=True, text=True)
+    if done.returncode:
+        pytest.skip(f"cannot mount here: {done.stderr.strip()}")
+    try:
+        yield target
+    finally:
+        subprocess.run(["umount", "-l", str(target)], capture_output=True)
+
+
+def test_a_full_disk_fails_the_run_and_it_resumes_once_there_is_room(tmp_path):
+    reference = tmp_path / "reference"
+    args = ["log.every=1", "train.steps=16"]
+    assert normexp("train", *tiny_args(reference), *args).returncode == 0
+    with mounted(tmp_path / "disk", "-t", "tmpfs", "-o", "size=1500k", "tmpfs") as disk:
+        run_dir = disk / "run"  # room for two checkpoints (steps 4 and 8) and no third
+        failed = normexp("train", *tiny_args(run_dir), *args)
+        assert_storage_error(failed, "No space left on device (errno 28)")
+        summary = json.loads((run_dir / "summary.json").read_text())
+        assert summary["status"] == "failed" and "No space left" in summary["error"]
+        assert sorted(os.listdir(run_dir / "checkpoints"))[:2] == ["4", "8"]
+        import subprocess
+        subprocess.run(["mount", "-o", "remount,size=20m", str(disk)], check=True)
+        resumed = normexp("train", str(run_dir / "config.yaml"), "--resume")
+        assert resumed.returncode == 0, resumed.stderr
+        assert train_records(run_dir) == train_records(reference)
+
+
+def test_a_read_only_directory_is_one_line_and_nothing_is_lost(tmp_path):
+    writable = tmp_path / "writable"
+    run(load_tiny(writable, "train.steps=8"))
+    before = {f: (writable / f).read_bytes() for f in ("metrics.jsonl", "summary.json")}
+    with mounted(tmp_path / "ro", "--bind", "-o", "ro", str(tmp_path)) as ro:
+        result = normexp("train", *tiny_args(ro / "new"))
+        assert_storage_error(result, "Read-only file system (errno 30)")
+        assert str(ro / "new") in result.stderr
+        result = normexp("train", *tiny_args(ro / "writable"), "train.steps=8", "--overwrite")
+        assert_storage_error(result, "Read-only file system (errno 30)")
+    assert {f: (writable / f).read_bytes() for f in before} == before
+
+
+def load_tiny(out, *overrides):
+    from normexp.config import load
+    from conftest import TINY
+    return load(None, [*TINY, f"run.out_dir={out}", *overrides])
