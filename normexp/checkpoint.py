@@ -15,6 +15,7 @@ import re
 import shutil
 import sys
 import tempfile
+import threading
 import warnings
 
 import jax
@@ -167,11 +168,11 @@ def _os_error(e):
 def _writer_noise_held():
     """Hold back what is written to fd 2 during a save, and pass it on if the save succeeds.
 
-    When a write fails, orbax's writer threads, asyncio and tensorstore's callbacks (some after
-    the save has already raised) print hundreds of traceback lines for the one failure, which
-    reaches the caller as an exception and is reported there in one line. So after a failure
-    fd 2 stays with them (pointed at /dev/null) and Python's stderr moves to a copy of the
-    real one, where late reports of the same failure are dropped too.
+    When a write fails, orbax's writer threads, asyncio and tensorstore's callbacks print
+    hundreds of traceback lines for the one failure (some after the save has raised, into an
+    event loop orbax has closed), while the failure itself reaches the caller as an exception
+    and is reported there in one line. So after a failure fd 2 is left to them, pointed at
+    /dev/null, and Python's stderr goes to the real one through a filter for those tracebacks.
     """
     sys.stderr.flush()
     real = os.dup(2)
@@ -183,8 +184,7 @@ def _writer_noise_held():
             quiet = os.open(os.devnull, os.O_WRONLY)
             os.dup2(quiet, 2)
             os.close(quiet)
-            sys.stderr = os.fdopen(real, "w", buffering=1)
-            sys.excepthook = _closed_loop_ignored(sys.excepthook)
+            sys.stderr = _ClosedLoopTracebacksDropped(os.fdopen(real, "w", buffering=1))
             logging.getLogger("asyncio").setLevel(logging.CRITICAL)  # unretrieved futures
             warnings.filterwarnings("ignore", "coroutine .* was never awaited", RuntimeWarning)
             raise
@@ -196,8 +196,27 @@ def _writer_noise_held():
         os.write(2, passed_on)
 
 
-def _closed_loop_ignored(hook):
-    def excepthook(kind, value, traceback):
-        if not (kind is RuntimeError and str(value) == "Event loop is closed"):
-            hook(kind, value, traceback)
-    return excepthook
+class _ClosedLoopTracebacksDropped:
+    """A text stream for a process whose save failed: it drops the lines of the tracebacks that
+    orbax's threads go on printing (frames, headers, "RuntimeError: Event loop is closed"), line
+    by line, since several threads print at once and their writes interleave, and passes on
+    every other line, the run's one-line error among them."""
+
+    NOISE = ("Traceback (most recent call last)", " ", "RuntimeError: Event loop is closed")
+
+    def __init__(self, stream):
+        self.stream, self.partial, self.lock = stream, "", threading.Lock()
+
+    def write(self, text):
+        with self.lock:
+            *lines, self.partial = (self.partial + text).split("\n")
+            for line in lines:
+                if not line.startswith(self.NOISE):
+                    self.stream.write(line + "\n")
+        return len(text)
+
+    def flush(self):
+        self.stream.flush()
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)

@@ -170,7 +170,8 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    path: str = opt("", "directory with train.bin/val.bin (uint16); empty = embedded pydoc corpus")
+    path: str = opt("", "directory with train.bin/val.bin (uint16 token ids, or uint32 when "
+                           "meta.json says dtype: uint32); empty = embedded pydoc corpus")
     vocab_size: int = opt(0, "vocabulary size; 0 = from meta.json/meta.pkl (256 for the embedded "
                              "corpus)", nonneg)
     seq_len: int = opt(128, "tokens per training window", positive)

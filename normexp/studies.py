@@ -181,7 +181,7 @@ def measure_batchnorm(scale, out):
     corpus = data_lib.load_corpus("", 0, scale.seq_len)
     graphdef, _, state = init_state(cfg, corpus.vocab_size)
     checkpoints = Checkpoints(os.path.join(cfg.run.dir, "checkpoints"), 1)
-    state = checkpoints.restore(checkpoints.latest_step(), state)
+    state = checkpoints.restore(checkpoints.intact[-1], state)  # verified by its checksums
     checkpoints.close()
     x, y = data_lib.eval_batches(corpus.val, seed=0, count=1, batch_size=scale.batch_size,
                                  seq_len=scale.seq_len)[0]

@@ -51,17 +51,16 @@ def test_a_saved_checkpoint_verifies_and_any_change_to_it_is_found(tmp_path):
 
 @pytest.fixture(scope="module")
 def killed_run(tmp_path_factory):
-    """(reference dir, dir of the same run SIGKILLed at step 9 with checkpoints 4 and 8)."""
+    """The tiny run SIGKILLed at step 9, with checkpoints 4 and 8."""
     root = tmp_path_factory.mktemp("killed")
-    reference, broken = root / "reference", root / "broken"
-    assert normexp("train", *ARGS, f"run.out_dir={reference}").returncode == 0
+    broken = root / "broken"
     killer = root / "killer.py"
     killer.write_text(KILLER)
     killed = subprocess.run([sys.executable, str(killer), "9", "SIGKILL", "train", *ARGS,
                              f"run.out_dir={broken}"], capture_output=True, text=True)
     assert killed.returncode == -9, killed.stderr
     assert sorted(os.listdir(broken / "checkpoints")) == ["4", "8"]
-    return reference, broken
+    return broken
 
 
 def copy_run(source, target):
@@ -104,10 +103,9 @@ DAMAGE = {
 
 @pytest.mark.parametrize("how", DAMAGE)
 def test_a_damaged_latest_checkpoint_is_set_aside_and_the_run_resumes_from_the_one_before(
-        killed_run, tmp_path, how):
-    reference, killed = killed_run
+        killed_run, reference_run, tmp_path, how):
     broken = tmp_path / "run"
-    copy_run(killed, broken)
+    copy_run(killed_run, broken)
     DAMAGE[how](str(broken / "checkpoints" / "8"))
     resumed = normexp("train", *ARGS, f"run.out_dir={broken}", "--resume")
     assert resumed.returncode == 0, resumed.stderr
@@ -116,13 +114,12 @@ def test_a_damaged_latest_checkpoint_is_set_aside_and_the_run_resumes_from_the_o
     assert len(warnings) == 1 and f"{broken}/checkpoints/8" in warnings[0], resumed.stderr
     assert "resuming from step 4" in warnings[0]
     assert os.path.isdir(broken / "checkpoints_damaged" / "8")  # moved aside, not deleted
-    assert train_records(broken) == train_records(reference)  # bit for bit, every step
+    assert train_records(broken) == reference_run  # bit for bit, every step
 
 
 def test_no_intact_checkpoint_is_an_error_and_nothing_is_moved(killed_run, tmp_path):
-    _, killed = killed_run
     broken = tmp_path / "run"
-    copy_run(killed, broken)
+    copy_run(killed_run, broken)
     for step in ("4", "8"):
         _flip(largest_file(str(broken / "checkpoints" / step)))
     resumed = normexp("train", *ARGS, f"run.out_dir={broken}", "--resume")

@@ -153,6 +153,10 @@ def test_tiny_run_end_to_end(tiny, tmp_path):
     assert hparams["optim.lr"].number_value == pytest.approx(3e-3)
     assert hparams["model.placement"].string_value == "pre"
     assert hparams["log.grad_norms"].bool_value is True
+    (end,) = values["_hparams_/session_end_info"]  # written when the run ended, with its status
+    ended = HParamsPluginData.FromString(end.metadata.plugin_data.content).session_end_info
+    from tensorboardX.proto.api_pb2 import Status
+    assert ended.status == Status.Value("STATUS_SUCCESS")
 
 
 def test_activation_statistics_are_computed_at_log_steps_only(tiny, tmp_path):
@@ -215,11 +219,10 @@ def train_records(path):
     ("SIGTERM", 6, 143),   # a clean stop with its own checkpoint at step 7
     ("SIGINT", 11, 130),   # Ctrl-C at the last step: the resumed run still ends with its eval
 ])
-def test_killed_and_resumed_run_equals_the_uninterrupted_one(tmp_path, signal_name, kill_at,
-                                                              exit_code):
-    reference, broken = tmp_path / "reference", tmp_path / "broken"
+def test_killed_and_resumed_run_equals_the_uninterrupted_one(tmp_path, reference_run,
+                                                              signal_name, kill_at, exit_code):
+    broken = tmp_path / "broken"
     args = ["log.every=1"]
-    assert normexp("train", *tiny_args(reference), *args).returncode == 0
     killer = tmp_path / "killer.py"
     killer.write_text(KILLER)
     import subprocess
@@ -233,7 +236,7 @@ def test_killed_and_resumed_run_equals_the_uninterrupted_one(tmp_path, signal_na
         assert str(kill_at + 1) in os.listdir(broken / "checkpoints")
     resumed = normexp("train", str(broken / "config.yaml"), "--resume")
     assert resumed.returncode == 0, resumed.stderr
-    assert train_records(broken) == train_records(reference)  # bit for bit, every step
+    assert train_records(broken) == reference_run  # bit for bit, every step
     assert json.loads((broken / "summary.json").read_text())["status"] == "completed"
 
 
@@ -407,6 +410,19 @@ def signalling_eval(count):
     return lambda graphdef, vectorized=False: Jitted(real(graphdef, vectorized))
 
 
+SIGNALLED = ["train.steps=60", "train.checkpoint_every=20", "train.eval_every=20", "log.every=5",
+             "train.keep_checkpoints=5"]
+
+
+@pytest.fixture(scope="module")
+def signalled_reference(tmp_path_factory):
+    from conftest import TINY
+    from normexp.config import load
+    out = tmp_path_factory.mktemp("signalled") / "reference"
+    summary = run(load(None, [*TINY, *SIGNALLED, f"run.out_dir={out}"]))
+    return summary, train_records(out)
+
+
 @pytest.mark.parametrize("where, count, stopped_after", [
     ("checkpoint", 1, 21),   # while checkpoint 20 of 60 is written: the next step stops
     ("checkpoint", 3, 60),   # while the last checkpoint is written: the run did finish
@@ -414,11 +430,9 @@ def signalling_eval(count):
     ("evaluation", 7, 60),   # inside the final evaluation, after the last step
 ])
 def test_a_signal_at_any_moment_never_marks_an_unfinished_run_completed(
-        tiny, tmp_path, monkeypatch, where, count, stopped_after):
-    steps = ["train.steps=60", "train.checkpoint_every=20", "train.eval_every=20",
-             "log.every=5", "train.keep_checkpoints=5"]
-    reference = run(tiny(*steps, f"run.out_dir={tmp_path / 'reference'}"))
-    cfg = tiny(*steps)
+        tiny, tmp_path, monkeypatch, signalled_reference, where, count, stopped_after):
+    reference, reference_records = signalled_reference
+    cfg = tiny(*SIGNALLED)
     with monkeypatch.context() as patch:
         if where == "checkpoint":
             patch.setattr(Checkpoints, "save", signal_after(count)(Checkpoints.save))
@@ -434,7 +448,7 @@ def test_a_signal_at_any_moment_never_marks_an_unfinished_run_completed(
         summary = run(cfg, resume=True)
     assert summary["status"] == "completed" and summary["steps"] == 60
     assert summary["final_val_loss"] == reference["final_val_loss"]
-    assert train_records(tmp_path / "run") == train_records(tmp_path / "reference")
+    assert train_records(tmp_path / "run") == reference_records
 
 
 # --- a failing disk: full, refusing a file's size, read-only ---------------------------------
@@ -455,10 +469,10 @@ def assert_storage_error(result, fragment):
     assert result.stderr.startswith("normexp: error: ") and fragment in result.stderr
 
 
-def test_a_write_the_disk_refuses_fails_the_run_in_one_line_and_it_resumes(tmp_path):
+def test_a_write_the_disk_refuses_fails_the_run_in_one_line_and_it_resumes(tmp_path,
+                                                                           reference_run):
     """Every file over 100 kB is refused (RLIMIT_FSIZE): the first checkpoint's data file."""
-    reference, broken = tmp_path / "reference", tmp_path / "broken"
-    assert normexp("train", *tiny_args(reference), "log.every=1").returncode == 0
+    broken = tmp_path / "broken"
     import subprocess
     failed = subprocess.run([sys.executable, "-c", FULL_DISK, str(100_000), "train",
                              *tiny_args(broken), "log.every=1"], capture_output=True, text=True)
@@ -469,7 +483,7 @@ def test_a_write_the_disk_refuses_fails_the_run_in_one_line_and_it_resumes(tmp_p
     assert train_records(broken)[-1]["step"] == 3
     resumed = normexp("train", str(broken / "config.yaml"), "--resume")
     assert resumed.returncode == 0, resumed.stderr
-    assert train_records(broken) == train_records(reference)
+    assert train_records(broken) == reference_run
 
 
 @contextlib.contextmanager
@@ -486,12 +500,10 @@ def mounted(target, *options):
         subprocess.run(["umount", "-l", str(target)], capture_output=True)
 
 
-def test_a_full_disk_fails_the_run_and_it_resumes_once_there_is_room(tmp_path):
-    reference = tmp_path / "reference"
-    args = ["log.every=1", "train.steps=16"]
-    assert normexp("train", *tiny_args(reference), *args).returncode == 0
+def test_a_full_disk_fails_the_run_and_it_resumes_once_there_is_room(tmp_path, reference_run):
+    args = ["log.every=1"]
     with mounted(tmp_path / "disk", "-t", "tmpfs", "-o", "size=1500k", "tmpfs") as disk:
-        run_dir = disk / "run"  # room for two checkpoints (steps 4 and 8) and no third
+        run_dir = disk / "run"  # room for two checkpoints (steps 4 and 8), not for step 12
         failed = normexp("train", *tiny_args(run_dir), *args)
         assert_storage_error(failed, "No space left on device (errno 28)")
         summary = json.loads((run_dir / "summary.json").read_text())
@@ -501,7 +513,7 @@ def test_a_full_disk_fails_the_run_and_it_resumes_once_there_is_room(tmp_path):
         subprocess.run(["mount", "-o", "remount,size=20m", str(disk)], check=True)
         resumed = normexp("train", str(run_dir / "config.yaml"), "--resume")
         assert resumed.returncode == 0, resumed.stderr
-        assert train_records(run_dir) == train_records(reference)
+        assert train_records(run_dir) == reference_run
 
 
 def test_a_read_only_directory_is_one_line_and_nothing_is_lost(tmp_path):
