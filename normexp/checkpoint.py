@@ -22,6 +22,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from normexp.errors import UsageError
+from normexp.parallel import barrier
 from normexp.tracking import write_atomic
 
 # orbax narrates every save at INFO and prints whole tracebacks from its writer threads when a
@@ -152,6 +153,30 @@ class Checkpoints:
 
     def close(self):
         self.manager.close()
+
+
+def resume_step(runs):
+    """The newest step of which every run (its Checkpoints) has an intact checkpoint; 0: none.
+
+    Damaged checkpoints are moved aside with one warning line each, never deleted; with no
+    intact one to fall back on, nothing is moved and the resume is refused.
+    """
+    intact = set.intersection(*(set(c.intact) for c in runs))
+    damaged = [(c, step, why) for c in runs for step, why in sorted(c.damaged.items())]
+    if damaged and not intact:
+        c, step, why = damaged[-1]
+        raise UsageError(f"{c.directory}/{step}: damaged ({why}) and no intact checkpoint to "
+                         f"resume from; pass --overwrite to start the run again")
+    start = max(intact, default=0)
+    for c, step, why in damaged:
+        where = c.set_aside(step)
+        print(f"warning: {c.directory}/{step}: damaged ({why}); moved to {where}, resuming "
+              f"from step {start}", file=sys.stderr)
+    if damaged:
+        barrier("normexp-damaged-checkpoints-moved")  # every process reloads what process 0 moved
+        for c in runs:
+            c.reload()
+    return start
 
 
 def _os_error(e):

@@ -25,12 +25,12 @@ from flax import nnx
 from normexp import allocator, budget, rundir
 from normexp import config as config_lib
 from normexp import data as data_lib
-from normexp.checkpoint import Checkpoints
+from normexp.checkpoint import Checkpoints, resume_step
 from normexp.errors import StorageError, UsageError
 from normexp.metrics import layer_stats, per_block
 from normexp.model import evaluation_view, loss_fn, make_model, norm_report
 from normexp.optim import learning_rate, make_optimizer
-from normexp.parallel import Devices, barrier, is_primary
+from normexp.parallel import Devices, is_primary
 from normexp.stop import StopRequests
 from normexp.tracking import Tracker, finite_or_none, read_json
 
@@ -241,7 +241,7 @@ def _train(members, corpus, stop, *, resume):
         m.checkpoints = Checkpoints(os.path.join(m.dir, "checkpoints"),
                                     cfg.train.keep_checkpoints, primary=is_primary())
         states.append(state)
-    start = _verified_start(members) if resume else 0
+    start = resume_step([m.checkpoints for m in members]) if resume else 0
     if start:
         states = [m.checkpoints.restore(start, s) for m, s in zip(members, states)]
     norms = {"kind": cfg.model.norm.kind, "placement": cfg.model.placement,
@@ -281,32 +281,6 @@ def _train(members, corpus, stop, *, resume):
               val_batches=val_batches)
     finally:
         batches.close()
-
-
-def _verified_start(members):
-    """The newest step every member has an intact checkpoint of (0: none was saved).
-
-    Damaged checkpoints (a save cut short, files truncated, flipped or deleted) are moved
-    aside with one warning each, never deleted; with no intact one to fall back on, nothing is
-    moved and the resume is refused.
-    """
-    intact = set.intersection(*(set(m.checkpoints.intact) for m in members))
-    damaged = [(m, step, why) for m in members
-               for step, why in sorted(m.checkpoints.damaged.items())]
-    if damaged and not intact:
-        m, step, why = damaged[-1]
-        raise UsageError(f"{m.checkpoints.directory}/{step}: damaged ({why}) and no intact "
-                         f"checkpoint to resume from; pass --overwrite to start the run again")
-    start = max(intact, default=0)
-    for m, step, why in damaged:
-        where = m.checkpoints.set_aside(step)
-        print(f"warning: {m.checkpoints.directory}/{step}: damaged ({why}); moved to {where}, "
-              f"resuming from step {start}", file=sys.stderr)
-    if damaged:
-        barrier("normexp-damaged-checkpoints-moved")
-        for m in members:
-            m.checkpoints.reload()
-    return start
 
 
 def _loop(members, graphdef, tx, state, start, stop, *, batches, val_batches):
