@@ -8,7 +8,6 @@ a lock per run keeps two processes off the same run; `--shard I/N` takes every N
 """
 
 import dataclasses
-import difflib
 import functools
 import hashlib
 import itertools
@@ -109,8 +108,8 @@ def load(path, out_dir=None):
     raw = config_lib.read_yaml(path, what=f"sweep keys ({', '.join(KEYS)})")
     for key in raw:
         if key not in KEYS:
-            near = difflib.get_close_matches(str(key), KEYS, n=1)
-            hint = f"; did you mean {near[0]!r}?" if near else ""
+            near = config_lib.suggest(key, KEYS)
+            hint = f"; did you mean {near!r}?" if near else ""
             raise UsageError(f"{path}: {key}: unknown sweep key{hint} (valid: {', '.join(KEYS)})")
     base = raw.get("base") or {}
     if isinstance(base, str):
