@@ -1,4 +1,5 @@
-"""Runs as pandas tables, for notebooks and `normexp report`.
+"""Runs as pandas tables: the one reader of run directories, for notebooks, `normexp results`
+and `normexp report`.
 
 `load_runs(path)` gives one row per run: its name and directory, its status and summary figures,
 and every config key flattened as a column (`model.norm.kind`, `optim.lr`, ...).
@@ -9,38 +10,46 @@ truncated last line of `metrics.jsonl` is skipped.
 """
 
 import os
-import re
 
 import pandas as pd
 
-from normexp import config as config_lib
+from normexp import rundir
 from normexp.errors import UsageError
-from normexp.tracking import read_json, read_metrics
+from normexp.locks import RunLock
+from normexp.sweep import read_manifest
 
 SUMMARY_COLUMNS = ("status", "steps", "diverged_step", "final_val_loss", "best_val_loss",
                    "tokens_per_s", "compile_seconds", "vectorized_runs")
-BLOCK = re.compile(r"^(?P<prefix>.*)/block_(?P<index>\d+)(?P<part>/.*)?$")
+# The results table's figures, after the run's name and the keys its study varied.
+TABLE = ("status", "diverged_step", "final_val_loss", "best_val_loss", "max_grad_norm",
+         "tokens_per_s", "steps")
+NUMERIC = ("steps", "diverged_step", "final_val_loss", "best_val_loss", "tokens_per_s",
+           "compile_seconds", "vectorized_runs", "max_grad_norm")
+
+
+def _entries(path, pending=False):
+    """[(run_dir, sweep_dir or None, the sweep's overrides or None)] under `path`."""
+    if isinstance(path, (list, tuple)):
+        return [e for p in path for e in _entries(p, pending)]
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise UsageError(f"{path}: no such run or sweep directory")
+    if rundir.is_run(path):
+        return [(path, None, None)]
+    manifest = read_manifest(path)
+    if manifest:  # the sweep's order; runs not started yet have no directory
+        found = [(os.path.join(path, r["name"]), path, r["overrides"]) for r in manifest["runs"]]
+        return [e for e in found if pending or rundir.is_run(e[0])]
+    found = [(os.path.join(path, n), None, None) for n in sorted(os.listdir(path))
+             if rundir.is_run(os.path.join(path, n))]
+    if not found:
+        raise UsageError(f"{path}: holds no runs (no config.yaml in it or in its subdirectories)")
+    return found
 
 
 def run_dirs(path):
     """The run directories under `path` (a run, a sweep, a directory of runs, or a list)."""
-    if isinstance(path, (list, tuple)):
-        return [d for p in path for d in run_dirs(p)]
-    path = os.fspath(path)
-    if not os.path.isdir(path):
-        raise UsageError(f"{path}: no such run or sweep directory")
-    if os.path.isfile(os.path.join(path, "config.yaml")):
-        return [path]
-    manifest = read_json(os.path.join(path, "sweep.json"))
-    if manifest:  # the sweep's order; runs not started yet have no directory
-        names = [r["name"] for r in manifest["runs"]]
-    else:
-        names = sorted(os.listdir(path))
-    found = [os.path.join(path, n) for n in names
-             if os.path.isfile(os.path.join(path, n, "config.yaml"))]
-    if not found and not manifest:
-        raise UsageError(f"{path}: holds no runs (no config.yaml in it or in its subdirectories)")
-    return found
+    return [d for d, _, _ in _entries(path)]
 
 
 def _name(run_dir, dirs):
@@ -53,26 +62,38 @@ def _name(run_dir, dirs):
     return run_dir
 
 
-def load_runs(path):
-    """One row per run: run, run_dir, the summary figures, max_grad_norm, every config key."""
-    dirs = run_dirs(path)
+def _status(run_dir, sweep_dir):
+    status = rundir.status(run_dir)
+    if sweep_dir and status in (rundir.RUNNING, rundir.STARTED) and not RunLock(
+            sweep_dir, os.path.basename(run_dir)).held():
+        return rundir.STOPPED  # its process is gone: the next sweep resumes it
+    return status
+
+
+def load_runs(path, pending=False):
+    """One row per run: run, run_dir, the summary figures, max_grad_norm, every config key.
+
+    With `pending`, a sweep's runs that have not started are rows too (status `pending`, their
+    swept values set and the other config keys missing); a sweep's run still marked running
+    whose process is gone is `stopped`.
+    """
+    entries = _entries(path, pending)
+    dirs = [d for d, _, _ in entries]
     rows = []
-    for d in dirs:
-        summary = read_json(os.path.join(d, "summary.json")) or {}
-        flat = config_lib.flatten(config_lib.read_yaml(os.path.join(d, "config.yaml")))
-        grad_norms = [r["grad_norm"] for r in read_metrics(os.path.join(d, "metrics.jsonl"))
-                      if r.get("grad_norm") is not None]
+    for d, sweep_dir, overrides in entries:
+        summary = rundir.read_summary(d)
         row = {"run": _name(d, dirs), "run_dir": os.path.abspath(d)}
         row.update({k: summary.get(k) for k in SUMMARY_COLUMNS})
-        row["status"] = row["status"] or "started"
+        row["status"] = _status(d, sweep_dir)
+        grad_norms = [r["grad_norm"] for r in rundir.read_metrics(d)
+                      if r.get("grad_norm") is not None]
         row["max_grad_norm"] = max(grad_norms, default=None)
-        row.update(flat)
+        row.update(rundir.read_config(d) if rundir.is_run(d) else overrides)
         rows.append(row)
     columns = ["run", "run_dir", *SUMMARY_COLUMNS, "max_grad_norm"]
     frame = pd.DataFrame(rows, columns=columns + sorted({k for r in rows for k in r} -
                                                        set(columns)))
-    for column in ("steps", "diverged_step", "final_val_loss", "best_val_loss", "tokens_per_s",
-                   "compile_seconds", "vectorized_runs", "max_grad_norm"):
+    for column in NUMERIC:
         frame[column] = pd.to_numeric(frame[column])  # missing values: NaN, not None
     return frame.set_index("run", drop=False)
 
@@ -87,7 +108,7 @@ def load_metrics(path):
     dirs = run_dirs(path)
     frames = []
     for d in dirs:
-        records = read_metrics(os.path.join(d, "metrics.jsonl"))
+        records = rundir.read_metrics(d)
         if not records:
             continue
         long = pd.DataFrame([(r["step"], k, v) for r in records for k, v in r.items()
@@ -100,10 +121,9 @@ def load_metrics(path):
                              "layer": pd.Series(dtype=float), "family": pd.Series(dtype=str)})
     out = pd.concat(frames, ignore_index=True)
     out["value"] = pd.to_numeric(out["value"], errors="coerce").astype(float)  # null: NaN
-    parsed = out["metric"].str.extract(BLOCK)
-    out["layer"] = pd.to_numeric(parsed["index"])
-    out["family"] = (parsed["prefix"] + "/block" + parsed["part"].fillna("")).where(
-        parsed["index"].notna(), out["metric"])
+    parsed = {name: rundir.parse_metric(name) for name in out["metric"].unique()}
+    out["layer"] = pd.to_numeric(out["metric"].map(lambda name: parsed[name][1]))
+    out["family"] = out["metric"].map(lambda name: parsed[name][0])
     return out.sort_values(["run", "metric", "step"], kind="stable").reset_index(drop=True)
 
 

@@ -24,7 +24,7 @@ from flax import nnx
 from normexp import allocator
 from normexp import config as config_lib
 from normexp import data as data_lib
-from normexp.train import init_state, make_train_step
+from normexp.step import init_state, make_train_step
 
 QUICK = ["model.n_layer=2", "model.d_model=64", "model.n_head=2", "data.seq_len=32",
          "train.batch_size=4"]
@@ -209,7 +209,8 @@ def measure_compile_cache(cfg):
 _COMPILE_ONCE = """
 import sys, time
 from normexp import config, data
-from normexp.train import enable_compile_cache, init_state, make_train_step
+from normexp.step import init_state, make_train_step
+from normexp.train import enable_compile_cache
 cfg = config.load(sys.argv[1])
 enable_compile_cache(sys.argv[2])
 corpus = data.load_corpus(cfg.data.path, cfg.data.vocab_size, cfg.data.seq_len)

@@ -23,7 +23,7 @@ import orbax.checkpoint as ocp
 
 from normexp.errors import UsageError
 from normexp.parallel import barrier
-from normexp.tracking import write_atomic
+from normexp.rundir import write_atomic
 
 # orbax narrates every save at INFO and prints whole tracebacks from its writer threads when a
 # write fails; the failure reaches the caller as an exception, reported there in one line.

@@ -15,7 +15,7 @@ import os
 
 import numpy as np
 
-from normexp.tracking import write_atomic
+from normexp.rundir import write_atomic
 
 SUPPORTED, NOT_SUPPORTED, INCONCLUSIVE = "supported", "not supported", "inconclusive"
 GROWS, FLAT = 1.5, 1.25  # last/first gradient-norm ratios for "grows" and "flat or falling"

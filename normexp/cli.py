@@ -44,13 +44,14 @@ def _load(args):
 
 
 def cmd_train(ns):
+    from normexp.rundir import INTERRUPTED
     from normexp.train import run
     cfg = _load(ns.config)
     summary = run(cfg, resume=ns.resume, overwrite=ns.overwrite, missing_ok=False)
     line = {k: summary[k] for k in ("status", "steps", "diverged_step", "final_val_loss",
                                     "best_val_loss", "tokens_per_s")}
     print(f"{summary['run_dir']}: {json.dumps(line)}")
-    if summary["status"] == "interrupted":
+    if summary["status"] == INTERRUPTED:
         return 128 + signal.Signals[summary["signal"]].value
     return 0
 
@@ -69,10 +70,10 @@ def cmd_sweep(ns):
 
 
 def cmd_results(ns):
-    from normexp.results import collect, format_table, write
-    rows = collect(ns.sweep_dir)
-    print(format_table(rows))
-    paths = write(rows, ns.sweep_dir)
+    from normexp import results
+    table = results.table(ns.sweep_dir)
+    print(results.to_text(table))
+    paths = results.write(table, ns.sweep_dir)
     print(f"wrote {', '.join(paths)}", file=sys.stderr)
     return 0
 

@@ -234,6 +234,10 @@ class RunConfig:
         return self.out_dir or os.path.join("runs", self.name)
 
 
+# What may differ between the runs of one vectorized group: everything else shapes the program.
+GROUP_KEYS = ("run.seed", "optim.lr", "run.name", "run.out_dir")
+
+
 @dataclass(frozen=True)
 class Config:
     model: ModelConfig = section(ModelConfig, "the transformer")
@@ -373,23 +377,14 @@ _TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a finite number
 
 
 def _check_cross(cfg):
+    """The rules that join keys; a norm kind and a placement each state their own."""
     m = cfg.model
     if m.d_model % m.n_head:
         raise UsageError(f"model.n_head: {m.n_head} does not divide model.d_model={m.d_model}")
-    from normexp.placement import PLACEMENTS
-    place, kind = PLACEMENTS[m.placement], m.norm.kind
-    if place.norm_free and kind != "none":
-        raise UsageError(f"model.norm.kind: placement {m.placement!r} uses no norm, got "
-                         f"{kind!r} (set model.norm.kind=none)")
-    if kind == "groupnorm":
-        widths = {"model.d_model": m.d_model, "the head width (model.qk_norm)":
-                  m.d_model // m.n_head if m.qk_norm else m.d_model}
-        for what, width in widths.items():
-            if width % m.norm.groups:
-                raise UsageError(f"model.norm.groups: {m.norm.groups} does not divide {what} "
-                                 f"= {width}")
-    if m.norm.partial < 1 and kind != "rmsnorm":
-        raise UsageError(f"model.norm.partial: only rmsnorm has a partial RMS, got kind {kind!r}")
+    for problem in (_registry("placement")[m.placement].check(m),
+                    _registry("norm")[m.norm.kind].check(m)):
+        if problem:
+            raise UsageError(problem)
 
 
 def to_dict(cfg):

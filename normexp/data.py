@@ -5,13 +5,13 @@ resumed run sees exactly the batches the uninterrupted run saw, and two runs tha
 in their model see identical data.
 """
 
+import collections
+import concurrent.futures
 import hashlib
 import io
 import json
 import os
 import pickle
-import queue
-import threading
 from dataclasses import dataclass
 
 import jax
@@ -188,58 +188,45 @@ def batch(tokens, *, seed, step, batch_size, seq_len, stream=TRAIN_STREAM):
 
 
 class Prefetcher:
-    """Training batches for steps start, start+1, ... on the device, two steps ahead.
+    """Training batches for steps start, start+1, ... on the device, `depth` steps ahead.
 
-    `sample(step)` makes a step's host arrays and `put` moves them to the devices. A background
+    `sample(step)` makes a step's host arrays and `put` moves them to the devices. One worker
     thread does both while the device runs the current step (double buffering), so the step
     never waits for the host. The order is the order of steps, so what a run sees stays a
-    function of (seed, step).
+    function of (seed, step). A producer's error is raised in the consumer, at that step's
+    `next` and every later one; `close` cancels what has not started and never hangs.
     """
 
     def __init__(self, sample, *, start, put=jax.device_put, depth=2):
-        self.queue = queue.Queue(maxsize=depth)
-        self.stopped = threading.Event()
+        self.pool = concurrent.futures.ThreadPoolExecutor(1, "normexp-prefetch")
+        self.make = lambda step: put(sample(step))
+        self.next_step = start
+        self.pending = collections.deque()
         self.error = None
+        for _ in range(depth):
+            self._submit()
 
-        def produce():
-            step = start
-            while not self.stopped.is_set():
-                try:
-                    item = put(sample(step))
-                except BaseException as e:  # handed to the consumer, raised there
-                    item = e
-                while not self.stopped.is_set():
-                    try:
-                        self.queue.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if isinstance(item, BaseException):
-                    return
-                step += 1
-
-        self.thread = threading.Thread(target=produce, name="normexp-prefetch", daemon=True)
-        self.thread.start()
+    def _submit(self):
+        self.pending.append(self.pool.submit(self.make, self.next_step))
+        self.next_step += 1
 
     def __next__(self):
         if self.error is not None:
             raise self.error
-        while True:
-            if self.stopped.is_set():
-                raise RuntimeError("Prefetcher is closed")
-            try:
-                item = self.queue.get(timeout=0.1)
-                break
-            except queue.Empty:
-                continue
-        if isinstance(item, BaseException):
-            self.error = item  # raised again on every later call, never a hang
-            raise item
+        if not self.pending:
+            raise RuntimeError("Prefetcher is closed")
+        future = self.pending.popleft()
+        try:
+            item = future.result()
+        except BaseException as e:  # the producer's, raised again on every later call
+            self.error = e
+            raise
+        self._submit()
         return item
 
     def close(self):
-        self.stopped.set()
-        self.thread.join()
+        self.pending.clear()
+        self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 def eval_batches(tokens, *, seed, count, batch_size, seq_len):
@@ -250,7 +237,7 @@ def eval_batches(tokens, *, seed, count, batch_size, seq_len):
 
 def prepare(text_file, out_dir):
     """Byte-level train.bin/val.bin/meta.json from any text file; returns the token counts."""
-    from normexp.tracking import write_atomic
+    from normexp.rundir import write_atomic
     try:
         with open(text_file, "rb") as f:
             raw = f.read()

@@ -1,15 +1,35 @@
-"""Per-layer gradient, parameter and update norms, computed inside the jitted train step.
+"""The statistics a run logs, computed inside the jitted train step.
 
-Names follow one scheme: `grad_norm/block_03` (the whole block), `grad_norm/block_03/attn`,
-`.../mlp`, `.../norm`, `grad_norm/tok_embed`, `grad_norm/pos_embed`, `grad_norm/final_norm`,
-`param_norm/<layer>` and `update_ratio/<layer>` (||update|| / ||param||).
+- Per layer: gradient norms `grad_norm/block_03` (the whole block), `grad_norm/block_03/attn`,
+  `.../mlp`, `.../norm`, `grad_norm/tok_embed`, `grad_norm/pos_embed`, `grad_norm/final_norm`;
+  `param_norm/<layer>` and `update_ratio/<layer>` (||update|| / ||param||).
+- Per block, from what the model records (`activation_stats`): the residual stream's `mean`,
+  `rms` and `kurtosis`, and `<sublayer>_<input|output>_norm_rms`, the RMS of each sublayer
+  norm's output, under `act/block_03/...`.
+
+Inside the step a per-block statistic is one [L] vector under its family name
+(`grad_norm/block/attn`); `per_block` names the blocks on the host (normexp.rundir's scheme).
 """
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from normexp.model import param_group
+from normexp.rundir import block_metric
+
+
+def param_group(path):
+    """(layer, part) of a parameter path: the names per-layer gradient norms are logged under.
+
+    Block parameters give ("block", "attn" | "mlp" | "norm") and carry the stacked [L] axis
+    ("norm": the norms and gates a placement puts around the sublayers; norms inside attention
+    or the MLP count with their sublayer);
+    the rest give their module's name ('tok_embed', 'pos_embed', 'final_norm') and no part.
+    """
+    if path[0] == "blocks":
+        part = "norm" if "norms" in path[1] else path[1]
+        return "block", part
+    return path[0], None
 
 
 def path_names(keypath):
@@ -59,6 +79,39 @@ def layer_stats(params, grads, updates):
     return stats
 
 
+def stream_stats(x_NxC):
+    """Mean, RMS and excess kurtosis E[(x - mean)^4] / var^2 - 3 of all entries, in float32."""
+    x = jax.lax.stop_gradient(x_NxC).astype(jnp.float32)
+    mean = x.mean()
+    var = jnp.mean(jnp.square(x - mean))
+    kurtosis = jnp.mean(jnp.square(jnp.square(x - mean))) / jnp.square(var) - 3.0
+    return {"mean": mean, "rms": jnp.sqrt(jnp.mean(jnp.square(x))), "kurtosis": kurtosis}
+
+
+def rms(x):
+    x = jax.lax.stop_gradient(x).astype(jnp.float32)
+    return jnp.sqrt(jnp.mean(jnp.square(x)))
+
+
+def block_stats(seen):
+    """One block's activation statistics from what it recorded (see `model.Block`): the
+    stream's, and the RMS of each sublayer norm's output."""
+    stats = stream_stats(seen["stream"])
+    stats.update({f"{name}_rms": rms(x) for name, x in seen.items() if name != "stream"})
+    return stats
+
+
+def activation_stats(record):
+    """The `observe` function a model is called with: `block_stats` where `record` (a traced
+    bool: a log step) is true, zeros of the same shapes elsewhere, so the statistics cost
+    nothing at the steps that are not logged."""
+    def observe(seen):
+        skip = lambda seen: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype),
+                                         jax.eval_shape(block_stats, seen))
+        return jax.lax.cond(record, block_stats, skip, seen)
+    return observe
+
+
 def per_block(metrics):
     """Host side: 'grad_norm/block/attn' = [L] values -> 'grad_norm/block_00/attn', ... ."""
     out = {}
@@ -66,7 +119,7 @@ def per_block(metrics):
         value = np.asarray(value)
         if value.ndim == 1:
             for i, v in enumerate(value):
-                out[key.replace("/block", f"/block_{i:02d}", 1)] = float(v)
+                out[block_metric(key, i)] = float(v)
         else:
             out[key] = float(value)
     return out

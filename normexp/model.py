@@ -7,6 +7,10 @@ every projection is a plain 2-D matmul and weight gradients need no transposing 
 The blocks' parameters are stacked on a leading L axis (one `Block` module created with
 `nnx.vmap`) and applied with `jax.lax.scan`, so compile time does not grow with depth;
 `model.scan: false` applies the same stacked parameters in a Python loop, for debugging.
+
+The model computes no statistics of itself: called with `observe`, each block hands what it
+saw (its output stream and its sublayer norms' outputs) to that function, inside the scan, and
+the results come back stacked per block (normexp.metrics turns them into statistics).
 """
 
 import functools
@@ -14,11 +18,10 @@ import math
 
 import jax
 import jax.numpy as jnp
-import optax
 from flax import nnx
 
 from normexp import custom_grads
-from normexp.norms import make_norm
+from normexp.norms import NORMS, make_norm
 from normexp.norms import modules as norm_modules
 from normexp.placement import PLACEMENTS, Depth
 
@@ -32,13 +35,6 @@ REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.dots_saveable,  # keep matmul outputs
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
-
-
-def linear_options(bias, dtype, custom_grad, rngs):
-    options = dict(use_bias=bias, dtype=dtype, rngs=rngs)
-    if custom_grad:
-        options["dot_general"] = custom_grads.dot_general
-    return options
 
 
 class WeightNormLinear(nnx.Linear):
@@ -74,57 +70,56 @@ def normal_init(std, gain=1.0, from_column=0):
     return init
 
 
-class Layers:
-    """What every block's layers share: how to build a linear layer and a norm."""
+def kernel_std(init, din, dout, std):
+    """A kernel's init std: `std` (gpt2), or Glorot's sqrt(2 / (din + dout)) (xavier)."""
+    return math.sqrt(2.0 / (din + dout)) if init == "xavier" else std
 
-    def __init__(self, cfg, *, rows_per_seq, rngs):
-        self.cfg, self.rows_per_seq, self.rngs = cfg, rows_per_seq, rngs
-        self.dtype = DTYPES[cfg.dtype]
-        self.weight_norm = cfg.weight_norm or cfg.norm.kind == "weightnorm"
 
-    def std(self, din, dout, std):
-        """A kernel's init std: `std` (GPT-2), or Glorot's sqrt(2 / (din + dout)) (xavier)."""
-        return math.sqrt(2.0 / (din + dout)) if self.cfg.init == "xavier" else std
+def linear_maker(*, weight_norm, bias, dtype, custom_grad, rngs):
+    """(din, dout, init) -> a linear layer, the same kind everywhere in the model."""
+    cls = WeightNormLinear if weight_norm else nnx.Linear
+    options = dict(use_bias=bias, dtype=dtype, rngs=rngs)
+    if custom_grad:
+        options["dot_general"] = custom_grads.dot_general
+    return lambda din, dout, init: cls(din, dout, kernel_init=init, **options)
 
-    def linear(self, din, dout, init):
-        cls = WeightNormLinear if self.weight_norm else nnx.Linear
-        return cls(din, dout, kernel_init=init, **linear_options(
-            self.cfg.bias, self.dtype, self.cfg.custom_grads, self.rngs))
 
-    def norm(self, dim, role, rows_per_seq=None):
-        return make_norm(self.cfg.norm, dim, role=role, dtype=self.dtype,
-                         rows_per_seq=rows_per_seq or self.rows_per_seq,
-                         custom_grad=self.cfg.custom_grads, rngs=self.rngs)
+def norm_maker(cfg, *, rows_per_seq, dtype, custom_grad, rngs):
+    """(dim, role, rows_per_seq=...) -> a norm of kind `cfg.kind` (cfg: `model.norm`)."""
+    def make(dim, role, rows=rows_per_seq):
+        return make_norm(cfg, dim, role=role, dtype=dtype, rows_per_seq=rows,
+                         custom_grad=custom_grad, rngs=rngs)
+    return make
 
 
 class Attention(nnx.Module):
     """Causal multi-head self-attention on [N, C] activations.
 
-    Options a placement or switch adds: per-head norms on queries and keys (`model.qk_norm`),
-    full-width norms on q, k and v (HybridNorm), a learned per-head output scale (NormFormer).
+    Options a placement or switch adds: per-head norms on queries and keys (`qk_norm`),
+    full-width norms on q, k and v (`qkv_norm`, HybridNorm), a learned per-head output scale
+    (`head_scale`, NormFormer).
     """
 
-    def __init__(self, layers, place, *, std, out_std, gain, fused):
-        cfg = layers.cfg
-        C, H = cfg.d_model, cfg.n_head
+    def __init__(self, d_model, n_head, *, linear, norm, init, std, out_std, gain, qkv_norm,
+                 qk_norm, head_scale, rows_per_seq, fused, custom_grad):
+        C, H = d_model, n_head
         self.n_head, self.fused = H, fused
-        self.core = (custom_grads.causal_attention if cfg.custom_grads
+        self.core = (custom_grads.causal_attention if custom_grad
                      else custom_grads.causal_attention_plain)
         # q, k and v are three C x C projections, whose fans Glorot's rule takes
-        self.qkv = layers.linear(C, 3 * C, normal_init(layers.std(C, C, std), gain,
-                                                       from_column=2 * C))
-        self.proj = layers.linear(C, C, normal_init(layers.std(C, C, out_std) * gain))
-        if place.qkv_norm:
-            self.q_norm, self.k_norm, self.v_norm = (layers.norm(C, "attn") for _ in range(3))
+        self.qkv = linear(C, 3 * C, normal_init(kernel_std(init, C, C, std), gain,
+                                                from_column=2 * C))
+        self.proj = linear(C, C, normal_init(kernel_std(init, C, C, out_std) * gain))
+        if qkv_norm:
+            self.q_norm, self.k_norm, self.v_norm = (norm(C, "attn") for _ in range(3))
         else:
             self.q_norm = self.k_norm = self.v_norm = None
-        if cfg.qk_norm:  # per head: rows are (token, head) pairs, H of them per token
-            self.q_head_norm, self.k_head_norm = (
-                layers.norm(C // H, "attn", rows_per_seq=layers.rows_per_seq * H)
-                for _ in range(2))
+        if qk_norm:  # per head: rows are (token, head) pairs, H of them per token
+            self.q_head_norm, self.k_head_norm = (norm(C // H, "attn", rows_per_seq * H)
+                                                  for _ in range(2))
         else:
             self.q_head_norm = self.k_head_norm = None
-        self.head_scale = nnx.Param(jnp.ones((H,), jnp.float32)) if place.head_scale else None
+        self.head_scale = nnx.Param(jnp.ones((H,), jnp.float32)) if head_scale else None
 
     def __call__(self, x_NxC, seq_len):
         N, C = x_NxC.shape
@@ -152,15 +147,14 @@ class Attention(nnx.Module):
 class MLP(nnx.Module):
     """Two-layer perceptron with exact GELU: W2 gelu(W1 x), optionally W2 N(gelu(W1 x))."""
 
-    def __init__(self, layers, place, *, std, out_std, gain):
-        cfg = layers.cfg
-        F = cfg.mlp_ratio * cfg.d_model
-        self.gelu = custom_grads.gelu if cfg.custom_grads else functools.partial(
+    def __init__(self, d_model, hidden, *, linear, norm, init, std, out_std, gain, mid_norm,
+                 custom_grad):
+        C, F = d_model, hidden
+        self.gelu = custom_grads.gelu if custom_grad else functools.partial(
             jax.nn.gelu, approximate=False)
-        C = cfg.d_model
-        self.up = layers.linear(C, F, normal_init(layers.std(C, F, std) * gain))
-        self.down = layers.linear(F, C, normal_init(layers.std(F, C, out_std) * gain))
-        self.mid_norm = layers.norm(F, "mlp") if place.mid_norm else None
+        self.up = linear(C, F, normal_init(kernel_std(init, C, F, std) * gain))
+        self.down = linear(F, C, normal_init(kernel_std(init, F, C, out_std) * gain))
+        self.mid_norm = norm(F, "mlp") if mid_norm else None
 
     def __call__(self, x_NxC):
         h_NxF = self.gelu(self.up(x_NxC))
@@ -188,79 +182,57 @@ class SublayerNorms(nnx.Module):
         self.gate = Gate() if "gate" in names else None
 
 
-def stream_stats(x_NxC):
-    """Mean, RMS and excess kurtosis E[(x - mean)^4] / var^2 - 3 of all entries, in float32."""
-    x = jax.lax.stop_gradient(x_NxC).astype(jnp.float32)
-    mean = x.mean()
-    var = jnp.mean(jnp.square(x - mean))
-    kurtosis = jnp.mean(jnp.square(jnp.square(x - mean))) / jnp.square(var) - 3.0
-    return {"mean": mean, "rms": jnp.sqrt(jnp.mean(jnp.square(x))), "kurtosis": kurtosis}
+class RecordedNorms:
+    """A sublayer's norms as its placement rule sees them, each output kept in `seen` under
+    `<sublayer>_input_norm` or `<sublayer>_output_norm` (the norm's slot, not its position:
+    Pre-Norm's input norm gives N(x), Post-Norm's output norm N(x + F(x)))."""
 
+    def __init__(self, norms, sublayer, seen):
+        self.gate = norms.gate
+        self.input = self._keep(norms.input, f"{sublayer}_input_norm", seen)
+        self.output = self._keep(norms.output, f"{sublayer}_output_norm", seen)
 
-def rms(x):
-    x = jax.lax.stop_gradient(x).astype(jnp.float32)
-    return jnp.sqrt(jnp.mean(jnp.square(x)))
+    @staticmethod
+    def _keep(norm, name, seen):
+        if norm is None:
+            return None
 
-
-class NormProbe:
-    """A sublayer's norms as a placement rule sees them, keeping the first norm output the rule
-    computes (the input norm's, or the output norm's where the rule has no input norm)."""
-
-    def __init__(self, norms):
-        self.gate, self.seen = norms.gate, None
-        self.input = None if norms.input is None else self._watch(norms.input)
-        self.output = None if norms.output is None else self._watch(norms.output)
-
-    def _watch(self, norm):
         def call(x):
-            y = norm(x)
-            if self.seen is None:
-                self.seen = y
+            seen[name] = y = norm(x)
             return y
         return call
-
-
-def block_stats(seen):
-    """Activation statistics of one block from what it kept (see `Block.__call__`)."""
-    stats = stream_stats(seen["stream"])
-    for sublayer in ("attn", "mlp"):
-        if sublayer in seen:
-            stats[f"{sublayer}_norm_rms"] = rms(seen[sublayer])
-    return stats
 
 
 class Block(nnx.Module):
     """One transformer block: attention then MLP, each wrapped by its placement rule."""
 
-    def __init__(self, layers, *, std, out_std, fused_attention):
-        cfg = layers.cfg
-        self.place = PLACEMENTS[cfg.placement]
-        gain = self.place.init_gain(cfg.n_layer) if self.place.init_gain else 1.0
-        self.attn_norms = SublayerNorms(self.place.attn.norms,
-                                        lambda: layers.norm(cfg.d_model, "attn"))
-        self.attn = Attention(layers, self.place, std=std, out_std=out_std, gain=gain,
-                              fused=fused_attention)
-        self.mlp_norms = SublayerNorms(self.place.mlp.norms,
-                                       lambda: layers.norm(cfg.d_model, "mlp"))
-        self.mlp = MLP(layers, self.place, std=std, out_std=out_std, gain=gain)
+    def __init__(self, d_model, n_head, mlp_ratio, *, place, n_layer, linear, norm, init, std,
+                 out_std, qk_norm, rows_per_seq, fused_attention, custom_grad):
+        self.place = place
+        gain = place.init_gain(n_layer) if place.init_gain else 1.0
+        shared = dict(linear=linear, norm=norm, init=init, std=std, out_std=out_std, gain=gain,
+                      custom_grad=custom_grad)
+        self.attn_norms = SublayerNorms(place.attn.norms, lambda: norm(d_model, "attn"))
+        self.attn = Attention(d_model, n_head, qkv_norm=place.qkv_norm, qk_norm=qk_norm,
+                              head_scale=place.head_scale, rows_per_seq=rows_per_seq,
+                              fused=fused_attention, **shared)
+        self.mlp_norms = SublayerNorms(place.mlp.norms, lambda: norm(d_model, "mlp"))
+        self.mlp = MLP(d_model, mlp_ratio * d_model, mid_norm=place.mid_norm, **shared)
 
-    def __call__(self, stream, seq_len, depth, record=None):
-        """The block's output stream; with `record` (a traced bool) also its activation
-        statistics, computed only where `record` is true (zeros elsewhere)."""
+    def __call__(self, stream, seq_len, depth, observe=None):
+        """The block's output stream; with `observe` also `observe(seen)`, where `seen` holds
+        the output stream (`stream`) and the output of every sublayer norm (RecordedNorms)."""
         attn = lambda h: self.attn(h, seq_len)
-        attn_norms, mlp_norms = self.attn_norms, self.mlp_norms
-        if record is not None:
-            attn_norms, mlp_norms = NormProbe(attn_norms), NormProbe(mlp_norms)
+        attn_norms, mlp_norms, seen = self.attn_norms, self.mlp_norms, {}
+        if observe is not None:
+            attn_norms = RecordedNorms(attn_norms, "attn", seen)
+            mlp_norms = RecordedNorms(mlp_norms, "mlp", seen)
         stream = self.place.attn(stream, attn, attn_norms, depth)
         stream = self.place.mlp(stream, self.mlp, mlp_norms, depth)
-        if record is None:
+        if observe is None:
             return stream
-        seen = {"stream": stream[0] if isinstance(stream, tuple) else stream,
-                "attn": attn_norms.seen, "mlp": mlp_norms.seen}
-        seen = {k: v for k, v in seen.items() if v is not None}
-        skip = lambda seen: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype),
-                                         jax.eval_shape(block_stats, seen))
-        return stream, jax.lax.cond(record, block_stats, skip, seen)
+        seen["stream"] = stream[0] if isinstance(stream, tuple) else stream
+        return stream, observe(seen)
 
 
 def fused_attention_for(setting, platform):
@@ -275,47 +247,58 @@ class GPT(nnx.Module):
     final norm, tied head."""
 
     def __init__(self, cfg, *, vocab_size, max_len, remat=None, rngs):
-        std, L = cfg.init_std, cfg.n_layer
+        std, L, C = cfg.init_std, cfg.n_layer, cfg.d_model
         place = PLACEMENTS[cfg.placement]
         # GPT-2's 1/sqrt(2L) residual init; DeepNet replaces it with its own gain (in Block)
         scaled = cfg.scale_residual_init and place.init_gain is None
         out_std = std / math.sqrt(2 * L) if scaled else std
-        self.dtype, self.max_len, self.dual = DTYPES[cfg.dtype], max_len, place.dual
-        self.scan, self.remat, self.n_layer, self.cfg = cfg.scan, remat, L, cfg
+        dtype = DTYPES[cfg.dtype]
+        self.dtype, self.max_len, self.dual = dtype, max_len, place.dual
+        self.scan, self.remat, self.n_layer = cfg.scan, remat, L
+        self.norm_kind = cfg.norm.kind
+        self.segments = place.segments(L, cfg) if place.segments else (0, L)
         # remat only saves memory between the iterations of a real loop
         shallow = L <= AUTO_UNROLL_MAX and remat is None
         self.unroll = cfg.scan_unroll or (L if shallow else 1)
         fused = fused_attention_for(cfg.attention, jax.default_backend())
-        layers = Layers(cfg, rows_per_seq=max_len, rngs=rngs)  # the model-level layers
+        weight_norm = cfg.weight_norm or NORMS[cfg.norm.kind].weight_normalized_kernels
+
+        def makers(rngs):  # the linear layers and norms made from these rngs
+            return dict(
+                linear=linear_maker(weight_norm=weight_norm, bias=cfg.bias, dtype=dtype,
+                                    custom_grad=cfg.custom_grads, rngs=rngs),
+                norm=norm_maker(cfg.norm, rows_per_seq=max_len, dtype=dtype,
+                                custom_grad=cfg.custom_grads, rngs=rngs))
+
+        norm = makers(rngs)["norm"]
         # xavier: the Transformer's embeddings, N(0, 1/C) scaled by sqrt(C) at the input, so the
         # first block sees unit-scale tokens as in Xiong et al.'s analysis
-        embed_std = cfg.d_model ** -0.5 if cfg.init == "xavier" else std
-        self.embed_scale = math.sqrt(cfg.d_model) if cfg.init == "xavier" else 1.0
-        self.tok_embed = nnx.Embed(vocab_size, cfg.d_model, dtype=self.dtype, rngs=rngs,
+        embed_std = C ** -0.5 if cfg.init == "xavier" else std
+        self.embed_scale = math.sqrt(C) if cfg.init == "xavier" else 1.0
+        self.tok_embed = nnx.Embed(vocab_size, C, dtype=self.dtype, rngs=rngs,
                                    embedding_init=nnx.initializers.normal(embed_std))
-        self.pos_embed = nnx.Param(embed_std * jax.random.normal(rngs.params(),
-                                                                 (max_len, cfg.d_model)))
-        self.embed_norm = (layers.norm(cfg.d_model, "final")
-                           if cfg.embed_norm or place.embed_norm else None)
+        self.pos_embed = nnx.Param(embed_std * jax.random.normal(rngs.params(), (max_len, C)))
+        self.embed_norm = norm(C, "final") if cfg.embed_norm or place.embed_norm else None
 
         @nnx.split_rngs(splits=L)
         @nnx.vmap(in_axes=(0,), out_axes=0)
         def stacked_blocks(rngs):
-            return Block(Layers(cfg, rows_per_seq=max_len, rngs=rngs), std=std, out_std=out_std,
-                         fused_attention=fused)
+            return Block(C, cfg.n_head, cfg.mlp_ratio, place=place, n_layer=L, init=cfg.init,
+                         std=std, out_std=out_std, qk_norm=cfg.qk_norm, rows_per_seq=max_len,
+                         fused_attention=fused, custom_grad=cfg.custom_grads, **makers(rngs))
 
         self.blocks = stacked_blocks(rngs)  # every parameter has a leading [L] axis
-        self.dual_norm = layers.norm(cfg.d_model, "final") if place.dual else None
-        self.final_norm = layers.norm(cfg.d_model, "final") if cfg.final_norm else None
+        self.dual_norm = norm(C, "final") if place.dual else None
+        self.final_norm = norm(C, "final") if cfg.final_norm else None
         self.whole_sequences = any(n.batch_statistics or n.leaks_across_positions
                                    for n in norm_modules(self))
 
-    def features(self, tokens_BxT, record=None):
-        """The residual stream after the last block (and final norm), as [N, C]; with `record`
-        also each block's activation statistics, as [L] vectors (see `Block.__call__`)."""
+    def features(self, tokens_BxT, observe=None):
+        """The residual stream after the last block (and final norm), as [N, C]; with `observe`
+        also what it returned for each block, stacked on a leading [L] axis (see `Block`)."""
         B, T = tokens_BxT.shape
         if self.whole_sequences and T != self.max_len:
-            raise ValueError(f"norm kind {self.cfg.norm.kind!r} pools over sequences of "
+            raise ValueError(f"norm kind {self.norm_kind!r} pools over sequences of "
                              f"{self.max_len} tokens; got {T}")
         x_BxTxC = self.tok_embed(tokens_BxT) + self.pos_embed[:T].astype(self.dtype)
         if self.embed_scale != 1.0:
@@ -323,30 +306,29 @@ class GPT(nnx.Module):
         x_NxC = x_BxTxC.reshape(B * T, -1)
         if self.embed_norm is not None:
             x_NxC = self.embed_norm(x_NxC)
-        stream, stats = self._apply_blocks((x_NxC, x_NxC) if self.dual else x_NxC, T, record)
+        stream, observed = self._apply_blocks((x_NxC, x_NxC) if self.dual else x_NxC, T,
+                                              observe)
         if self.dual:  # ResiDual's output: x_L + N(d_L)
             x_NxC, d_NxC = stream
             stream = x_NxC + self.dual_norm(d_NxC)
         x_NxC = stream
         if self.final_norm is not None:
             x_NxC = self.final_norm(x_NxC)
-        return x_NxC if record is None else (x_NxC, stats)
+        return x_NxC if observe is None else (x_NxC, observed)
 
-    def _apply_blocks(self, stream, seq_len, record=None):
+    def _apply_blocks(self, stream, seq_len, observe=None):
         graphdef, params, rest = nnx.split(self.blocks, nnx.Param, ...)
-        L, cfg = self.n_layer, self.cfg
-        place = PLACEMENTS[cfg.placement]
-        bounds = place.segments(L, cfg) if place.segments else (0, L)
+        L, bounds = self.n_layer, self.segments
         index_L = jnp.arange(L, dtype=jnp.int32)
-        rests, stats = [], []
+        rests, observed = [], []
         for segment, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:])):
             if start == stop:
                 continue
 
             def one_block(stream, params, rest, index, segment=segment):
                 block = nnx.merge(graphdef, params, rest)
-                out = block(stream, seq_len, Depth(index, L, segment, cfg), record)
-                stream, seen = out if record is not None else (out, {})
+                out = block(stream, seq_len, Depth(index, L, segment), observe)
+                stream, seen = out if observe is not None else (out, {})
                 # the block's new non-parameter state (e.g. running statistics) and statistics
                 return stream, (nnx.state(block, nnx.Not(nnx.Param)), seen)
 
@@ -359,26 +341,26 @@ class GPT(nnx.Module):
                     (run(params), run(rest), index_L[start:stop]),
                     unroll=min(self.unroll, stop - start))
                 rests.append(rest_run)
-                stats.append(seen_run)
+                observed.append(seen_run)
             else:
                 for i in range(start, stop):
                     layer = lambda tree: jax.tree.map(lambda a: a[i], tree)
                     stream, (rest_i, seen_i) = one_block(stream, layer(params), layer(rest),
                                                          index_L[i])
                     rests.append(jax.tree.map(lambda a: a[None], rest_i))
-                    stats.append(jax.tree.map(lambda a: a[None], seen_i))
-        rest, stats = (jax.tree.map(lambda *a: jnp.concatenate(a), *parts) if len(parts) > 1
-                       else parts[0] for parts in (rests, stats))
+                    observed.append(jax.tree.map(lambda a: a[None], seen_i))
+        rest, observed = (jax.tree.map(lambda *a: jnp.concatenate(a), *parts)
+                          if len(parts) > 1 else parts[0] for parts in (rests, observed))
         nnx.update(self.blocks, rest)
-        return stream, stats
+        return stream, observed
 
-    def __call__(self, tokens_BxT, record=None):
-        """Logits [N, V] through the tied output embedding (and, with `record`, the blocks'
-        activation statistics)."""
-        if record is None:
+    def __call__(self, tokens_BxT, observe=None):
+        """Logits [N, V] through the tied output embedding (and, with `observe`, what it
+        returned for each block)."""
+        if observe is None:
             return self.tok_embed.attend(self.features(tokens_BxT))
-        x_NxC, stats = self.features(tokens_BxT, record)
-        return self.tok_embed.attend(x_NxC), stats
+        x_NxC, observed = self.features(tokens_BxT, observe)
+        return self.tok_embed.attend(x_NxC), observed
 
 
 def norm_report(model):
@@ -396,24 +378,3 @@ def evaluation_view(model):
 def make_model(cfg, *, vocab_size, max_len, seed, remat=None):
     return GPT(cfg, vocab_size=vocab_size, max_len=max_len, remat=remat,
                rngs=nnx.Rngs(params=seed))
-
-
-def param_group(path):
-    """(layer, part) of a parameter path: the names per-layer gradient norms are logged under.
-
-    Block parameters give ("block", "attn" | "mlp" | "norm") and carry the stacked [L] axis
-    ("norm": the norms and gates a placement puts around the sublayers; norms inside attention
-    or the MLP count with their sublayer);
-    the rest give their module's name ('tok_embed', 'pos_embed', 'final_norm') and no part.
-    """
-    if path[0] == "blocks":
-        part = "norm" if "norms" in path[1] else path[1]
-        return "block", part
-    return path[0], None
-
-
-def loss_fn(logits_NxV, targets_BxT):
-    """Mean next-token cross entropy, in float32."""
-    targets_N = targets_BxT.reshape(-1)
-    return optax.softmax_cross_entropy_with_integer_labels(
-        logits_NxV.astype(jnp.float32), targets_N).mean()

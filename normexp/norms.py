@@ -6,10 +6,10 @@ per-head norms, token-heads) in sequence order, `site.rows_per_seq` to a sequenc
 norms that pool over a batch or over time can see the sequences. By default a norm computes
 in float32 whatever the activation dtype and casts back (`model.norm.float32`).
 
-Two class-level properties say what a researcher must know before trusting a causal model
-built with the norm: `batch_statistics` (the output depends on the other sequences of the
-batch; training and evaluation differ) and `leaks_across_positions` (a position's output
-depends on later positions). Where Flax ships the paper's norm we build on it.
+Each norm declares, as a `Norm`, what the rest of normexp must know about it: whether it uses
+batch statistics or leaks across positions, whether the model weight-normalizes its kernels
+with it, and which configs it refuses (`check`). Adding a norm touches this file, its test and
+its README row, nothing else. Where Flax ships the paper's norm we build on it.
 """
 
 import math
@@ -31,11 +31,30 @@ class Site(NamedTuple):
     custom_grad: bool = True
 
 
+class Norm:
+    """What every norm declares. A researcher must know two things before trusting a causal
+    model built with a norm: `batch_statistics` (the output depends on the other sequences of
+    the batch; training and evaluation differ) and `leaks_across_positions` (a position's
+    output depends on later positions)."""
+
+    batch_statistics = False
+    leaks_across_positions = False
+    weight_normalized_kernels = False  # the model weight-normalizes its attention and MLP kernels
+
+    @classmethod
+    def check(cls, model):
+        """What is wrong with the `model` config section for this norm, in one line, or None."""
+        if model.norm.partial < 1:
+            return (f"model.norm.partial: only rmsnorm has a partial RMS, got kind "
+                    f"{model.norm.kind!r}")
+        return None
+
+
 def _site_dtype(cfg, activation_dtype):
     return jnp.float32 if cfg.float32 else activation_dtype
 
 
-class LayerNorm(nnx.LayerNorm):
+class LayerNorm(Norm, nnx.LayerNorm):
     """LayerNorm (Ba, Kiros & Hinton 2016, arXiv:1607.06450), over the features of each row:
 
         y = (x - mean(x)) / sqrt(var(x) + eps) * gamma + beta
@@ -43,8 +62,6 @@ class LayerNorm(nnx.LayerNorm):
     `model.norm.bias: false` drops beta (nanoGPT's bias-free variant). Built on `nnx.LayerNorm`;
     in float32 the closed-form backward of `custom_grads.layer_norm` replaces autodiff.
     """
-
-    batch_statistics = leaks_across_positions = False
 
     def __init__(self, dim, cfg, site, rngs):
         super().__init__(dim, epsilon=cfg.eps, use_bias=cfg.bias, dtype=site.dtype,
@@ -58,7 +75,7 @@ class LayerNorm(nnx.LayerNorm):
         return super().__call__(x).astype(x.dtype)
 
 
-class RMSNorm(nnx.RMSNorm):
+class RMSNorm(Norm, nnx.RMSNorm):
     """RMSNorm (Zhang & Sennrich 2019, arXiv:1910.07467), over the features of each row:
 
         y = x / sqrt(mean_k(x^2) + eps) * gamma
@@ -67,7 +84,9 @@ class RMSNorm(nnx.RMSNorm):
     (1 = RMSNorm, p < 1 = the paper's partial pRMSNorm). No centering and no bias.
     """
 
-    batch_statistics = leaks_across_positions = False
+    @classmethod
+    def check(cls, model):
+        return None  # every partial in (0, 1] is an RMSNorm
 
     def __init__(self, dim, cfg, site, rngs):
         super().__init__(dim, epsilon=cfg.eps, dtype=site.dtype, rngs=rngs)
@@ -83,15 +102,13 @@ class RMSNorm(nnx.RMSNorm):
         return (y * self.scale[...].astype(self.dtype)).astype(x.dtype)
 
 
-class ScaleNorm(nnx.Module):
+class ScaleNorm(Norm, nnx.Module):
     """ScaleNorm (Nguyen & Salazar 2019, arXiv:1910.05895): one learned scalar g for the layer,
 
         y = g * x / max(||x||_2, eps),   g initialised to sqrt(dim)
 
     (the paper's init, which gives unit-RMS outputs like LayerNorm's).
     """
-
-    batch_statistics = leaks_across_positions = False
 
     def __init__(self, dim, cfg, site, rngs):
         self.eps, self.dtype = cfg.eps, site.dtype
@@ -104,7 +121,7 @@ class ScaleNorm(nnx.Module):
         return y.astype(x.dtype)
 
 
-class BatchNorm(nnx.Module):
+class BatchNorm(Norm, nnx.Module):
     """BatchNorm (Ioffe & Szegedy 2015, arXiv:1502.03167), per feature:
 
         y = (x - mu_B) / sqrt(sigma_B^2 + eps) * gamma + beta
@@ -141,7 +158,7 @@ class BatchNorm(nnx.Module):
         return y.astype(x.dtype)
 
 
-class MeanOnlyBatchNorm(nnx.Module):
+class MeanOnlyBatchNorm(Norm, nnx.Module):
     """Mean-only BatchNorm (Salimans & Kingma 2016, arXiv:1602.07868, section 3):
 
         y = x - mu_B + beta
@@ -152,6 +169,7 @@ class MeanOnlyBatchNorm(nnx.Module):
     """
 
     batch_statistics = True
+    weight_normalized_kernels = True  # the paper's pairing: the `weightnorm` kind
 
     def __init__(self, dim, cfg, site, rngs):
         self.per_position = cfg.batch_stats == "per_position"
@@ -181,7 +199,7 @@ class MeanOnlyBatchNorm(nnx.Module):
         return y.astype(x.dtype)
 
 
-class GroupNorm(nnx.GroupNorm):
+class GroupNorm(Norm, nnx.GroupNorm):
     """GroupNorm (Wu & He 2018, arXiv:1803.08494): the features of each row split into G groups
     (`model.norm.groups`), each normalized by its own mean and variance:
 
@@ -190,7 +208,14 @@ class GroupNorm(nnx.GroupNorm):
     G = 1 is LayerNorm; G = dim normalizes each feature alone. Built on `nnx.GroupNorm`.
     """
 
-    batch_statistics = leaks_across_positions = False
+    @classmethod
+    def check(cls, model):
+        widths = {"model.d_model": model.d_model, "the head width (model.qk_norm)":
+                  model.d_model // model.n_head if model.qk_norm else model.d_model}
+        for what, width in widths.items():
+            if width % model.norm.groups:
+                return f"model.norm.groups: {model.norm.groups} does not divide {what} = {width}"
+        return super().check(model)
 
     def __init__(self, dim, cfg, site, rngs):
         super().__init__(dim, num_groups=cfg.groups, epsilon=cfg.eps, use_bias=cfg.bias,
@@ -200,7 +225,7 @@ class GroupNorm(nnx.GroupNorm):
         return super().__call__(x).astype(x.dtype)
 
 
-class InstanceNorm(nnx.InstanceNorm):
+class InstanceNorm(Norm, nnx.InstanceNorm):
     """InstanceNorm (Ulyanov, Vedaldi & Lempitsky 2016, arXiv:1607.08022), per sequence and
     feature, over time:
 
@@ -210,7 +235,6 @@ class InstanceNorm(nnx.InstanceNorm):
     sees later ones (leaky). Built on `nnx.InstanceNorm`.
     """
 
-    batch_statistics = False
     leaks_across_positions = True
 
     def __init__(self, dim, cfg, site, rngs):
@@ -224,7 +248,7 @@ class InstanceNorm(nnx.InstanceNorm):
         return y.reshape(rows, dim).astype(x.dtype)
 
 
-class DynamicTanh(nnx.Module):
+class DynamicTanh(Norm, nnx.Module):
     """Dynamic Tanh (Zhu, Chen, He, LeCun & Liu 2025, "Transformers without Normalization",
     arXiv:2503.10622), a per-row map with no statistics at all:
 
@@ -233,8 +257,6 @@ class DynamicTanh(nnx.Module):
     alpha one learned scalar, initialised per site (`model.norm.alpha_attn`, `alpha_mlp`,
     `alpha_final`: the paper's LLaMA recipe uses a larger alpha before attention).
     """
-
-    batch_statistics = leaks_across_positions = False
 
     def __init__(self, dim, cfg, site, rngs):
         self.dtype = site.dtype
@@ -251,10 +273,8 @@ class DynamicTanh(nnx.Module):
         return y.astype(x.dtype)
 
 
-class Identity(nnx.Module):
+class Identity(Norm, nnx.Module):
     """No normalization: y = x."""
-
-    batch_statistics = leaks_across_positions = False
 
     def __init__(self, dim, cfg, site, rngs):
         pass
@@ -270,7 +290,7 @@ NORMS = {
     "batchnorm": BatchNorm,
     "groupnorm": GroupNorm,
     "instancenorm": InstanceNorm,
-    "weightnorm": MeanOnlyBatchNorm,  # with weight-normalized kernels (the model sees the kind)
+    "weightnorm": MeanOnlyBatchNorm,  # with weight-normalized kernels
     "dyt": DynamicTanh,
     "none": Identity,
 }
@@ -286,4 +306,4 @@ def make_norm(cfg, dim, *, role, rows_per_seq, dtype=jnp.float32, custom_grad=Tr
 
 def modules(model):
     """Every norm module inside `model` (for the leak and batch-statistics report)."""
-    return [m for _, m in nnx.iter_graph(model) if type(m) in NORMS.values()]
+    return [m for _, m in nnx.iter_graph(model) if isinstance(m, Norm)]

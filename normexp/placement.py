@@ -15,7 +15,7 @@ reads the static `depth.segment`.
 
 import dataclasses
 import math
-from typing import Any, Callable, NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -23,11 +23,10 @@ import jax.numpy as jnp
 
 class Depth(NamedTuple):
     """Where a block sits: `index` (0-based; a traced int32 inside the scan) of `count` blocks,
-    which of the placement's static `segments` it is in, and the model config."""
+    and which of the placement's static `segments` it is in."""
     index: jax.Array
     count: int
     segment: int = 0
-    cfg: Any = None
 
 
 def rule(*norms):
@@ -134,6 +133,13 @@ class Placement:
     def __post_init__(self):
         if self.mlp is None:
             object.__setattr__(self, "mlp", self.attn)
+
+    def check(self, model):
+        """What is wrong with the `model` config section for this placement, or None."""
+        if self.norm_free and model.norm.kind != "none":
+            return (f"model.norm.kind: placement {model.placement!r} uses no norm, got "
+                    f"{model.norm.kind!r} (set model.norm.kind=none)")
+        return None
 
 
 PLACEMENTS = {

@@ -20,6 +20,7 @@ from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 
 from normexp.analysis import varying_keys
+from normexp.rundir import DIVERGED, family
 from normexp.sweep import short_names
 
 
@@ -67,7 +68,7 @@ def loss_curves(metrics, runs, by=None, metric="loss"):
             continue
         group = values[present].replace([np.inf, -np.inf], np.nan)
         finite = group.dropna(how="all")
-        diverged = sum(runs.loc[n, "status"] == "diverged" for n in names)
+        diverged = sum(runs.loc[n, "status"] == DIVERGED for n in names)
         note = f" ({diverged} of {len(names)} diverged)" if diverged else ""
         line, = ax.plot(finite.index, finite.mean(axis=1), label=label + note)
         if len(present) > 1:
@@ -91,9 +92,9 @@ def _nearest_step(metrics, family, step):
 def grad_norm_by_layer(metrics, runs, step=0, by=None, part=None):
     """Gradient norm per block at `step` (the nearest logged step), one line per setup (mean
     over its runs); `part` = attn | mlp | norm for one sublayer's parameters only."""
-    family = "grad_norm/block" + (f"/{part}" if part else "")
-    at = _nearest_step(metrics, family, step)
-    rows = metrics[(metrics["family"] == family) & (metrics["step"] == at)]
+    name = family("grad_norm", part)
+    at = _nearest_step(metrics, name, step)
+    rows = metrics[(metrics["family"] == name) & (metrics["step"] == at)]
     values = rows.pivot_table(index="layer", columns="run", values="value")
     fig, ax = _figure()
     for label, names in setups(runs, by):
@@ -113,10 +114,10 @@ def grad_norm_by_layer(metrics, runs, step=0, by=None, part=None):
 
 def grad_norm_heatmap(metrics, run, part=None):
     """One run's gradient norm per block (rows) and logged step (columns), log colour scale."""
-    family = "grad_norm/block" + (f"/{part}" if part else "")
-    rows = metrics[(metrics["run"] == run) & (metrics["family"] == family)]
+    name = family("grad_norm", part)
+    rows = metrics[(metrics["run"] == run) & (metrics["family"] == name)]
     if rows.empty:
-        raise ValueError(f"run {run!r} has no {family!r} metrics")
+        raise ValueError(f"run {run!r} has no {name!r} metrics")
     grid = rows.pivot_table(index="layer", columns="step", values="value", dropna=False)
     data = grid.to_numpy(dtype=float)
     positive = data[np.isfinite(data) & (data > 0)]
@@ -144,8 +145,8 @@ def divergence_map(runs, x="optim.lr", y="model.placement", value="final_val_los
     for i, yv in enumerate(ys):
         for j, xv in enumerate(xs):
             cell = runs[(runs[y] == yv) & (runs[x] == xv)]
-            finite = cell[cell["status"] != "diverged"][value].dropna()
-            diverged = int((cell["status"] == "diverged").sum())
+            finite = cell[cell["status"] != DIVERGED][value].dropna()
+            diverged = int((cell["status"] == DIVERGED).sum())
             if len(finite):
                 mean[i, j] = finite.mean()
             marks.append((i, j, diverged, len(cell), mean[i, j]))

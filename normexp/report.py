@@ -8,12 +8,9 @@ import math
 import os
 
 from normexp import plots
-from normexp.analysis import load_metrics, load_runs
+from normexp.analysis import TABLE, load_metrics, load_runs
 from normexp.errors import UsageError
-from normexp.tracking import write_atomic
-
-TABLE = ("status", "diverged_step", "final_val_loss", "best_val_loss", "max_grad_norm",
-         "tokens_per_s", "steps")
+from normexp.rundir import DIVERGED, family, write_atomic
 MAX_HEATMAPS = 8
 
 
@@ -48,24 +45,25 @@ def figures(runs, metrics):
         out.append(("val_loss.png", "Validation loss", "Evaluated every train.eval_every steps "
                     "on fixed validation windows.",
                     plots.loss_curves(metrics, runs, metric="val_loss")))
-    if "grad_norm/block" in families:
+    grad_norms = family("grad_norm")
+    if grad_norms in families:
         out.append(("grad_norm_init.png", "Gradient norm per block at initialisation",
                     "Step 0, before any update: how the gradient reaching each block depends on "
                     "its depth (Xiong et al. 2020: growing toward the last blocks under "
                     "Post-Norm, flat or shrinking under Pre-Norm).",
                     plots.grad_norm_by_layer(metrics, runs, step=0)))
-        last = int(metrics.loc[metrics["family"] == "grad_norm/block", "step"].max())
+        last = int(metrics.loc[metrics["family"] == grad_norms, "step"].max())
         out.append(("grad_norm_final.png", f"Gradient norm per block at step {last}",
                     "The same profile at the last logged step.",
                     plots.grad_norm_by_layer(metrics, runs, step=last)))
-        logged = set(metrics.loc[metrics["family"] == "grad_norm/block", "run"])
+        logged = set(metrics.loc[metrics["family"] == grad_norms, "run"])
         for i, (label, names) in enumerate(plots.setups(runs)[:MAX_HEATMAPS]):
             run = next((n for n in names if n in logged), None)
             if run is not None:
                 out.append((f"heatmap_{i:02d}.png", f"Gradient norm over training: {label}",
                             f"Run {run}: one row per block, one column per logged step, log "
                             f"colour scale.", plots.grad_norm_heatmap(metrics, run)))
-    finished = runs["final_val_loss"].notna() | (runs["status"] == "diverged")
+    finished = runs["final_val_loss"].notna() | (runs["status"] == DIVERGED)
     if len(keys) >= 2 and finished.any():
         x = "optim.lr" if "optim.lr" in keys else keys[-1]
         setup = {n: label for label, names in plots.setups(runs, [k for k in keys if k != x])

@@ -1,108 +1,64 @@
-"""The results table of a sweep (or any directory of runs): one row per run, written atomically.
+"""The results table of a sweep (or any directory of runs): `analysis.load_runs` cut to the
+columns that compare runs, written with pandas.
 
-Columns: `run`, the swept keys, `status`, `diverged_step`, `final_val_loss`, `best_val_loss`,
-`max_grad_norm`, `tokens_per_s`, `steps`. Runs of the sweep that have not started are listed as
-`pending`, so every shard's table lists the whole sweep.
+Columns: `run`, the swept keys (a sweep's axes, else the config keys that differ), then
+analysis.TABLE: `status`, `diverged_step`, `final_val_loss`, `best_val_loss`, `max_grad_norm`,
+`tokens_per_s`, `steps`. A sweep's runs that have not started are listed as `pending`, so every
+shard's table lists the whole sweep.
 """
 
-import csv
 import io
-import json
+import math
 import os
 
-from normexp import config as config_lib
-from normexp.errors import UsageError
-from normexp.locks import RunLock
-from normexp.tracking import read_json, read_metrics, write_atomic
+import pandas as pd
 
-COLUMNS = ("status", "diverged_step", "final_val_loss", "best_val_loss", "max_grad_norm",
-           "tokens_per_s", "steps")
+from normexp import analysis
+from normexp.rundir import write_atomic
+from normexp.sweep import read_manifest
 
-
-def _runs(sweep_dir):
-    """(names in order, swept keys, {name: swept values}) from sweep.json or the run configs."""
-    manifest = read_json(os.path.join(sweep_dir, "sweep.json"))
-    if manifest:
-        runs = manifest["runs"]
-        return ([r["name"] for r in runs], manifest["axes"],
-                {r["name"]: r["overrides"] for r in runs})
-    names = sorted(d for d in os.listdir(sweep_dir)
-                   if os.path.isfile(os.path.join(sweep_dir, d, "config.yaml")))
-    configs = {n: config_lib.flatten(config_lib.read_yaml(
-        os.path.join(sweep_dir, n, "config.yaml"))) for n in names}
-    keys = sorted({k for c in configs.values() for k, v in c.items()
-                   if k not in ("run.name", "run.out_dir")
-                   and any(o.get(k) != v for o in configs.values())})
-    return names, keys, {n: {k: c.get(k) for k in keys} for n, c in configs.items()}
+_COUNTS = ("diverged_step", "steps")  # integers, blank where missing (not 3.0 and NaN)
 
 
-def collect(sweep_dir):
-    """The table's rows, as dicts, in the sweep's order."""
-    if not os.path.isdir(sweep_dir):
-        raise UsageError(f"{sweep_dir}: no such sweep directory")
-    names, keys, values = _runs(sweep_dir)
-    is_sweep = os.path.isfile(os.path.join(sweep_dir, "sweep.json"))
-    if not names:
-        raise UsageError(f"{sweep_dir}: neither a sweep (no sweep.json) nor a directory of runs "
-                         f"(no <run>/config.yaml)")
-    rows = []
-    for name in names:
-        run_dir = os.path.join(sweep_dir, name)
-        summary = read_json(os.path.join(run_dir, "summary.json")) or {}
-        status = summary.get("status") or ("pending" if not os.path.isdir(run_dir) else "started")
-        if is_sweep and status in ("running", "started") and not RunLock(sweep_dir, name).held():
-            status = "stopped"  # its process is gone: the next sweep resumes it
-        grad_norms = [r["grad_norm"] for r in read_metrics(os.path.join(run_dir, "metrics.jsonl"))
-                      if r.get("grad_norm") is not None]
-        row = {"run": name, **{k: values[name].get(k) for k in keys}, "status": status,
-               "diverged_step": summary.get("diverged_step"),
-               "final_val_loss": summary.get("final_val_loss"),
-               "best_val_loss": summary.get("best_val_loss"),
-               "max_grad_norm": max(grad_norms, default=None),
-               "tokens_per_s": summary.get("tokens_per_s"), "steps": summary.get("steps")}
-        rows.append(row)
-    return rows
+def table(path):
+    """The table as a DataFrame, one row per run in the sweep's order."""
+    runs = analysis.load_runs(path, pending=True)
+    manifest = read_manifest(path) if isinstance(path, (str, os.PathLike)) else None
+    keys = manifest["axes"] if manifest else analysis.varying_keys(runs)
+    out = runs[["run", *keys, *analysis.TABLE]].reset_index(drop=True)
+    return out.astype({column: "Int64" for column in _COUNTS})
 
 
-def _csv(rows):
-    out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=list(rows[0]), lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return out.getvalue()
-
-
-def write(rows, sweep_dir):
-    """results.csv plus results.parquet (results.jsonl without pyarrow); returns the paths."""
+def write(frame, sweep_dir):
+    """results.csv plus results.parquet (results.jsonl without pyarrow), each replaced
+    atomically; returns the paths."""
     paths = [os.path.join(sweep_dir, "results.csv")]
-    write_atomic(paths[0], _csv(rows))
+    write_atomic(paths[0], frame.to_csv(index=False, lineterminator="\n"))
     try:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
+        import pyarrow  # noqa: F401  (pandas writes parquet through it)
     except ImportError:
         paths.append(os.path.join(sweep_dir, "results.jsonl"))
-        write_atomic(paths[1], "".join(json.dumps(r) + "\n" for r in rows))
+        write_atomic(paths[1], frame.to_json(orient="records", lines=True))
         return paths
     buffer = io.BytesIO()
-    pq.write_table(pa.Table.from_pylist(rows), buffer)
+    frame.to_parquet(buffer, index=False)
     paths.append(os.path.join(sweep_dir, "results.parquet"))
     write_atomic(paths[1], buffer.getvalue())
     return paths
 
 
 def _cell(value):
-    if value is None:
+    if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
         return "-"
     if isinstance(value, float):
         return f"{value:.4g}"
     return str(value)
 
 
-def format_table(rows):
-    """The rows as aligned text, one line per run."""
-    cells = [[_cell(v) for v in r.values()] for r in rows]
-    header = list(rows[0])
-    widths = [max(len(c) for c in column) for column in zip(header, *cells)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in cells]
-    return "\n".join(lines)
+def to_text(frame):
+    """The table as aligned text, one line per run, '-' where a value is missing."""
+    cells = frame.astype(object).map(_cell)
+    widths = {c: max([len(c), *cells[c].str.len()]) for c in cells}
+    return cells.to_string(index=False, header=[c.ljust(widths[c]) for c in cells],
+                           formatters={c: (lambda w: lambda v: v.ljust(w))(widths[c])
+                                       for c in cells})

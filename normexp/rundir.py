@@ -1,14 +1,26 @@
-"""The run directory: created, checked for --resume, or replaced for --overwrite, and the
-summary.json that says where a run stands.
+"""The run directory and its format: the one place that knows what a run leaves on disk.
+
+    <run>/config.yaml    the resolved config, written first (a directory without it is no run)
+    <run>/summary.json   where the run stands: `status` and its figures, replaced atomically
+    <run>/metrics.jsonl  one JSON object per logged step, `{"step": s, <metric>: value, ...}`
+    <run>/checkpoints/   see normexp.checkpoint; TensorBoard events beside them
+
+A run's status is one of STATUSES. Metric names follow one scheme: a family such as
+`grad_norm/block/attn` holds one value per block and is written per block as
+`grad_norm/block_03/attn` (`block_metric`); `parse_metric` reads the family and block back.
 
 Nothing is replaced silently. In a multi-process job only process 0 deletes, creates and writes
 here; the others wait for it (a barrier), so no process reads a directory another is replacing.
 """
 
 import json
+import math
 import os
 import platform
+import re
 import shutil
+import tempfile
+import threading
 from importlib import metadata
 
 import numpy as np
@@ -16,8 +28,183 @@ import numpy as np
 from normexp import config as config_lib
 from normexp.errors import UsageError
 from normexp.parallel import barrier, is_primary
-from normexp.tracking import write_atomic
 
+CONFIG, SUMMARY, METRICS = "config.yaml", "summary.json", "metrics.jsonl"
+
+# Written by the run itself:
+RUNNING = "running"  # training, or its process died (a sweep reads that as STOPPED)
+COMPLETED = "completed"  # trained every step
+DIVERGED = "diverged"  # a loss or gradient norm went non-finite: a result, not an error
+INTERRUPTED = "interrupted"  # stopped by a signal after a checkpoint; --resume continues it
+FAILED = "failed"  # an error ended it (`error` says which); --resume retries it
+# Read off the directory by whoever lists runs:
+PENDING = "pending"  # a sweep's run with no directory yet
+STARTED = "started"  # a directory without a summary.json yet
+STOPPED = "stopped"  # a sweep's run still `running` whose process no longer holds its lock
+STATUSES = (RUNNING, COMPLETED, DIVERGED, INTERRUPTED, FAILED, PENDING, STARTED, STOPPED)
+FINISHED = (COMPLETED, DIVERGED)  # never trained again
+
+
+# --- files, written whole or not at all ---
+
+_umask = None
+_umask_lock = threading.Lock()
+
+
+def _file_mode():
+    """The mode open() gives a new file: 0o666 less the process umask."""
+    global _umask
+    with _umask_lock:
+        if _umask is None:
+            # The umask can only be read by setting it; in between, a file another thread
+            # creates is at worst too private, never too public.
+            _umask = os.umask(0o077)
+            os.umask(_umask)
+    return 0o666 & ~_umask
+
+
+def write_atomic(path, content):
+    """Write text or bytes to `path` through a temp file and a rename: never half-written."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-" + os.path.basename(path))
+    try:
+        # mkstemp makes the file 0600 whatever the umask; colleagues sharing a cluster read
+        # configs, metrics and reports, so the file gets the mode any other file would.
+        os.fchmod(fd, _file_mode())
+        with os.fdopen(fd, "wb" if isinstance(content, bytes) else "w") as f:
+            f.write(content)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def read_json(path):
+    """A JSON file's content, or None if it is missing or unreadable (being replaced)."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+# --- metrics.jsonl ---
+
+def finite_or_none(value):
+    """JSON has no NaN or inf: a non-finite metric is written as null."""
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def metrics_line(step, metrics):
+    """One record of metrics.jsonl: the step first, then the metrics in their order."""
+    return json.dumps({"step": int(step), **{k: finite_or_none(v) for k, v in metrics.items()}})
+
+
+def write_metrics(path, records):
+    """Replace a metrics.jsonl with `records` (as read back: a resumed run keeps its past)."""
+    write_atomic(path, "".join(json.dumps(r) + "\n" for r in records))
+
+
+def read_metrics(path):
+    """The records of a metrics.jsonl (a run directory or the file itself); a truncated last
+    line (a killed writer) is skipped."""
+    if os.path.isdir(path):
+        path = os.path.join(path, METRICS)
+    records = []
+    if not os.path.exists(path):
+        return records
+    with open(path) as f:
+        for line in f:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+    return records
+
+
+BLOCK = "block"
+_PER_BLOCK = re.compile(r"^(?P<prefix>.*)/block_(?P<index>\d+)(?P<part>/.*)?$")
+
+
+def family(kind, part=None):
+    """The name of a per-block family: family('grad_norm', 'attn') = 'grad_norm/block/attn'."""
+    return f"{kind}/{BLOCK}" + (f"/{part}" if part else "")
+
+
+def block_metric(name, index):
+    """A family's name for one block: ('grad_norm/block/attn', 3) -> 'grad_norm/block_03/attn'."""
+    return name.replace(f"/{BLOCK}", f"/{BLOCK}_{index:02d}", 1)
+
+
+def parse_metric(name):
+    """(family, block index) of a metric name; (name, None) for one that is not per block."""
+    match = _PER_BLOCK.match(name)
+    if match is None:
+        return name, None
+    return f"{match['prefix']}/{BLOCK}{match['part'] or ''}", int(match["index"])
+
+
+# --- summary.json and config.yaml ---
+
+def write_summary(run_dir, summary):
+    """summary.json, replaced atomically by process 0."""
+    if is_primary():
+        write_atomic(os.path.join(run_dir, SUMMARY),
+                     json.dumps(summary, indent=1, default=_to_builtin) + "\n")
+
+
+def _to_builtin(value):
+    if isinstance(value, (np.generic, np.ndarray)):
+        return value.tolist()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def read_summary(run_dir):
+    """summary.json as a dict; {} where there is none yet (or it is being replaced)."""
+    return read_json(os.path.join(run_dir, SUMMARY)) or {}
+
+
+def read_config(run_dir):
+    """The run's config.yaml, flattened to dotted keys."""
+    return config_lib.flatten(config_lib.read_yaml(os.path.join(run_dir, CONFIG)))
+
+
+def is_run(path):
+    return os.path.isfile(os.path.join(path, CONFIG))
+
+
+def status(run_dir):
+    """What summary.json says, or PENDING (no directory) or STARTED (no summary yet)."""
+    if not os.path.isdir(run_dir):
+        return PENDING
+    return read_summary(run_dir).get("status") or STARTED
+
+
+def record_failure(run_dir, error):
+    """Mark a run whose training raised `failed` in its summary.json (if it is a run yet)."""
+    summary = {"status": FAILED, "error": f"{type(error).__name__}: {error}",
+               "run_dir": os.path.abspath(run_dir)}
+    if is_run(run_dir):
+        write_summary(run_dir, summary)
+    return summary
+
+
+def versions():
+    names = ["normexp", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy"]
+    out = {"python": platform.python_version()}
+    for name in names:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+# --- creating, resuming and replacing ---
 
 def prepare(cfg, *, resume, overwrite, missing_ok=True):
     """Create (or check, for `resume`) the run directory; returns its path.
@@ -29,7 +216,7 @@ def prepare(cfg, *, resume, overwrite, missing_ok=True):
     if resume and overwrite:
         raise UsageError("--resume and --overwrite exclude each other: continue the run or "
                          "replace it")
-    saved = os.path.join(run_dir, "config.yaml")
+    saved = os.path.join(run_dir, CONFIG)
     if os.path.exists(run_dir) and not os.path.isdir(run_dir):
         raise UsageError(f"run.out_dir: {run_dir!r} is a file, not a directory")
     exists = os.path.isdir(run_dir) and bool(os.listdir(run_dir))
@@ -57,27 +244,3 @@ def prepare(cfg, *, resume, overwrite, missing_ok=True):
         write_atomic(saved, config_lib.to_yaml(cfg))
     barrier("normexp-run-dir-ready")
     return run_dir
-
-
-def versions():
-    names = ["normexp", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy"]
-    out = {"python": platform.python_version()}
-    for name in names:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = None
-    return out
-
-
-def write_summary(run_dir, summary):
-    """summary.json, replaced atomically by process 0."""
-    if is_primary():
-        write_atomic(os.path.join(run_dir, "summary.json"),
-                     json.dumps(summary, indent=1, default=_to_builtin) + "\n")
-
-
-def _to_builtin(value):
-    if isinstance(value, (np.generic, np.ndarray)):
-        return value.tolist()
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")

@@ -40,7 +40,8 @@ def measure_init_gradients(scale, init):
     """Per-block gradient norms of the first train step (before any update), per seed."""
     import jax
     from normexp import config as config_lib, data as data_lib
-    from normexp.train import init_state, make_train_step
+    from normexp.rundir import family
+    from normexp.step import init_state, make_train_step
     corpus = data_lib.load_corpus("", 0, scale.seq_len)
     ratios, profiles = {}, {}
     for placement in ("pre", "post"):
@@ -55,7 +56,7 @@ def measure_init_gradients(scale, init):
             x, y = data_lib.batch(corpus.train, seed=seed, step=0, batch_size=scale.batch_size,
                                   seq_len=scale.seq_len)
             _, metrics = make_train_step(graphdef, tx, grad_norms=True)(state, x, y)
-            norms = np.asarray(jax.device_get(metrics["grad_norm/block"]), float)
+            norms = np.asarray(jax.device_get(metrics[family("grad_norm")]), float)
             ratios[placement].append(float(norms[-1] / norms[0]))
             profiles[placement].append(norms.tolist())
     return {"ratios": ratios, "profiles": profiles}
@@ -86,7 +87,8 @@ def train_seeds(scale, out, study, overrides):
 
 
 def _final_losses(summaries):
-    return [s["final_val_loss"] if s["status"] == "completed" and s["final_val_loss"] is not None
+    from normexp.rundir import COMPLETED
+    return [s["final_val_loss"] if s["status"] == COMPLETED and s["final_val_loss"] is not None
             else math.inf for s in summaries]
 
 
@@ -171,9 +173,9 @@ def measure_batchnorm(scale, out):
     from flax import nnx
     from normexp import config as config_lib, data as data_lib
     from normexp.checkpoint import Checkpoints
-    from normexp.model import evaluation_view, loss_fn
+    from normexp.model import evaluation_view
     from normexp.norms import make_norm
-    from normexp.train import init_state
+    from normexp.step import init_state, loss_fn
     cfg = _train_cfgs(scale, out, "batchnorm", [("model.norm.kind", "batchnorm"),
                                                  ("optim.lr", 3e-3)])[0]
     train_seeds(dataclasses.replace(scale, seeds=1), out, "batchnorm",
@@ -210,7 +212,7 @@ def measure_leak(scale):
     import jax.numpy as jnp
     from flax import nnx
     from normexp import config as config_lib
-    from normexp.train import init_state
+    from normexp.step import init_state
     T, t = scale.seq_len, scale.seq_len // 2
     x = jax.random.randint(jax.random.key(0), (scale.batch_size, T), 0, 256)
     changed = x.at[:, t + 1:].set((x[:, t + 1:] + 101) % 256)
@@ -231,15 +233,15 @@ def measure_leak(scale):
 def measure_kurtosis(scale, out, placement):
     """Excess kurtosis per block at the last logged step of the warmup study's runs with warmup
     (trained here if they are not there yet), mean over seeds."""
-    from normexp.tracking import read_metrics
+    from normexp.rundir import block_metric, family, read_metrics
     overrides = warmup_overrides(scale, placement, warmup=True)
     train_seeds(scale, out, "warmup", overrides)
+    kurtosis = family("act", "kurtosis")
     per_seed = []
     for cfg in _train_cfgs(scale, out, "warmup", overrides):
-        records = [r for r in read_metrics(os.path.join(cfg.run.dir, "metrics.jsonl"))
-                   if "act/block_00/kurtosis" in r]
+        records = [r for r in read_metrics(cfg.run.dir) if block_metric(kurtosis, 0) in r]
         if records:
-            per_seed.append([records[-1].get(f"act/block_{i:02d}/kurtosis", math.nan)
+            per_seed.append([records[-1].get(block_metric(kurtosis, i), math.nan)
                              for i in range(scale.n_layer)])
     return {"kurtosis": np.nanmean(np.array(per_seed, dtype=float), axis=0).tolist(),
             "seeds": len(per_seed)}
@@ -255,8 +257,7 @@ def measure_scale_invariance(scale, factors=(0.5, 2.0, 10.0)):
     from flax import nnx
     from normexp import config as config_lib, data as data_lib
     from normexp.metrics import path_names
-    from normexp.model import loss_fn
-    from normexp.train import init_state
+    from normexp.step import init_state, loss_fn
     C = scale.d_model
     cfg = config_lib.build({}, [("model.n_layer", scale.n_layer), ("model.d_model", C),
                                 ("model.n_head", 2), ("model.qk_norm", True),

@@ -20,9 +20,10 @@ import sys
 import time
 
 from normexp import config as config_lib
+from normexp import rundir
 from normexp.errors import StorageError, UsageError
 from normexp.locks import RunLock
-from normexp.tracking import read_json, write_atomic
+from normexp.rundir import FINISHED, read_json, status, write_atomic
 
 KEYS = {"base": "a config file (relative to the sweep file) or inline config keys",
         "grid": "dotted key -> list of values, every combination",
@@ -32,7 +33,7 @@ KEYS = {"base": "a config file (relative to the sweep file) or inline config key
         "vectorize": "none, or seeds: train runs that differ only in seed and optim.lr "
                      "together with jax.vmap"}
 RESERVED = ("run.name", "run.out_dir", "run.seed")
-FINISHED = ("completed", "diverged")
+MANIFEST = "sweep.json"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,8 +58,7 @@ class Sweep:
         groups = {}
         for r in self.runs:
             key = json.dumps({k: v for k, v in config_lib.flatten(r.cfg).items()
-                              if k not in ("run.seed", "optim.lr", "run.name", "run.out_dir")},
-                             sort_keys=True)
+                              if k not in config_lib.GROUP_KEYS}, sort_keys=True)
             groups.setdefault(key, []).append(r)
         return list(groups.values())
 
@@ -222,13 +222,6 @@ def shard_units(sweep, shard):
     return [u for k, u in enumerate(sweep.units()) if k % n == i - 1]
 
 
-def status(run_dir):
-    summary = read_json(os.path.join(run_dir, "summary.json"))
-    if summary is None:
-        return "pending" if not os.path.isdir(run_dir) else "started"
-    return summary.get("status", "started")
-
-
 def describe(sweep, shard):
     """The dry run: every run of this shard with its overrides, and the counts."""
     units = shard_units(sweep, shard)
@@ -245,6 +238,11 @@ def describe(sweep, shard):
     return "\n".join(lines)
 
 
+def read_manifest(sweep_dir):
+    """A sweep directory's sweep.json, or None where `sweep_dir` is not a sweep's."""
+    return read_json(os.path.join(sweep_dir, MANIFEST))
+
+
 def _manifest(sweep):
     """sweep.json: what `normexp results` needs to list every run, started or not."""
     return json.dumps({"sweep_file": os.path.abspath(sweep.path), "axes": list(sweep.axes),
@@ -256,14 +254,14 @@ def _manifest(sweep):
 def run(sweep, *, shard=(1, 1), max_parallel=1, progress=True):
     """Train this shard's unfinished runs; returns the exit code (0, 1 if a run failed)."""
     os.makedirs(sweep.out_dir, exist_ok=True)
-    write_atomic(os.path.join(sweep.out_dir, "sweep.json"), _manifest(sweep))
+    write_atomic(os.path.join(sweep.out_dir, MANIFEST), _manifest(sweep))
     units = shard_units(sweep, shard)
     if max_parallel > 1:
         code = _run_workers(sweep, units, max_parallel, progress)
     else:
         code = run_units(sweep, units, progress)
-    from normexp.results import collect, write
-    write(collect(sweep.out_dir), sweep.out_dir)
+    from normexp import results
+    results.write(results.table(sweep.out_dir), sweep.out_dir)
     print(f"results: {os.path.join(sweep.out_dir, 'results.csv')} (normexp results "
           f"{sweep.out_dir} prints the table)", file=sys.stderr)
     return code
@@ -307,7 +305,7 @@ def run_units(sweep, units, progress):
                 except (UsageError, StorageError):  # the next run would fail the same way
                     raise
                 except Exception as e:  # a crashed run is recorded; the sweep goes on
-                    summaries = [_record_failure(r, e) for r in todo]
+                    summaries = [rundir.record_failure(r.cfg.run.dir, e) for r in todo]
                     failed = True
             finally:
                 for lock in taken:
@@ -315,20 +313,11 @@ def run_units(sweep, units, progress):
             for r, s in zip(todo, summaries):
                 bar.write(_line(r, s))
             bar.update(_done(units) - bar.n)
-            if any(s["status"] == "interrupted" for s in summaries):
+            if any(s["status"] == rundir.INTERRUPTED for s in summaries):
                 return 128 + signal.Signals[summaries[0].get("signal", "SIGINT")].value
     finally:
         bar.close()
     return 1 if failed else 0
-
-
-def _record_failure(r, error):
-    """Mark a crashed run `failed` in its summary.json (if its directory was made)."""
-    summary = {"status": "failed", "error": f"{type(error).__name__}: {error}",
-               "run_dir": os.path.abspath(r.cfg.run.dir)}
-    if os.path.isfile(os.path.join(r.cfg.run.dir, "config.yaml")):
-        write_atomic(os.path.join(r.cfg.run.dir, "summary.json"), json.dumps(summary, indent=1))
-    return summary
 
 
 def _line(r, s):

@@ -1,77 +1,12 @@
-"""What a run writes: metrics.jsonl, TensorBoard events, and files replaced atomically."""
+"""What a run writes while it trains: metrics.jsonl records and TensorBoard events."""
 
-import json
-import math
 import os
-import tempfile
-import threading
 
-_umask = None
-_umask_lock = threading.Lock()
+from normexp import rundir
+from normexp.rundir import metrics_line, read_metrics
 
-
-def _file_mode():
-    """The mode open() gives a new file: 0o666 less the process umask."""
-    global _umask
-    with _umask_lock:
-        if _umask is None:
-            # The umask can only be read by setting it; in between, a file another thread
-            # creates is at worst too private, never too public.
-            _umask = os.umask(0o077)
-            os.umask(_umask)
-    return 0o666 & ~_umask
-
-
-def write_atomic(path, content):
-    """Write text or bytes to `path` through a temp file and a rename: never half-written."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-" + os.path.basename(path))
-    try:
-        # mkstemp makes the file 0600 whatever the umask; colleagues sharing a cluster read
-        # configs, metrics and reports, so the file gets the mode any other file would.
-        os.fchmod(fd, _file_mode())
-        with os.fdopen(fd, "wb" if isinstance(content, bytes) else "w") as f:
-            f.write(content)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def finite_or_none(value):
-    """JSON has no NaN or inf: a non-finite metric is written as null."""
-    value = float(value)
-    return value if math.isfinite(value) else None
-
-
-def read_json(path):
-    """A JSON file's content, or None if it is missing or unreadable (being replaced)."""
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
-
-
-def read_metrics(path):
-    """The records of a metrics.jsonl; a truncated last line (a killed writer) is skipped."""
-    records = []
-    if not os.path.exists(path):
-        return records
-    with open(path) as f:
-        for line in f:
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                break
-    return records
-
-
-_SESSION_STATUS = {"completed": "STATUS_SUCCESS", "diverged": "STATUS_FAILURE",
-                   "failed": "STATUS_FAILURE"}
+_SESSION_STATUS = {rundir.COMPLETED: "STATUS_SUCCESS", rundir.DIVERGED: "STATUS_FAILURE",
+                   rundir.FAILED: "STATUS_FAILURE"}
 
 
 class Tracker:
@@ -83,13 +18,13 @@ class Tracker:
     """
 
     def __init__(self, run_dir, *, start_step=0, tensorboard=True, enabled=True):
-        self.path = os.path.join(run_dir, "metrics.jsonl")
+        self.path = os.path.join(run_dir, rundir.METRICS)
         kept = [r for r in read_metrics(self.path) if r["step"] < start_step]
         self.kept = kept  # what earlier processes of this run logged (best val loss so far)
         self.file = self.tb = None
         if not enabled:
             return
-        write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+        rundir.write_metrics(self.path, kept)
         self.file = open(self.path, "a")
         if tensorboard:
             from tensorboardX import SummaryWriter
@@ -98,8 +33,7 @@ class Tracker:
     def log(self, step, metrics):
         if self.file is None:
             return
-        record = {"step": int(step), **{k: finite_or_none(v) for k, v in metrics.items()}}
-        self.file.write(json.dumps(record) + "\n")
+        self.file.write(metrics_line(step, metrics) + "\n")
         self.file.flush()
         if self.tb is not None:
             for key, value in metrics.items():

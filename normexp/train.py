@@ -1,16 +1,19 @@
-"""The train step (one pure function, compiled once per run) and the loop around it.
+"""Training runs: the loop around the pure step of normexp.step.
 
-The state is a plain pytree `{params, rest, opt, step, diverged_step, lr}`; `rest` holds any
-non-parameter model state (none for LayerNorm/RMSNorm) and `lr` the run's peak learning rate.
-The host reads device values only at log, eval and checkpoint steps; divergence is tracked on
-the device so that the first non-finite step is known exactly even though it is only looked at
-when logging.
+`run(cfg)` trains one run; `run_group(cfgs)` trains runs that differ only in seed and peak
+learning rate (config.GROUP_KEYS) together, one `jax.vmap`-ed step over their stacked states
+(a sweep's `vectorize: seeds`), each writing the run directory `normexp train` would have
+written for it. The loop (`_loop`) reads top to bottom as its phases: evaluate, step, log,
+stop, checkpoint, and at the end finish.
 
-A *group* is several runs that differ only in seed and peak learning rate: `run_group` stacks
-their states and trains them together with one `jax.vmap`-ed step (a sweep's `vectorize:
-seeds`), each writing the run directory that `normexp train` would have written for it.
+Why the group path is isolated rather than a single run being a group of one: a single run
+then compiles exactly the step in normexp.step, with no run axis of size one, so what a user
+reads is what runs and its numbers do not depend on how XLA treats a vmap of one. Everything
+that differs for a group is in its `Lanes` (`Single`, `Group`): how states stack, how batches
+join and how fetched values split per run. The loop never asks which it has.
 """
 
+import contextlib
 import os
 import signal
 import sys
@@ -19,7 +22,6 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
 from normexp import allocator, budget, rundir
@@ -27,75 +29,13 @@ from normexp import config as config_lib
 from normexp import data as data_lib
 from normexp.checkpoint import Checkpoints, resume_step
 from normexp.errors import StorageError, UsageError
-from normexp.metrics import layer_stats, per_block
-from normexp.model import evaluation_view, loss_fn, make_model, norm_report
-from normexp.optim import learning_rate, make_optimizer
+from normexp.metrics import per_block
+from normexp.model import norm_report
 from normexp.parallel import Devices, is_primary
+from normexp.rundir import COMPLETED, DIVERGED, FAILED, FINISHED, INTERRUPTED, RUNNING
+from normexp.step import due, init_state, make_eval_step, make_train_step
 from normexp.stop import StopRequests
-from normexp.tracking import Tracker, finite_or_none, read_json
-
-# What may differ between the runs of one vectorized group: everything else shapes the program.
-GROUP_KEYS = ("run.seed", "optim.lr", "run.name", "run.out_dir")
-
-
-def init_state(cfg, vocab_size):
-    """(graphdef, optimizer, state) for a fresh run."""
-    model = make_model(cfg.model, vocab_size=vocab_size, max_len=cfg.data.seq_len,
-                       seed=cfg.run.seed, remat=cfg.train.remat_policy if cfg.train.remat else None)
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    tx = make_optimizer(cfg.optim, cfg.train.steps)
-    state = {"params": params, "rest": rest, "opt": tx.init(params),
-             "step": jnp.zeros((), jnp.int32), "diverged_step": jnp.full((), -1, jnp.int32),
-             "lr": jnp.asarray(cfg.optim.lr, jnp.float32)}
-    return graphdef, tx, state
-
-
-def make_train_step(graphdef, tx, *, grad_norms, activations=None, vectorized=False):
-    """(state, inputs, targets) -> (state, metrics): forward, backward, statistics, update.
-
-    activations: (every, steps) to compute the blocks' activation statistics (`act/block/...`)
-    at the steps the loop logs (multiples of `every` and the last), zeros at the others.
-    vectorized: every argument has a leading axis of runs, trained independently (jax.vmap).
-    """
-
-    def train_step(state, inputs_BxT, targets_BxT):
-        step = state["step"]
-
-        def loss_of(params):
-            # fresh Variables of this trace, so batch-statistics norms may update them here
-            model = nnx.merge(graphdef, params, jax.tree.map(lambda a: a, state["rest"]))
-            if activations is None:
-                logits, acts = model(inputs_BxT), {}
-            else:
-                every, steps = activations
-                logits, acts = model(inputs_BxT, record=(step % every == 0) | (step == steps - 1))
-            rest = nnx.state(model, nnx.Not(nnx.Param))
-            return loss_fn(logits, targets_BxT), (rest, acts)
-
-        (loss, (rest, acts)), grads = jax.value_and_grad(loss_of, has_aux=True)(state["params"])
-        updates, opt = tx.update(grads, state["opt"], state["params"])
-        updates = jax.tree.map(lambda u: u * state["lr"], updates)  # tx runs at peak lr 1
-        params = optax.apply_updates(state["params"], updates)
-        grad_norm = optax.tree.norm(grads)  # before clipping, which happens inside tx
-        metrics = {"loss": loss, "lr": learning_rate(opt, state["lr"]), "grad_norm": grad_norm}
-        if grad_norms:
-            metrics.update(layer_stats(state["params"], grads, updates))
-        metrics.update({f"act/block/{name}": v for name, v in acts.items()})
-        diverged = state["diverged_step"]
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        diverged = jnp.where((diverged < 0) & ~finite, step, diverged)
-        new_state = {"params": params, "rest": rest, "opt": opt, "step": step + 1,
-                     "diverged_step": diverged, "lr": state["lr"]}
-        return new_state, metrics
-
-    return jax.jit(jax.vmap(train_step) if vectorized else train_step, donate_argnums=0)
-
-
-def make_eval_step(graphdef, vectorized=False):
-    def eval_step(params, rest, inputs_BxT, targets_BxT):
-        model = evaluation_view(nnx.merge(graphdef, params, rest))
-        return loss_fn(model(inputs_BxT), targets_BxT)
-    return jax.jit(jax.vmap(eval_step) if vectorized else eval_step)
+from normexp.tracking import Tracker
 
 
 def enable_compile_cache(directory):
@@ -110,9 +50,41 @@ def enable_compile_cache(directory):
     compilation_cache.reset_cache()
 
 
-def every(step, n, total):
-    """True at multiples of n and at the last step: the one cadence helper of the loop."""
-    return step % n == 0 or step == total - 1
+class Single:
+    """One run: states, batches and fetched values are the run's own."""
+    vectorized = False
+
+    def stack(self, trees):
+        return trees[0]
+
+    def join(self, pairs):  # one (inputs, targets) per run -> the step's arguments
+        return pairs[0]
+
+    def row(self, tree, i):
+        return tree
+
+    def rows(self, tree):  # fetched host values -> one tree per run
+        return [tree]
+
+
+class Group:
+    """Several runs: every leaf has a leading run axis."""
+    vectorized = True
+
+    def __init__(self, count):
+        self.count = count
+
+    def stack(self, trees):
+        return jax.tree.map(lambda *leaves: jnp.stack(leaves), *trees)
+
+    def join(self, pairs):
+        return tuple(np.stack(x) for x in zip(*pairs))
+
+    def row(self, tree, i):
+        return jax.tree.map(lambda leaf: leaf[i], tree)
+
+    def rows(self, tree):
+        return [self.row(tree, i) for i in range(self.count)]
 
 
 def run(cfg, *, resume=False, overwrite=False, missing_ok=True):
@@ -126,12 +98,13 @@ def run(cfg, *, resume=False, overwrite=False, missing_ok=True):
 
 def check_group(cfgs):
     """Runs may train as one vectorized group only if they differ in GROUP_KEYS alone."""
+    keys = config_lib.GROUP_KEYS
     for other in cfgs[1:]:
-        differ = [k for k in config_lib.differences(cfgs[0], other) if k not in GROUP_KEYS]
+        differ = [k for k in config_lib.differences(cfgs[0], other) if k not in keys]
         if differ:
             raise UsageError(f"runs {cfgs[0].run.name!r} and {other.run.name!r} cannot train as "
                              f"one vectorized group: they differ in {', '.join(differ)} (only "
-                             f"{', '.join(GROUP_KEYS[:2])} may differ)")
+                             f"{', '.join(keys[:2])} may differ)")
 
 
 class Member:
@@ -140,19 +113,35 @@ class Member:
     def __init__(self, cfg, *, resume, overwrite, missing_ok):
         self.cfg = cfg
         self.dir = rundir.prepare(cfg, resume=resume, overwrite=overwrite, missing_ok=missing_ok)
-        previous = read_json(os.path.join(self.dir, "summary.json")) if resume else None
-        self.summary = previous
-        self.finished = bool(previous) and previous.get("status") in ("completed", "diverged")
+        self.summary = rundir.read_summary(self.dir) or None if resume else None
+        self.finished = bool(self.summary) and self.summary.get("status") in FINISHED
         self.status = None  # set when the run stops: diverged, interrupted, completed
         self.best = self.last_val = None
         self.last_step = None
         self.tracker = self.checkpoints = None
 
+    def start(self, summary, start_step):
+        """Mark the run running and open its writers at `start_step`."""
+        self.summary = {**summary, "run_dir": os.path.abspath(self.dir)}
+        self.write_summary()
+        self.tracker = Tracker(self.dir, start_step=start_step,
+                               tensorboard=self.cfg.log.tensorboard, enabled=is_primary())
+        self.tracker.hparams(config_lib.flatten(self.cfg))
+        self.best = min((r["val_loss"] for r in self.tracker.kept
+                         if r.get("val_loss") is not None), default=None)
+
+    def evaluated(self, loss):
+        self.last_val = float(loss)
+        self.best = self.last_val if self.best is None else min(self.best, self.last_val)
+
+    def stop(self, status, step):
+        self.status, self.last_step = status, step
+
     def write_summary(self):
         rundir.write_summary(self.dir, self.summary)
 
     def fail(self, error):
-        self.summary = {**(self.summary or {}), "status": "failed", "error": str(error),
+        self.summary = {**(self.summary or {}), "status": FAILED, "error": str(error),
                         "run_dir": os.path.abspath(self.dir)}
 
     def close(self):
@@ -166,7 +155,7 @@ class Member:
                 if writer is not None:
                     writer.close()
         except OSError:
-            if (self.summary or {}).get("status") != "failed":
+            if (self.summary or {}).get("status") != FAILED:
                 raise
 
 
@@ -223,17 +212,10 @@ def run_group(cfgs, *, resume=False, overwrite=False, missing_ok=True):
     return [m.summary for m in members]
 
 
-def _stack(trees):
-    return jax.tree.map(lambda *leaves: jnp.stack(leaves), *trees)
-
-
-def _row(tree, i):
-    return jax.tree.map(lambda leaf: leaf[i], tree)
-
-
 def _train(members, corpus, stop, *, resume):
-    """Initialise or restore the members' states, then run the loop over them together."""
-    cfg, vectorized = members[0].cfg, len(members) > 1
+    """Initialise or restore the members' states, start their records, then run the loop."""
+    cfg = members[0].cfg
+    lanes = Group(len(members)) if len(members) > 1 else Single()
     B, T = cfg.train.batch_size, cfg.data.seq_len
     states = []
     for m in members:
@@ -250,126 +232,129 @@ def _train(members, corpus, stop, *, resume):
         print(f"warning: model.norm.kind={norms['kind']} pools statistics over positions, so "
               f"each position sees later tokens and the losses are not those of a causal "
               f"model (recorded in summary.json under norms)", file=sys.stderr)
-    devices = Devices(cfg.train.data_parallel, B, batch_axis=int(vectorized))
+    devices = Devices(cfg.train.data_parallel, B, batch_axis=int(lanes.vectorized))
     for m in members:
-        m.summary = {"status": "running", "steps": start, "diverged_step": None, "norms": norms,
-                     "final_val_loss": None, "best_val_loss": None, "tokens_per_s": None,
-                     "compile_seconds": None, "data_fingerprint": corpus.fingerprint,
-                     "vectorized_runs": len(members), "devices": devices.count,
-                     "versions": rundir.versions(), "allocator": allocator.active(),
-                     "run_dir": os.path.abspath(m.dir)}
-        m.write_summary()
-        m.tracker = Tracker(m.dir, start_step=start, tensorboard=cfg.log.tensorboard,
-                            enabled=is_primary())
-        m.tracker.hparams(config_lib.flatten(m.cfg))
-        val_losses = [r["val_loss"] for r in m.tracker.kept if r.get("val_loss") is not None]
-        m.best = min(val_losses, default=None)
+        m.start({"status": RUNNING, "steps": start, "diverged_step": None, "norms": norms,
+                 "final_val_loss": None, "best_val_loss": None, "tokens_per_s": None,
+                 "compile_seconds": None, "data_fingerprint": corpus.fingerprint,
+                 "vectorized_runs": len(members), "devices": devices.count,
+                 "versions": rundir.versions(), "allocator": allocator.active()}, start)
     seeds = [m.cfg.run.seed for m in members]
-
-    def together(pairs):  # one (inputs, targets) per member -> the step's arguments
-        return tuple(np.stack(x) for x in zip(*pairs)) if vectorized else pairs[0]
-
-    val_batches = [devices.batch(together([b[i] for b in (data_lib.eval_batches(
+    val_batches = [devices.batch(lanes.join([b[i] for b in (data_lib.eval_batches(
         corpus.val, seed=seed, count=cfg.data.eval_batches, batch_size=B, seq_len=T)
         for seed in seeds)])) for i in range(cfg.data.eval_batches)]
-    batches = data_lib.Prefetcher(lambda step: together([data_lib.batch(
+    batches = data_lib.Prefetcher(lambda step: lanes.join([data_lib.batch(
         corpus.train, seed=seed, step=step, batch_size=B, seq_len=T) for seed in seeds]),
         start=start, put=devices.batch)
-    state = devices.state(_stack(states) if vectorized else states[0])
     try:
-        _loop(members, graphdef, tx, state, start, stop, batches=batches,
-              val_batches=val_batches)
+        _loop(members, lanes, graphdef, tx, devices.state(lanes.stack(states)), start, stop,
+              batches=batches, val_batches=val_batches)
     finally:
         batches.close()
 
 
-def _loop(members, graphdef, tx, state, start, stop, *, batches, val_batches):
+class Clock:
+    """Training seconds: wall time since `start()` less what ran `paused()` (evaluations and
+    checkpoints, which tokens/s does not count)."""
+
+    def start(self):
+        self.t0, self.excluded = time.perf_counter(), 0.0
+
+    @contextlib.contextmanager
+    def paused(self):
+        t = time.perf_counter()
+        yield
+        self.excluded += time.perf_counter() - t
+
+    def seconds(self):
+        return time.perf_counter() - self.t0 - self.excluded
+
+
+def _loop(members, lanes, graphdef, tx, state, start, stop, *, batches, val_batches):
     """Compile, then train from `start` to the end, a stop request, or every run diverging."""
-    cfg, vectorized = members[0].cfg, len(members) > 1
-    steps, T, B = cfg.train.steps, cfg.data.seq_len, cfg.train.batch_size
+    cfg = members[0].cfg
+    steps, tokens_per_step = cfg.train.steps, cfg.train.batch_size * cfg.data.seq_len
     inputs, targets = next(batches)
     t0 = time.perf_counter()
     step_fn = make_train_step(graphdef, tx, grad_norms=cfg.log.grad_norms, activations=(
         cfg.log.every, steps) if cfg.log.activations else None,
-                              vectorized=vectorized).lower(state, inputs, targets).compile()
-    eval_fn = make_eval_step(graphdef, vectorized).lower(
+                              vectorized=lanes.vectorized).lower(state, inputs, targets).compile()
+    eval_fn = make_eval_step(graphdef, lanes.vectorized).lower(
         state["params"], state["rest"], *val_batches[0]).compile()
     compile_seconds = time.perf_counter() - t0
 
-    def evaluate():  # the val loss of every member, as a list
+    def evaluate(state):  # every run's val loss
         total = sum(eval_fn(state["params"], state["rest"], *b) for b in val_batches)
-        return list(np.atleast_1d(jax.device_get(total)) / len(val_batches))
+        return [loss / len(val_batches) for loss in lanes.rows(jax.device_get(total))]
 
-    def rows(tree):  # fetched host values -> one tree per member
-        return [_row(tree, i) for i in range(len(members))] if vectorized else [tree]
-
-    excluded = 0.0  # seconds of evaluation and checkpointing, not counted in tokens/s
-    progress = _progress(cfg, start, len(members))
+    progress, clock = _progress(cfg, start, len(members)), Clock()
     s = start - 1  # the last step run (none yet)
-    t_start = time.perf_counter()
+    clock.start()
     for s in range(start, steps):
         active = [m for m in members if m.status is None]
         records = {id(m): {} for m in active}
-        if s % cfg.train.eval_every == 0:
+        if due(s, cfg.train.eval_every, steps):  # the state after s steps
             jax.block_until_ready(state)
-            t = time.perf_counter()
-            for m, loss in zip(members, evaluate()):
-                if m.status is None:
-                    m.last_val = records[id(m)]["val_loss"] = float(loss)
-                    m.best = m.last_val if m.best is None else min(m.best, m.last_val)
-            excluded += time.perf_counter() - t
+            with clock.paused():
+                for m, loss in zip(members, evaluate(state)):
+                    if m.status is None:
+                        m.evaluated(loss)
+                        records[id(m)]["val_loss"] = m.last_val
         state, metrics = step_fn(state, inputs, targets)
         if s + 1 < steps:
             inputs, targets = next(batches)  # sampled and transferred while step s ran
-        if every(s, cfg.log.every, steps):
+        log_step = due(s, cfg.log.every, steps - 1)
+        if log_step:  # the one host read of the step's metrics
             fetched, diverged_at = jax.device_get((metrics, state["diverged_step"]))
-            for m, row, at in zip(members, rows(fetched), np.atleast_1d(diverged_at)):
+            for m, row, at in zip(members, lanes.rows(fetched), lanes.rows(diverged_at)):
                 if m.status is None:
                     records[id(m)].update(per_block(row))
                     if at >= 0:
-                        m.status, m.summary["diverged_step"], m.last_step = "diverged", int(at), s
-            elapsed = time.perf_counter() - t_start - excluded
-            losses = [float(r["loss"]) for r in records.values() if "loss" in r]
-            progress.set_postfix(loss=f"{np.median(losses):.4f}" if losses else "-",
-                                 tok_s=f"{(s + 1 - start) * B * T / max(elapsed, 1e-9):.0f}")
-            progress.update(s + 1 - progress.n)
+                        m.stop(DIVERGED, s)
+                        m.summary["diverged_step"] = int(at)
+            _show(progress, records, s + 1, (s + 1 - start) * tokens_per_step / max(
+                clock.seconds(), 1e-9))
         for m in active:
             if records[id(m)]:
                 m.tracker.log(s, records[id(m)])
         if all(m.status is not None for m in members):
             break  # every run diverged
-        signum = stop.decide(every(s, cfg.log.every, steps))  # the one reading of this step
+        signum = stop.decide(log_step)  # the one reading of this step
         if signum is not None:
             for m in members:
                 if m.status is None:
-                    m.status, m.last_step, m.summary["signal"] = ("interrupted", s,
-                                                                   signal.Signals(signum).name)
-        if signum is not None or every(s + 1, cfg.train.checkpoint_every, steps + 1):
+                    m.stop(INTERRUPTED, s)
+                    m.summary["signal"] = signal.Signals(signum).name
+        if signum is not None or due(s + 1, cfg.train.checkpoint_every, steps):
             jax.block_until_ready(state)
-            t = time.perf_counter()
-            for i, m in enumerate(members):
-                if m.status in (None, "interrupted"):
-                    m.checkpoints.save(s + 1, _row(state, i) if vectorized else state)
-            excluded += time.perf_counter() - t
+            with clock.paused():
+                for i, m in enumerate(members):
+                    if m.status in (None, INTERRUPTED):
+                        m.checkpoints.save(s + 1, lanes.row(state, i))
         if signum is not None:
             break
     jax.block_until_ready(state)
-    elapsed = time.perf_counter() - t_start - excluded
+    seconds = clock.seconds()
     progress.close()
+    _finish(members, s, start, lambda: evaluate(state), compile_seconds,
+            tokens_per_s=lambda done: done * tokens_per_step / seconds if seconds > 0 and done > 0
+            else None)
+
+
+def _finish(members, s, start, evaluate, compile_seconds, tokens_per_s):
+    """The final evaluation of the runs that trained to the end, and every run's summary."""
     final = None
     for i, m in enumerate(members):
         if m.status is None:
-            m.status, m.last_step = "completed", s
+            m.stop(COMPLETED, s)
             final = evaluate() if final is None else final
-            m.last_val = float(final[i])
-            m.best = m.last_val if m.best is None else min(m.best, m.last_val)
-            m.tracker.log(steps, {"val_loss": m.last_val})
-        done = m.last_step + 1 - start
+            m.evaluated(final[i])
+            m.tracker.log(m.cfg.train.steps, {"val_loss": m.last_val})
         m.summary.update(
             status=m.status, steps=m.last_step + 1, compile_seconds=compile_seconds,
-            final_val_loss=finite_or_none(m.last_val) if m.status == "completed" else None,
-            best_val_loss=finite_or_none(m.best) if m.best is not None else None,
-            tokens_per_s=done * B * T / elapsed if elapsed > 0 and done > 0 else None)
+            final_val_loss=rundir.finite_or_none(m.last_val) if m.status == COMPLETED else None,
+            best_val_loss=rundir.finite_or_none(m.best) if m.best is not None else None,
+            tokens_per_s=tokens_per_s(m.last_step + 1 - start))
 
 
 def _progress(cfg, start, runs):
@@ -378,3 +363,10 @@ def _progress(cfg, start, runs):
     hidden = not cfg.log.progress or os.environ.get("NORMEXP_WORKER")  # a sweep's worker
     return tqdm(total=cfg.train.steps, initial=start, disable=bool(hidden),
                 desc=desc, unit="step", dynamic_ncols=True, file=sys.stderr)
+
+
+def _show(progress, records, done, tokens_per_s):
+    losses = [float(r["loss"]) for r in records.values() if "loss" in r]
+    progress.set_postfix(loss=f"{np.median(losses):.4f}" if losses else "-",
+                         tok_s=f"{tokens_per_s:.0f}")
+    progress.update(done - progress.n)

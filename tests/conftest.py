@@ -77,7 +77,7 @@ def tensorboard_values(run_dir):
 def reference_run(tmp_path_factory):
     """The records of the uninterrupted tiny run, logged every step: what every killed,
     damaged or failed and then resumed run must reproduce bit for bit."""
-    from normexp.tracking import read_metrics
+    from normexp.rundir import read_metrics
     out = tmp_path_factory.mktemp("reference") / "run"
     done = normexp("train", *TINY, "log.every=1", f"run.out_dir={out}")
     assert done.returncode == 0, done.stderr

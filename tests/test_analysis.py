@@ -7,7 +7,7 @@ import pytest
 
 from normexp import analysis, plots, sweep as sweep_lib
 from normexp.report import write_report
-from normexp.tracking import read_metrics
+from normexp.rundir import read_metrics
 
 from conftest import normexp, write_sweep
 

@@ -7,7 +7,7 @@ import pytest
 from normexp import budget
 from normexp.config import flatten, load
 from normexp.errors import UsageError
-from normexp.train import init_state
+from normexp.step import init_state
 
 from conftest import TINY, normexp
 

@@ -14,7 +14,7 @@ import json, sys
 import jax
 from normexp.config import load
 from normexp.errors import UsageError
-from normexp.tracking import read_metrics
+from normexp.rundir import read_metrics
 from normexp.train import run, run_group
 tiny, out = json.loads(sys.argv[1]), sys.argv[2]
 result = {"devices": jax.device_count()}
@@ -109,7 +109,7 @@ def finish(children, timeout=240):
 
 
 def records(run_dir):
-    from normexp.tracking import read_metrics
+    from normexp.rundir import read_metrics
     return read_metrics(os.path.join(run_dir, "metrics.jsonl"))
 
 

@@ -14,7 +14,7 @@ from normexp.model import make_model
 from normexp.norms import NORMS
 from normexp.placement import (PLACEMENTS, Depth, deepnorm, deepnorm_alpha, deepnorm_beta, lns,
                                mix_split, post, pre, res_post, resi_dual, rezero, sandwich)
-from normexp.train import init_state, make_train_step
+from normexp.step import init_state, make_train_step
 
 T = 16
 LEAKY = {"batchnorm", "instancenorm", "weightnorm"}

@@ -11,7 +11,7 @@ from normexp import results as results_lib
 from normexp import sweep as sweep_lib
 from normexp.errors import UsageError
 from normexp.locks import RunLock
-from normexp.tracking import read_metrics
+from normexp.rundir import read_metrics
 
 from conftest import ROOT, TINY, normexp, tiny_base, write_sweep
 

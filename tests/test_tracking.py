@@ -12,7 +12,7 @@ from conftest import ROOT, tensorboard_values
 WRITE = """
 import os, sys
 os.umask(int(sys.argv[1], 8))
-from normexp.tracking import write_atomic
+from normexp.rundir import write_atomic
 write_atomic(sys.argv[2], "x")
 write_atomic(sys.argv[2], b"y")  # replacing keeps the mode
 assert os.umask(0) == int(sys.argv[1], 8), "write_atomic must leave the umask as it was"

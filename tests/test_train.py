@@ -12,11 +12,12 @@ from jax.experimental.compilation_cache import compilation_cache
 
 from normexp import data as data_lib
 from normexp.checkpoint import Checkpoints
-from normexp.model import loss_fn
+
 from normexp.metrics import per_block
-from normexp.tracking import read_metrics
+from normexp.rundir import read_metrics
 from normexp import train as train_lib
-from normexp.train import init_state, make_train_step, run
+from normexp.step import init_state, loss_fn, make_train_step
+from normexp.train import run
 
 from conftest import normexp, tensorboard_values
 

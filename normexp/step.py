@@ -1,0 +1,92 @@
+"""The pure step: state init, the train step and the eval step, jitted once per run.
+
+The state is a plain pytree `{params, rest, opt, step, diverged_step, lr}`; `rest` holds any
+non-parameter model state (none for LayerNorm/RMSNorm) and `lr` the run's peak learning rate.
+Divergence is tracked on the device, so the first non-finite step is known exactly even
+though the host only looks when it logs. Nothing here does I/O or reads the clock.
+"""
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from normexp.metrics import activation_stats, layer_stats
+from normexp.model import evaluation_view, make_model
+from normexp.optim import learning_rate, make_optimizer
+
+
+def due(step, every, last):
+    """The one cadence rule: at multiples of `every` and at `last`. Log steps are due(s,
+    log.every, steps - 1), evaluations and checkpoints of the state after t steps due(t, ...,
+    steps). Works on Python ints and on traced ones alike."""
+    return (step % every == 0) | (step == last)
+
+
+def loss_fn(logits_NxV, targets_BxT):
+    """Mean next-token cross entropy, in float32."""
+    targets_N = targets_BxT.reshape(-1)
+    return optax.softmax_cross_entropy_with_integer_labels(
+        logits_NxV.astype(jnp.float32), targets_N).mean()
+
+
+def init_state(cfg, vocab_size):
+    """(graphdef, optimizer, state) for a fresh run."""
+    model = make_model(cfg.model, vocab_size=vocab_size, max_len=cfg.data.seq_len,
+                       seed=cfg.run.seed, remat=cfg.train.remat_policy if cfg.train.remat else None)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    tx = make_optimizer(cfg.optim, cfg.train.steps)
+    state = {"params": params, "rest": rest, "opt": tx.init(params),
+             "step": jnp.zeros((), jnp.int32), "diverged_step": jnp.full((), -1, jnp.int32),
+             "lr": jnp.asarray(cfg.optim.lr, jnp.float32)}
+    return graphdef, tx, state
+
+
+def make_train_step(graphdef, tx, *, grad_norms, activations=None, vectorized=False):
+    """(state, inputs, targets) -> (state, metrics): forward, backward, statistics, update.
+
+    activations: (every, steps) to compute the blocks' activation statistics (`act/block/...`)
+    at the steps the loop logs (`due(step, every, steps - 1)`), zeros at the others.
+    vectorized: every argument has a leading axis of runs, trained independently (jax.vmap).
+    """
+
+    def train_step(state, inputs_BxT, targets_BxT):
+        step = state["step"]
+
+        def loss_of(params):
+            # fresh Variables of this trace, so batch-statistics norms may update them here
+            model = nnx.merge(graphdef, params, jax.tree.map(lambda a: a, state["rest"]))
+            if activations is None:
+                logits, acts = model(inputs_BxT), {}
+            else:
+                every, steps = activations
+                logits, acts = model(inputs_BxT,
+                                     observe=activation_stats(due(step, every, steps - 1)))
+            rest = nnx.state(model, nnx.Not(nnx.Param))
+            return loss_fn(logits, targets_BxT), (rest, acts)
+
+        (loss, (rest, acts)), grads = jax.value_and_grad(loss_of, has_aux=True)(state["params"])
+        updates, opt = tx.update(grads, state["opt"], state["params"])
+        updates = jax.tree.map(lambda u: u * state["lr"], updates)  # tx runs at peak lr 1
+        params = optax.apply_updates(state["params"], updates)
+        grad_norm = optax.tree.norm(grads)  # before clipping, which happens inside tx
+        metrics = {"loss": loss, "lr": learning_rate(opt, state["lr"]), "grad_norm": grad_norm}
+        if grad_norms:
+            metrics.update(layer_stats(state["params"], grads, updates))
+        metrics.update({f"act/block/{name}": v for name, v in acts.items()})
+        diverged = state["diverged_step"]
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        diverged = jnp.where((diverged < 0) & ~finite, step, diverged)
+        new_state = {"params": params, "rest": rest, "opt": opt, "step": step + 1,
+                     "diverged_step": diverged, "lr": state["lr"]}
+        return new_state, metrics
+
+    return jax.jit(jax.vmap(train_step) if vectorized else train_step, donate_argnums=0)
+
+
+def make_eval_step(graphdef, vectorized=False):
+    """(params, rest, inputs, targets) -> the loss, with batch statistics' running averages."""
+    def eval_step(params, rest, inputs_BxT, targets_BxT):
+        model = evaluation_view(nnx.merge(graphdef, params, rest))
+        return loss_fn(model(inputs_BxT), targets_BxT)
+    return jax.jit(jax.vmap(eval_step) if vectorized else eval_step)
