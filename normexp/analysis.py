@@ -62,8 +62,10 @@ def _name(run_dir, dirs):
     return run_dir
 
 
-def _status(run_dir, sweep_dir):
-    status = rundir.status(run_dir)
+def _status(run_dir, summary, sweep_dir):
+    if not os.path.isdir(run_dir):
+        return rundir.PENDING
+    status = summary.get("status") or rundir.STARTED
     if sweep_dir and status in (rundir.RUNNING, rundir.STARTED) and not RunLock(
             sweep_dir, os.path.basename(run_dir)).held():
         return rundir.STOPPED  # its process is gone: the next sweep resumes it
@@ -84,7 +86,7 @@ def load_runs(path, pending=False):
         summary = rundir.read_summary(d)
         row = {"run": _name(d, dirs), "run_dir": os.path.abspath(d)}
         row.update({k: summary.get(k) for k in SUMMARY_COLUMNS})
-        row["status"] = _status(d, sweep_dir)
+        row["status"] = _status(d, summary, sweep_dir)
         grad_norms = [r["grad_norm"] for r in rundir.read_metrics(d)
                       if r.get("grad_norm") is not None]
         row["max_grad_norm"] = max(grad_norms, default=None)

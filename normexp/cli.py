@@ -66,7 +66,12 @@ def cmd_sweep(ns):
     if ns.worker:  # one of --max-parallel's processes: the given units, no bars, no table
         units = [u for i, u in enumerate(sweep.units()) if str(i) in ns.units.split(",")]
         return sweep_lib.run_units(sweep, units, progress=False)
-    return sweep_lib.run(sweep, shard=shard, max_parallel=ns.max_parallel)
+    code = sweep_lib.run(sweep, shard=shard, max_parallel=ns.max_parallel)
+    from normexp import results
+    paths = results.write(results.table(sweep.out_dir), sweep.out_dir)
+    print(f"results: {paths[0]} (normexp results {sweep.out_dir} prints the table)",
+          file=sys.stderr)
+    return code
 
 
 def cmd_results(ns):

@@ -7,7 +7,6 @@ valid. Every field carries a one-line doc (`metadata["doc"]`) that the README re
 
 import copy
 import dataclasses
-import difflib
 import math
 import os
 import re
@@ -16,7 +15,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from normexp.errors import UsageError
+from normexp.errors import UsageError, suggest
 
 
 INT32_MAX = 2**31 - 1  # the step counter, token ids and positions are int32 on the device
@@ -31,24 +30,16 @@ def section(cls, doc):
     return field(default_factory=cls, metadata={"doc": doc, "check": None})
 
 
-def positive(v):
-    return None if v > 0 else "must be > 0"
+def rule(holds, text):
+    """A range check: None where `holds(value)`, else the problem, e.g. 'must be > 0'."""
+    return lambda v: None if holds(v) else text
 
 
-def nonneg(v):
-    return None if v >= 0 else "must be >= 0"
-
-
-def unit_open(v):
-    return None if 0 <= v < 1 else "must be in [0, 1)"
-
-
-def unit_closed(v):
-    return None if 0 <= v <= 1 else "must be in [0, 1]"
-
-
-def unit_left_open(v):
-    return None if 0 < v <= 1 else "must be in (0, 1]"
+positive = rule(lambda v: v > 0, "must be > 0")
+nonneg = rule(lambda v: v >= 0, "must be >= 0")
+unit_open = rule(lambda v: 0 <= v < 1, "must be in [0, 1)")
+unit_closed = rule(lambda v: 0 <= v <= 1, "must be in [0, 1]")
+unit_left_open = rule(lambda v: 0 < v <= 1, "must be in (0, 1]")
 
 
 def one_of(*choices):
@@ -62,19 +53,6 @@ def safe_name(v):
         return None
     return ("must be a plain file name (letters, digits and . _ = , + -, no '/' or '..', "
             "not starting with '.' or '-')")
-
-
-def suggest(name, valid):
-    """The valid name that `name` most likely meant, or None. A name it extends or abbreviates
-    comes first (prenorm -> pre, layer -> layernorm): by spelling alone difflib ranks prenorm
-    nearer to deepnorm than to pre."""
-    text = str(name).lower()
-    affixed = [v for v in valid if text and (text.startswith(v.lower()) or
-                                             v.lower().startswith(text))]
-    if affixed:
-        return max(affixed, key=len)
-    near = difflib.get_close_matches(str(name), list(valid), n=1)
-    return near[0] if near else None
 
 
 def registered(registry_name):
@@ -216,7 +194,7 @@ class LogConfig:
     grad_norms: bool = opt(True, "per-block gradient, parameter and update/parameter norms")
     activations: bool = opt(False, "per-block activation statistics at log steps: residual "
                                    "stream mean, RMS, excess kurtosis, and the RMS of each "
-                                   "sublayer's first norm output")
+                                   "sublayer norm's output")
     tensorboard: bool = opt(True, "also write TensorBoard events (tensorboardX)")
     progress: bool = opt(True, "show a progress bar")
 
@@ -407,36 +385,7 @@ def to_yaml(cfg):
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
-def differences(a, b, prefix=""):
+def differences(a, b):
     """Dotted keys whose values differ between two configs (or their dicts)."""
-    a = to_dict(a) if dataclasses.is_dataclass(a) else a
-    b = to_dict(b) if dataclasses.is_dataclass(b) else b
-    keys = []
-    for k in a:
-        if isinstance(a[k], dict):
-            keys += differences(a[k], b[k], f"{prefix}{k}.")
-        elif a[k] != b[k]:
-            keys.append(prefix + k)
-    return keys
-
-
-def reference(cls=Config, prefix=""):
-    """(dotted key, default, doc) for every field: the README's config reference."""
-    rows = []
-    for f in dataclasses.fields(cls):
-        kind = typing.get_type_hints(cls)[f.name]
-        if dataclasses.is_dataclass(kind):
-            rows += reference(kind, f"{prefix}{f.name}.")
-        else:
-            rows.append((prefix + f.name, f.default, f.metadata["doc"]))
-    return rows
-
-
-def reference_markdown():
-    """The README's config reference table, generated from the field docs."""
-    import json
-    rows = ["| key | default | meaning |", "| --- | --- | --- |"]
-    for key, default, doc in reference():
-        shown = repr(default) if isinstance(default, float) else json.dumps(default)
-        rows.append(f"| `{key}` | `{shown}` | {doc} |")
-    return "\n".join(rows) + "\n"
+    a, b = flatten(a), flatten(b)
+    return [k for k in a if a[k] != b.get(k)]

@@ -215,12 +215,14 @@ class Prefetcher:
             raise self.error
         if not self.pending:
             raise RuntimeError("Prefetcher is closed")
-        future = self.pending.popleft()
+        future = self.pending[0]
         try:
             item = future.result()
-        except BaseException as e:  # the producer's, raised again on every later call
-            self.error = e
+        except BaseException as e:
+            if future.done() and future.exception() is e:  # the producer's, not an interrupt
+                self.error = e  # raised again at every later call, never a wait
             raise
+        self.pending.popleft()
         self._submit()
         return item
 

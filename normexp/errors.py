@@ -1,4 +1,7 @@
-"""The exceptions that the command line turns into one line on stderr and a distinct exit code."""
+"""The exceptions that the command line turns into one line on stderr and a distinct exit code,
+and the one "did you mean" rule their messages use."""
+
+import difflib
 
 EXIT_USAGE = 2     # a usage, config or data error: nothing was written
 EXIT_STORAGE = 74  # the disk refused a write or read (sysexits' EX_IOERR); the run can resume
@@ -15,3 +18,16 @@ class StorageError(Exception):
     def from_os(cls, e):
         where = e.filename or "?"
         return cls(f"{where}: {e.strerror or e} (errno {e.errno})")
+
+
+def suggest(name, valid):
+    """The valid name that `name` most likely meant, or None. A name it extends or abbreviates
+    comes first (prenorm -> pre, layer -> layernorm): by spelling alone difflib ranks prenorm
+    nearer to deepnorm than to pre."""
+    text = str(name).lower()
+    affixed = [v for v in valid if text and (text.startswith(v.lower()) or
+                                             v.lower().startswith(text))]
+    if affixed:
+        return max(affixed, key=len)
+    near = difflib.get_close_matches(str(name), list(valid), n=1)
+    return near[0] if near else None

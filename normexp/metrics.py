@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from normexp.rundir import block_metric
+from normexp.rundir import BLOCK, block_metric
 
 
 def param_group(path):
@@ -28,7 +28,7 @@ def param_group(path):
     """
     if path[0] == "blocks":
         part = "norm" if "norms" in path[1] else path[1]
-        return "block", part
+        return BLOCK, part
     return path[0], None
 
 
@@ -52,7 +52,7 @@ def group_sums_of_squares(tree):
     sums = {}
     for keypath, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
         layer, part = param_group(path_names(keypath))
-        axes = tuple(range(1, leaf.ndim)) if layer == "block" else None
+        axes = tuple(range(1, leaf.ndim)) if layer == BLOCK else None
         square_sum = jnp.sum(jnp.square(leaf.astype(jnp.float32)), axis=axes)
         for name in (layer, f"{layer}/{part}" if part else None):
             if name is not None:

@@ -8,6 +8,7 @@ shard's table lists the whole sweep.
 """
 
 import io
+import json
 import math
 import os
 
@@ -38,7 +39,9 @@ def write(frame, sweep_dir):
         import pyarrow  # noqa: F401  (pandas writes parquet through it)
     except ImportError:
         paths.append(os.path.join(sweep_dir, "results.jsonl"))
-        write_atomic(paths[1], frame.to_json(orient="records", lines=True))
+        records = frame.astype(object).where(frame.notna(), None).to_dict("records")
+        # json, not DataFrame.to_json, which rounds floats to 15 digits
+        write_atomic(paths[1], "".join(json.dumps(r) + "\n" for r in records))
         return paths
     buffer = io.BytesIO()
     frame.to_parquet(buffer, index=False)

@@ -14,6 +14,7 @@ from flax import nnx
 from normexp.metrics import activation_stats, layer_stats
 from normexp.model import evaluation_view, make_model
 from normexp.optim import learning_rate, make_optimizer
+from normexp.rundir import family
 
 
 def due(step, every, last):
@@ -73,7 +74,7 @@ def make_train_step(graphdef, tx, *, grad_norms, activations=None, vectorized=Fa
         metrics = {"loss": loss, "lr": learning_rate(opt, state["lr"]), "grad_norm": grad_norm}
         if grad_norms:
             metrics.update(layer_stats(state["params"], grads, updates))
-        metrics.update({f"act/block/{name}": v for name, v in acts.items()})
+        metrics.update({family("act", name): v for name, v in acts.items()})
         diverged = state["diverged_step"]
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         diverged = jnp.where((diverged < 0) & ~finite, step, diverged)

@@ -21,7 +21,7 @@ import time
 
 from normexp import config as config_lib
 from normexp import rundir
-from normexp.errors import StorageError, UsageError
+from normexp.errors import StorageError, UsageError, suggest
 from normexp.locks import RunLock
 from normexp.rundir import FINISHED, read_json, status, write_atomic
 
@@ -108,7 +108,7 @@ def load(path, out_dir=None):
     raw = config_lib.read_yaml(path, what=f"sweep keys ({', '.join(KEYS)})")
     for key in raw:
         if key not in KEYS:
-            near = config_lib.suggest(key, KEYS)
+            near = suggest(key, KEYS)
             hint = f"; did you mean {near!r}?" if near else ""
             raise UsageError(f"{path}: {key}: unknown sweep key{hint} (valid: {', '.join(KEYS)})")
     base = raw.get("base") or {}
@@ -257,14 +257,8 @@ def run(sweep, *, shard=(1, 1), max_parallel=1, progress=True):
     write_atomic(os.path.join(sweep.out_dir, MANIFEST), _manifest(sweep))
     units = shard_units(sweep, shard)
     if max_parallel > 1:
-        code = _run_workers(sweep, units, max_parallel, progress)
-    else:
-        code = run_units(sweep, units, progress)
-    from normexp import results
-    results.write(results.table(sweep.out_dir), sweep.out_dir)
-    print(f"results: {os.path.join(sweep.out_dir, 'results.csv')} (normexp results "
-          f"{sweep.out_dir} prints the table)", file=sys.stderr)
-    return code
+        return _run_workers(sweep, units, max_parallel, progress)
+    return run_units(sweep, units, progress)
 
 
 def _bar(total, initial, progress):

@@ -261,7 +261,9 @@ class Clock:
         self.t0, self.excluded = time.perf_counter(), 0.0
 
     @contextlib.contextmanager
-    def paused(self):
+    def paused(self, state):
+        """Not counted: what runs inside, once the device has finished `state`."""
+        jax.block_until_ready(state)
         t = time.perf_counter()
         yield
         self.excluded += time.perf_counter() - t
@@ -271,7 +273,13 @@ class Clock:
 
 
 def _loop(members, lanes, graphdef, tx, state, start, stop, *, batches, val_batches):
-    """Compile, then train from `start` to the end, a stop request, or every run diverging."""
+    """Compile, then train from `start` to the end, a stop request, or every run diverging.
+
+    Each step runs these phases in order: evaluate (the state before the step, every
+    train.eval_every steps), step, log (read the step's metrics, every log.every steps), stop
+    (read the stop request), checkpoint (the state after the step, every
+    train.checkpoint_every steps or on a stop); `finish` then writes every run's summary.
+    """
     cfg = members[0].cfg
     steps, tokens_per_step = cfg.train.steps, cfg.train.batch_size * cfg.data.seq_len
     inputs, targets = next(batches)
@@ -282,21 +290,35 @@ def _loop(members, lanes, graphdef, tx, state, start, stop, *, batches, val_batc
     eval_fn = make_eval_step(graphdef, lanes.vectorized).lower(
         state["params"], state["rest"], *val_batches[0]).compile()
     compile_seconds = time.perf_counter() - t0
+    progress, clock = _progress(cfg, start, len(members)), Clock()
 
-    def evaluate(state):  # every run's val loss
+    def evaluate():  # every run's val loss
         total = sum(eval_fn(state["params"], state["rest"], *b) for b in val_batches)
         return [loss / len(val_batches) for loss in lanes.rows(jax.device_get(total))]
 
-    progress, clock = _progress(cfg, start, len(members)), Clock()
+    def log(s, metrics, records):  # the one host read of the step's metrics
+        fetched, diverged_at = jax.device_get((metrics, state["diverged_step"]))
+        for m, row, at in zip(members, lanes.rows(fetched), lanes.rows(diverged_at)):
+            if m.status is None:
+                records[id(m)].update(per_block(row))
+                if at >= 0:
+                    m.stop(DIVERGED, s)
+                    m.summary["diverged_step"] = int(at)
+        _show(progress, records, s + 1, (s + 1 - start) * tokens_per_step / max(
+            clock.seconds(), 1e-9))
+
+    def checkpoint(t):  # the state after t steps
+        for i, m in enumerate(members):
+            if m.status in (None, INTERRUPTED):
+                m.checkpoints.save(t, lanes.row(state, i))
+
     s = start - 1  # the last step run (none yet)
     clock.start()
     for s in range(start, steps):
-        active = [m for m in members if m.status is None]
-        records = {id(m): {} for m in active}
-        if due(s, cfg.train.eval_every, steps):  # the state after s steps
-            jax.block_until_ready(state)
-            with clock.paused():
-                for m, loss in zip(members, evaluate(state)):
+        records = {id(m): {} for m in members if m.status is None}
+        if due(s, cfg.train.eval_every, steps):
+            with clock.paused(state):
+                for m, loss in zip(members, evaluate()):
                     if m.status is None:
                         m.evaluated(loss)
                         records[id(m)]["val_loss"] = m.last_val
@@ -304,39 +326,27 @@ def _loop(members, lanes, graphdef, tx, state, start, stop, *, batches, val_batc
         if s + 1 < steps:
             inputs, targets = next(batches)  # sampled and transferred while step s ran
         log_step = due(s, cfg.log.every, steps - 1)
-        if log_step:  # the one host read of the step's metrics
-            fetched, diverged_at = jax.device_get((metrics, state["diverged_step"]))
-            for m, row, at in zip(members, lanes.rows(fetched), lanes.rows(diverged_at)):
-                if m.status is None:
-                    records[id(m)].update(per_block(row))
-                    if at >= 0:
-                        m.stop(DIVERGED, s)
-                        m.summary["diverged_step"] = int(at)
-            _show(progress, records, s + 1, (s + 1 - start) * tokens_per_step / max(
-                clock.seconds(), 1e-9))
-        for m in active:
-            if records[id(m)]:
+        if log_step:
+            log(s, metrics, records)
+        for m in members:
+            if records.get(id(m)):
                 m.tracker.log(s, records[id(m)])
         if all(m.status is not None for m in members):
             break  # every run diverged
-        signum = stop.decide(log_step)  # the one reading of this step
-        if signum is not None:
-            for m in members:
-                if m.status is None:
-                    m.stop(INTERRUPTED, s)
-                    m.summary["signal"] = signal.Signals(signum).name
+        signum = stop.decide(log_step)  # the one reading of the stop request at this step
+        for m in members:
+            if signum is not None and m.status is None:
+                m.stop(INTERRUPTED, s)
+                m.summary["signal"] = signal.Signals(signum).name
         if signum is not None or due(s + 1, cfg.train.checkpoint_every, steps):
-            jax.block_until_ready(state)
-            with clock.paused():
-                for i, m in enumerate(members):
-                    if m.status in (None, INTERRUPTED):
-                        m.checkpoints.save(s + 1, lanes.row(state, i))
+            with clock.paused(state):
+                checkpoint(s + 1)
         if signum is not None:
             break
     jax.block_until_ready(state)
     seconds = clock.seconds()
     progress.close()
-    _finish(members, s, start, lambda: evaluate(state), compile_seconds,
+    _finish(members, s, start, evaluate, compile_seconds,
             tokens_per_s=lambda done: done * tokens_per_step / seconds if seconds > 0 and done > 0
             else None)
 

@@ -82,3 +82,20 @@ def reference_run(tmp_path_factory):
     done = normexp("train", *TINY, "log.every=1", f"run.out_dir={out}")
     assert done.returncode == 0, done.stderr
     return read_metrics(os.path.join(out, "metrics.jsonl"))
+
+
+def tiny_args(out):
+    """The tiny model's command-line overrides, writing to `out`."""
+    return [*TINY, f"run.out_dir={out}"]
+
+
+@pytest.fixture(scope="session")
+def study(tmp_path_factory):
+    """A tiny finished sweep: placement x lr (1e30 diverges) x 2 seeds, 8 runs."""
+    from normexp import sweep as sweep_lib
+    tmp = tmp_path_factory.mktemp("study")
+    sweep = sweep_lib.load(write_sweep(tmp, grid={"model.placement": ["pre", "post"],
+                                                  "optim.lr": [3e-3, 1e30]},
+                                       seeds=2, vectorize="seeds"))
+    assert sweep_lib.run(sweep, progress=False) == 0
+    return sweep

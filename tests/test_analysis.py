@@ -5,22 +5,9 @@ import shutil
 import numpy as np
 import pytest
 
-from normexp import analysis, plots, sweep as sweep_lib
-from normexp.report import write_report
+from normexp import analysis
 from normexp.rundir import read_metrics
 
-from conftest import normexp, write_sweep
-
-
-@pytest.fixture(scope="module")
-def study(tmp_path_factory):
-    """A tiny finished sweep: placement x lr (1e30 diverges) x 2 seeds, 8 runs."""
-    tmp = tmp_path_factory.mktemp("study")
-    sweep = sweep_lib.load(write_sweep(tmp, grid={"model.placement": ["pre", "post"],
-                                                  "optim.lr": [3e-3, 1e30]},
-                                       seeds=2, vectorize="seeds"))
-    assert sweep_lib.run(sweep, progress=False) == 0
-    return sweep
 
 
 def test_load_runs_gives_one_row_per_run_with_every_config_key(study):
@@ -71,47 +58,3 @@ def test_loaders_reject_a_path_without_runs(tmp_path):
         analysis.load_runs(tmp_path / "missing")
     with pytest.raises(Exception, match="holds no runs"):
         analysis.load_metrics(tmp_path)
-
-
-def test_plot_helpers_draw_one_line_or_cell_per_setup(study):
-    runs, metrics = analysis.load_runs(study.out_dir), analysis.load_metrics(study.out_dir)
-    assert len(plots.setups(runs)) == 4  # placement x lr; seeds are averaged
-    fig = plots.loss_curves(metrics, runs)
-    ax = fig.axes[0]
-    assert len(ax.get_lines()) == 4 and ax.get_xlabel() == "step"
-    assert any("2 of 2 diverged" in t.get_text() for t in ax.get_legend().get_texts())
-    fig = plots.loss_curves(metrics, runs, by="model.placement", metric="val_loss")
-    assert len(fig.axes[0].get_lines()) == 2
-    fig = plots.grad_norm_by_layer(metrics, runs, step=0)
-    lines = fig.axes[0].get_lines()
-    assert len(lines) == 4 and all(len(line.get_xdata()) == 2 for line in lines)
-    assert "initialisation" in fig.axes[0].get_title()
-    fig = plots.grad_norm_heatmap(metrics, study.runs[0].name)
-    logged = metrics[(metrics["run"] == study.runs[0].name)
-                     & (metrics["family"] == "grad_norm/block")]["step"].nunique()
-    assert fig.axes[0].get_images()[0].get_array().shape == (2, logged)
-    fig = plots.divergence_map(runs, x="optim.lr", y="model.placement")
-    assert fig.axes[0].get_images()[0].get_array().shape == (2, 2)
-    crosses = [line for line in fig.axes[0].get_lines() if line.get_marker() == "x"]
-    assert len(crosses) == 2  # lr 1e30 diverged for both placements
-
-
-def test_report_writes_markdown_html_and_every_figure(study, tmp_path):
-    out = tmp_path / "report"
-    done = normexp("report", study.out_dir, "--out", str(out))
-    assert done.returncode == 0, done.stderr
-    files = set(os.listdir(out))
-    pngs = {"loss.png", "val_loss.png", "grad_norm_init.png", "grad_norm_final.png",
-            "divergence_map.png", *(f"heatmap_{i:02d}.png" for i in range(4))}
-    assert files == pngs | {"report.md", "report.html"}
-    md = (out / "report.md").read_text()
-    assert all(f"]({name})" in md for name in pngs)
-    assert "8 runs: 4 completed, 4 diverged" in md
-    assert all(r.name in md for r in study.runs)
-    html = (out / "report.html").read_text()
-    assert html.count("src='data:image/png;base64,") == len(pngs)
-    for name in pngs:
-        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    missing = normexp("report", str(tmp_path / "nowhere"))
-    assert missing.returncode == 2 and "no such run or sweep directory" in missing.stderr
-    assert len(missing.stderr.strip().splitlines()) == 1

@@ -1,13 +1,16 @@
 import glob
 import os
+import sys
 
 import pytest
 
-from normexp.config import (Config, differences, load, reference, reference_markdown, suggest,
-                            to_yaml)
-from normexp.errors import UsageError
+from normexp.config import Config, differences, load, to_yaml
+from normexp.errors import UsageError, suggest
 
 from conftest import ROOT, normexp
+
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+from readme_reference import reference, reference_markdown  # noqa: E402
 
 
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml"))))

@@ -3,6 +3,8 @@ import json
 import os
 import pickle
 import sys
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -265,3 +267,58 @@ def test_cli_uint32_files_read_as_uint16_exit_2(tmp_path, with_meta):
     at_fault = d / ("meta.json" if with_meta else "train.bin")
     assert lines[0].startswith(f"normexp: error: {at_fault}") and "uint32" in lines[0]
     assert not out.exists()
+
+
+def windows(tokens, seed=0):
+    return lambda step: data.batch(tokens, seed=seed, step=step, batch_size=2, seq_len=8)
+
+
+def test_prefetcher_yields_the_batches_of_each_step_in_order():
+    tokens = np.arange(5000, dtype=np.uint16)
+    prefetch = data.Prefetcher(windows(tokens, seed=3), start=7)
+    try:
+        for step in range(7, 12):
+            x, y = next(prefetch)
+            ex, ey = data.batch(tokens, seed=3, step=step, batch_size=2, seq_len=8)
+            np.testing.assert_array_equal(x, ex)
+            np.testing.assert_array_equal(y, ey)
+    finally:
+        prefetch.close()
+    assert not any(t.name.startswith("normexp-prefetch") for t in threading.enumerate())
+
+
+def test_prefetcher_raises_the_producers_error_in_the_consumer():
+    prefetch = data.Prefetcher(windows(np.arange(5, dtype=np.uint16)), start=0)
+    # windows longer than the stream
+    with pytest.raises(ValueError):
+        next(prefetch)
+    with pytest.raises(ValueError):  # again, rather than waiting forever
+        next(prefetch)
+    prefetch.close()
+    closed = _closed_prefetcher()
+    with pytest.raises(RuntimeError, match="closed"):
+        next(closed)
+
+
+def _closed_prefetcher():
+    prefetch = data.Prefetcher(windows(np.arange(5000, dtype=np.uint16)), start=0)
+    prefetch.close()
+    return prefetch
+
+
+def test_prefetcher_close_never_waits_for_work_it_has_not_started():
+    started, release = threading.Event(), threading.Event()
+
+    def slow(step):
+        started.set()
+        release.wait(5)  # the one in progress finishes; the queued ones must not start
+        return step
+
+    prefetch = data.Prefetcher(slow, start=0, put=lambda x: x, depth=3)
+    started.wait(5)
+    threading.Timer(0.2, release.set).start()
+    t0 = time.perf_counter()
+    prefetch.close()
+    assert time.perf_counter() - t0 < 3  # one sample, not three
+    with pytest.raises(RuntimeError, match="closed"):
+        next(prefetch)

@@ -252,3 +252,47 @@ def test_unknown_norm_names_the_choices():
     with pytest.raises(ValueError, match="layernorm"):
         make_norm(dataclasses.replace(cfg, kind="batchnrm"), 8, role="attn", rows_per_seq=1,
                   rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.norm.kind=groupnorm", "model.norm.groups=5"],
+     "model.norm.groups: 5 does not divide model.d_model = 128"),
+    (["model.norm.kind=groupnorm", "model.norm.groups=64", "model.qk_norm=true"],
+     "model.norm.groups: 64 does not divide the head width (model.qk_norm) = 32"),
+    (["model.norm.kind=layernorm", "model.norm.partial=0.5"],
+     "model.norm.partial: only rmsnorm has a partial RMS, got kind 'layernorm'"),
+])
+def test_each_norm_states_the_configs_it_refuses(overrides, message):
+    with pytest.raises(config_lib.UsageError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        config_lib.load(None, overrides)
+    assert config_lib.load(None, ["model.norm.kind=rmsnorm", "model.norm.partial=0.5"])
+
+
+def test_a_new_norm_is_one_class_and_one_registry_line(monkeypatch):
+    """What the model and the config need from a norm comes from its class: no other file
+    names a kind (weightnorm's kernels, groupnorm's and rmsnorm's checks, the leak report)."""
+    from normexp.model import make_model
+    from normexp.norms import Norm
+
+    class Doubled(Norm, nnx.Module):
+        weight_normalized_kernels = True
+
+        def __init__(self, dim, cfg, site, rngs):
+            pass
+
+        def __call__(self, x):
+            return 2 * x
+
+        @classmethod
+        def check(cls, model):
+            return "model.norm.eps: doubled wants eps 1" if model.norm.eps != 1 else None
+
+    monkeypatch.setitem(NORMS, "doubled", Doubled)
+    with pytest.raises(config_lib.UsageError, match="doubled wants eps 1"):
+        config_lib.load(None, ["model.norm.kind=doubled"])
+    cfg = config_lib.load(None, ["model.norm.kind=doubled", "model.norm.eps=1",
+                                 "model.n_layer=1", "model.d_model=16", "model.n_head=2"])
+    model = make_model(cfg.model, vocab_size=16, max_len=8, seed=0)
+    assert isinstance(model.blocks.attn.qkv, WeightNormLinear)
+    assert isinstance(model.final_norm, Doubled)
+    assert all(isinstance(m, Norm) for m in (model.final_norm, model.blocks.attn_norms.input))

@@ -8,6 +8,7 @@ import pytest
 
 from normexp import config as config_lib
 from normexp import results as results_lib
+from normexp import rundir
 from normexp import sweep as sweep_lib
 from normexp.errors import UsageError
 from normexp.locks import RunLock
@@ -192,10 +193,10 @@ def test_vectorized_seeds_and_lrs_equal_runs_trained_one_by_one(tmp_path):
     assert {n: s["status"] for n, s in statuses.items()} == {
         "lr=0.003,seed=0": "completed", "lr=0.003,seed=1": "completed",
         "lr=1e+30,seed=0": "diverged", "lr=1e+30,seed=1": "diverged"}
-    table = {row["run"]: row for row in csv.DictReader(open(tmp_path / "v" / "results.csv"))}
-    diverged = table["lr=1e+30,seed=0"]
+    table = results_lib.table(str(tmp_path / "v")).set_index("run")
+    diverged = table.loc["lr=1e+30,seed=0"]
     assert diverged["status"] == "diverged" and int(diverged["diverged_step"]) >= 0
-    assert diverged["final_val_loss"] == ""
+    assert np.isnan(diverged["final_val_loss"])
 
 
 def test_a_locked_run_is_skipped_and_a_dead_holders_lock_is_taken_over(tmp_path, capsys):
@@ -212,14 +213,13 @@ def test_a_locked_run_is_skipped_and_a_dead_holders_lock_is_taken_over(tmp_path,
         err = capsys.readouterr().err
         assert f"held by {held.holder()}; skipping {busy.name}" in err
         assert "taking over from gone pid 999999 since yesterday (not running)" in err
-        assert sweep_lib.status(busy.cfg.run.dir) == "pending"
-        assert sweep_lib.status(stale.cfg.run.dir) == "completed"
-        rows = results_lib.collect(sweep.out_dir)
-        assert [r["status"] for r in rows] == ["pending", "completed"]
+        assert rundir.status(busy.cfg.run.dir) == "pending"
+        assert rundir.status(stale.cfg.run.dir) == "completed"
+        assert list(results_lib.table(sweep.out_dir)["status"]) == ["pending", "completed"]
     finally:
         held.release()
     assert sweep_lib.run(sweep, progress=False) == 0
-    assert sweep_lib.status(busy.cfg.run.dir) == "completed"
+    assert rundir.status(busy.cfg.run.dir) == "completed"
 
 
 def test_a_crashed_run_is_recorded_as_failed_and_the_next_sweep_retries_it(tmp_path,
@@ -239,10 +239,10 @@ def test_a_crashed_run_is_recorded_as_failed_and_the_next_sweep_retries_it(tmp_p
     failed = json.load(open(os.path.join(sweep.runs[0].cfg.run.dir, "summary.json")))
     assert failed["status"] == "failed"
     assert failed["error"] == "RuntimeError: out of memory (simulated)"
-    assert [r["status"] for r in results_lib.collect(sweep.out_dir)] == ["failed", "completed"]
+    assert list(results_lib.table(sweep.out_dir)["status"]) == ["failed", "completed"]
     monkeypatch.setattr(train, "_train", real)
     assert sweep_lib.run(sweep, progress=False) == 0
-    assert [r["status"] for r in results_lib.collect(sweep.out_dir)] == ["completed"] * 2
+    assert list(results_lib.table(sweep.out_dir)["status"]) == ["completed"] * 2
 
 
 def test_runs_use_the_sweeps_compile_cache(tmp_path):
@@ -277,9 +277,9 @@ def test_a_killed_sweep_reruns_to_the_table_of_an_uninterrupted_one(tmp_path):
     killed = normexp_killing("lr=0.002", 6, "sweep", cut)
     assert killed.returncode == -9
     first = os.path.join(tmp_path / "cut", "lr=0.001")
-    assert sweep_lib.status(first) == "completed"
-    assert sweep_lib.status(os.path.join(tmp_path / "cut", "lr=0.003")) == "pending"
-    assert results_lib.collect(str(tmp_path / "cut"))[1]["status"] == "stopped"
+    assert rundir.status(first) == "completed"
+    assert rundir.status(os.path.join(tmp_path / "cut", "lr=0.003")) == "pending"
+    assert results_lib.table(str(tmp_path / "cut"))["status"][1] == "stopped"
     finished = {f: os.stat(os.path.join(first, f)).st_mtime_ns
                 for f in ("metrics.jsonl", "summary.json")}
     rerun = normexp("sweep", cut)
@@ -307,45 +307,13 @@ def test_max_parallel_workers_train_each_run_once(tmp_path):
     assert result.returncode == 0, result.stderr
     sweep = sweep_lib.load(path)
     for r in sweep.runs:
-        assert sweep_lib.status(r.cfg.run.dir) == "completed"
+        assert rundir.status(r.cfg.run.dir) == "completed"
         steps = [m["step"] for m in metrics_of(r.cfg.run.dir)]
         assert steps == sorted(set(steps))  # one writer, one pass
     assert len(list(csv.DictReader(open(tmp_path / "out" / "results.csv")))) == 3
 
 
 # --- results ---------------------------------------------------------------------------------
-
-def test_results_lists_every_run_and_writes_csv_and_parquet_or_jsonl(tmp_path, monkeypatch):
-    sweep = sweep_lib.load(write_sweep(tmp_path, grid={"optim.lr": [1e-3, 2e-3]},
-                                       base=tiny_base("train.steps=2")))
-    sweep_lib.run(sweep, progress=False)
-    rows = results_lib.collect(sweep.out_dir)
-    assert list(rows[0]) == ["run", "optim.lr", "status", "diverged_step", "final_val_loss",
-                             "best_val_loss", "max_grad_norm", "tokens_per_s", "steps"]
-    assert [r["optim.lr"] for r in rows] == [1e-3, 2e-3]
-    assert rows[0]["max_grad_norm"] == max(m["grad_norm"] for m in metrics_of(
-        sweep.runs[0].cfg.run.dir) if "grad_norm" in m)
-    paths = results_lib.write(rows, sweep.out_dir)
-    pq = pytest.importorskip("pyarrow.parquet")
-    assert pq.read_table(paths[1]).to_pylist() == rows
-    monkeypatch.setitem(sys.modules, "pyarrow", None)  # as if pyarrow were not installed
-    paths = results_lib.write(rows, sweep.out_dir)
-    assert paths[1].endswith("results.jsonl")
-    assert [json.loads(line) for line in open(paths[1])] == rows
-    assert not [f for f in os.listdir(sweep.out_dir) if f.startswith(".tmp")]
-    printed = normexp("results", sweep.out_dir)
-    assert printed.returncode == 0 and printed.stdout.splitlines()[1].startswith("lr=0.001")
-    assert normexp("results", str(tmp_path / "none")).returncode == 2
-
-
-def test_results_of_a_plain_directory_of_runs_finds_the_keys_that_differ(tmp_path, tiny):
-    from normexp.train import run
-    for lr in ("1e-3", "2e-3"):
-        run(config_lib.load(None, TINY + ["train.steps=2", f"optim.lr={lr}",
-                                          f"run.out_dir={tmp_path / lr}"]))
-    rows = results_lib.collect(str(tmp_path))
-    assert [(r["run"], r["optim.lr"], r["status"]) for r in rows] == [
-        ("1e-3", 0.001, "completed"), ("2e-3", 0.002, "completed")]
 
 
 def test_the_slurm_launcher_runs_the_array_tasks_shard(tmp_path):

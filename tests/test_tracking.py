@@ -1,32 +1,10 @@
 import os
-import stat
-import subprocess
-import sys
 
 import pytest
 
 from normexp.tracking import Tracker
 
-from conftest import ROOT, tensorboard_values
-
-WRITE = """
-import os, sys
-os.umask(int(sys.argv[1], 8))
-from normexp.rundir import write_atomic
-write_atomic(sys.argv[2], "x")
-write_atomic(sys.argv[2], b"y")  # replacing keeps the mode
-assert os.umask(0) == int(sys.argv[1], 8), "write_atomic must leave the umask as it was"
-"""
-
-
-@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
-def test_written_files_get_the_mode_the_umask_gives(tmp_path, umask, mode):
-    path = tmp_path / "summary.json"
-    # A fresh interpreter: the umask is read once per process, at the first write.
-    subprocess.run([sys.executable, "-c", WRITE, oct(umask), str(path)], cwd=ROOT, check=True)
-    assert stat.S_IMODE(os.stat(path).st_mode) == mode
-    assert path.read_text() == "y" and os.listdir(tmp_path) == ["summary.json"]
-
+from conftest import tensorboard_values
 
 @pytest.mark.parametrize("status, expected", [
     ("completed", "STATUS_SUCCESS"), ("diverged", "STATUS_FAILURE"),

@@ -1,0 +1,58 @@
+import json
+import os
+import sys
+
+import pandas as pd
+import pytest
+
+from normexp import config as config_lib
+from normexp import results as results_lib
+from normexp import sweep as sweep_lib
+from normexp.rundir import read_metrics
+
+from conftest import TINY, normexp, tiny_base, write_sweep
+
+
+def metrics_of(run_dir):
+    return read_metrics(run_dir)
+
+
+def test_results_lists_every_run_and_writes_csv_and_parquet_or_jsonl(tmp_path, monkeypatch):
+    sweep = sweep_lib.load(write_sweep(tmp_path, grid={"optim.lr": [1e-3, 2e-3]},
+                                       base=tiny_base("train.steps=2")))
+    sweep_lib.run(sweep, progress=False)
+    table = results_lib.table(sweep.out_dir)
+    assert list(table.columns) == ["run", "optim.lr", "status", "diverged_step",
+                                   "final_val_loss", "best_val_loss", "max_grad_norm",
+                                   "tokens_per_s", "steps"]
+    assert list(table["optim.lr"]) == [1e-3, 2e-3]
+    assert table["max_grad_norm"][0] == max(m["grad_norm"] for m in metrics_of(
+        sweep.runs[0].cfg.run.dir) if "grad_norm" in m)
+    rows = [{k: (None if v is pd.NA else v) for k, v in r.items()}
+            for r in table.astype(object).to_dict("records")]
+    assert rows[0]["steps"] == 2 and rows[0]["diverged_step"] is None
+    paths = results_lib.write(table, sweep.out_dir)
+    lines = open(paths[0]).read().splitlines()
+    assert lines[0] == ",".join(table.columns) and lines[1].startswith("lr=0.001,0.001,completed,,")
+    assert lines[1].endswith(",2")  # a count is written as an integer
+    pq = pytest.importorskip("pyarrow.parquet")
+    assert pq.read_table(paths[1]).to_pylist() == rows
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # as if pyarrow were not installed
+    paths = results_lib.write(table, sweep.out_dir)
+    assert paths[1].endswith("results.jsonl")
+    assert [json.loads(line) for line in open(paths[1])] == rows
+    assert not [f for f in os.listdir(sweep.out_dir) if f.startswith(".tmp")]
+    printed = normexp("results", sweep.out_dir)
+    assert printed.returncode == 0 and printed.stdout.splitlines()[1].startswith("lr=0.001")
+    assert normexp("results", str(tmp_path / "none")).returncode == 2
+
+
+def test_results_of_a_plain_directory_of_runs_finds_the_keys_that_differ(tmp_path, tiny):
+    from normexp.train import run
+    for lr in ("1e-3", "2e-3"):
+        run(config_lib.load(None, TINY + ["train.steps=2", f"optim.lr={lr}",
+                                          f"run.out_dir={tmp_path / lr}"]))
+    table = results_lib.table(str(tmp_path))
+    assert list(table.columns[:3]) == ["run", "optim.lr", "status"]
+    assert table[["run", "optim.lr", "status"]].values.tolist() == [
+        ["1e-3", 0.001, "completed"], ["2e-3", 0.002, "completed"]]
