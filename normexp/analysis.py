@@ -75,14 +75,17 @@ def _status(run_dir, summary, sweep_dir):
 def load_runs(path, pending=False):
     """One row per run: run, run_dir, the summary figures, max_grad_norm, every config key.
 
-    With `pending`, a sweep's runs that have not started are rows too (status `pending`, their
-    swept values set and the other config keys missing); a sweep's run still marked running
-    whose process is gone is `stopped`.
+    With `pending`, a sweep's runs are listed as the sweep sees them: those that have not
+    started are rows too (status `pending`, their swept values set and the other config keys
+    missing), and one still marked running whose process no longer holds its lock is
+    `stopped` (probing the lock can make a sweep starting that run just then skip it, so a
+    plain read leaves the locks alone).
     """
     entries = _entries(path, pending)
     dirs = [d for d, _, _ in entries]
     rows = []
     for d, sweep_dir, overrides in entries:
+        sweep_dir = sweep_dir if pending else None
         summary = rundir.read_summary(d)
         row = {"run": _name(d, dirs), "run_dir": os.path.abspath(d)}
         row.update({k: summary.get(k) for k in SUMMARY_COLUMNS})

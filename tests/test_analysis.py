@@ -58,3 +58,23 @@ def test_loaders_reject_a_path_without_runs(tmp_path):
         analysis.load_runs(tmp_path / "missing")
     with pytest.raises(Exception, match="holds no runs"):
         analysis.load_metrics(tmp_path)
+
+
+def test_pending_lists_a_sweeps_runs_as_the_sweep_sees_them(study, tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    done, dead = study.runs[0], study.runs[1]
+    shutil.copytree(done.cfg.run.dir, sweep_dir / "done")
+    shutil.copytree(dead.cfg.run.dir, sweep_dir / "dead")
+    summary = json.loads((sweep_dir / "dead" / "summary.json").read_text())
+    (sweep_dir / "dead" / "summary.json").write_text(json.dumps({**summary, "status": "running"}))
+    runs = [{"name": n, "overrides": {"optim.lr": lr}}
+            for n, lr in (("done", 3e-3), ("dead", 3e-3), ("later", 1e-2))]
+    (sweep_dir / "sweep.json").write_text(json.dumps({"axes": ["optim.lr"], "runs": runs}))
+    plain = analysis.load_runs(str(sweep_dir))
+    assert list(plain["status"]) == ["completed", "running"]  # as written; no lock is probed
+    seen = analysis.load_runs(str(sweep_dir), pending=True)
+    assert list(seen["run"]) == ["done", "dead", "later"]
+    assert list(seen["status"]) == ["completed", "stopped", "pending"]
+    later = seen.loc["later"]
+    assert later["optim.lr"] == 1e-2 and np.isnan(later["steps"])
+    assert seen["model.placement"].isna().tolist() == [False, False, True]  # not written yet
