@@ -84,6 +84,22 @@ def reference_run(tmp_path_factory):
     return read_metrics(os.path.join(out, "metrics.jsonl"))
 
 
+T = 16  # the sequence length of the models tests build directly
+
+
+def model_of(tiny, *overrides, seed=0):
+    """A tiny model (vocabulary 64, sequences of T) built from the tiny config."""
+    from normexp.model import make_model
+    cfg = tiny(*overrides)
+    return make_model(cfg.model, vocab_size=64, max_len=T, seed=seed)
+
+
+def tokens(seed=0, batch=3):
+    """A batch of random token ids for `model_of`'s models."""
+    import jax
+    return jax.random.randint(jax.random.key(seed), (batch, T), 0, 64)
+
+
 def tiny_args(out):
     """The tiny model's command-line overrides, writing to `out`."""
     return [*TINY, f"run.out_dir={out}"]

@@ -6,18 +6,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from normexp.model import make_model
 
-T = 16
+from conftest import T, model_of, tokens
 
-
-def model_of(tiny, *overrides, seed=0):
-    cfg = tiny(*overrides)
-    return make_model(cfg.model, vocab_size=64, max_len=T, seed=seed)
-
-
-def tokens(seed=0, batch=3):
-    return jax.random.randint(jax.random.key(seed), (batch, T), 0, 64)
 
 
 def test_post_norm_output_has_unit_rms_per_token_and_pre_norm_does_not(tiny):

@@ -14,7 +14,7 @@ from normexp.errors import UsageError
 from normexp.locks import RunLock
 from normexp.rundir import read_metrics
 
-from conftest import ROOT, TINY, normexp, tiny_base, write_sweep
+from conftest import ROOT, normexp, tiny_base, write_sweep
 
 
 def overrides(sweep):

@@ -7,16 +7,13 @@ import sys
 import jax
 import numpy as np
 import pytest
-from flax import nnx
 from jax.experimental.compilation_cache import compilation_cache
 
 from normexp import data as data_lib
-from normexp.checkpoint import Checkpoints
-
-from normexp.metrics import per_block
-from normexp.rundir import read_metrics
 from normexp import train as train_lib
-from normexp.step import init_state, loss_fn, make_train_step
+from normexp.checkpoint import Checkpoints
+from normexp.rundir import read_metrics
+from normexp.step import init_state, make_train_step
 from normexp.train import run
 
 from conftest import normexp, tensorboard_values, tiny_args
