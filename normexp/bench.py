@@ -64,11 +64,12 @@ class Variant:
     ms: list = dataclasses.field(default_factory=list)
 
 
-def compile_variant(cfg, vocab, batch, *, grad_norms=True, activations=None, next_batch=None):
+def compile_variant(cfg, vocab, batch, *, grad_norms=True, activations=None, attention=None,
+                    next_batch=None):
     graphdef, tx, state = init_state(cfg, vocab)
     t0 = time.perf_counter()
-    step = make_train_step(graphdef, tx, grad_norms=grad_norms, activations=activations).lower(
-        state, *batch).compile()
+    step = make_train_step(graphdef, tx, grad_norms=grad_norms, activations=activations,
+                           attention=attention).lower(state, *batch).compile()
     seconds = time.perf_counter() - t0
     mem = step.memory_analysis()
     memory = {"temp_mib": round(mem.temp_size_in_bytes / 2 ** 20, 1),
@@ -99,18 +100,22 @@ def bench(cfg, *, steps=10, repeats=5, depths=(4, 64), compile_cache=True):
     tokens = B * T
     fixed = jax.device_put(data_lib.batch(corpus.train, seed=cfg.run.seed, step=0,
                                           batch_size=B, seq_len=T))
-    result = {"config": config_lib.to_dict(cfg)["model"] | {"seq_len": T, "batch_size": B},
+    result = {"config": dataclasses.asdict(cfg.model) | {"seq_len": T, "batch_size": B},
               "machine": {"platform": platform.platform(), "processor": platform.machine(),
                           "cpus": os.cpu_count(), "devices": [str(d) for d in jax.devices()],
                           "allocator": allocator.active()},
               "steps_per_repeat": steps, "repeats": repeats}
 
-    # per-layer statistics on vs off; activation statistics at log steps and at every step
+    # per-layer statistics on vs off; activation statistics and the instability diagnostics
+    # at log steps and at every step (the cost of one log step)
     on = compile_variant(cfg, vocab, fixed)
     off = compile_variant(cfg, vocab, fixed, grad_norms=False)
     acts = compile_variant(cfg, vocab, fixed, activations=(cfg.log.every, 1 << 30))
     acts_all = compile_variant(cfg, vocab, fixed, activations=(1, 1 << 30))
-    ms = time_alternating({"on": on, "off": off, "acts": acts, "acts_all": acts_all},
+    diag = compile_variant(cfg, vocab, fixed, attention=(cfg.log.every, 1 << 30))
+    diag_all = compile_variant(cfg, vocab, fixed, attention=(1, 1 << 30))
+    ms = time_alternating({"on": on, "off": off, "acts": acts, "acts_all": acts_all,
+                           "diag": diag, "diag_all": diag_all},
                           steps=max(steps, cfg.log.every), repeats=repeats)
     result["step"] = {
         "compile_seconds": round(on.compile_seconds, 3), "ms_per_step": ms["on"],
@@ -119,8 +124,11 @@ def bench(cfg, *, steps=10, repeats=5, depths=(4, 64), compile_cache=True):
         "ms_per_step_activations": ms["acts"],
         "activations_overhead_pct": round((ms["acts"] / ms["on"] - 1) * 100, 2),
         "activations_every_step_overhead_pct": round((ms["acts_all"] / ms["on"] - 1) * 100, 2),
+        "ms_per_step_attention": ms["diag"],
+        "attention_overhead_pct": round((ms["diag"] / ms["on"] - 1) * 100, 2),
+        "attention_every_step_overhead_pct": round((ms["diag_all"] / ms["on"] - 1) * 100, 2),
         "memory": on.memory}
-    del acts, acts_all
+    del acts, acts_all, diag, diag_all
 
     # the run's data pipeline (prefetched random windows) vs one fixed batch
     prefetch = data_lib.Prefetcher(lambda step: data_lib.batch(

@@ -82,7 +82,7 @@ class NormConfig:
     eps: float = opt(1e-5, "added to the variance (or mean square) before the square root; "
                            "scalenorm: the floor of the norm", positive)
     bias: bool = opt(True, "learn an additive bias beta (layernorm, batchnorm, groupnorm, "
-                           "instancenorm, dyt); false = scale only")
+                           "instancenorm, dyt, derf); false = scale only")
     float32: bool = opt(True, "compute the norm in float32 whatever the activation dtype, then "
                               "cast back; false = in the activation dtype")
     partial: float = opt(1.0, "rmsnorm: fraction p of the features the RMS is estimated from "
@@ -94,10 +94,13 @@ class NormConfig:
     batch_stats: str = opt("pooled", "batchnorm, weightnorm: pooled (over batch and time, leaks "
                                      "across positions) or per_position (over the batch only)",
                            one_of("pooled", "per_position"))
-    alpha_attn: float = opt(0.5, "dyt: initial alpha of the norms on the attention side",
+    running_var: str = opt("unbiased", "batchnorm: average the unbiased batch variance m/(m-1) "
+                                       "sigma^2 (the paper, PyTorch) or the biased (Flax)",
+                           one_of("unbiased", "biased"))
+    alpha_attn: float = opt(0.5, "dyt, derf: initial alpha of the norms on the attention side",
                             positive)
-    alpha_mlp: float = opt(0.5, "dyt: initial alpha of the norms on the MLP side", positive)
-    alpha_final: float = opt(0.5, "dyt: initial alpha of the final and embedding norms",
+    alpha_mlp: float = opt(0.5, "dyt, derf: initial alpha of the norms on the MLP side", positive)
+    alpha_final: float = opt(0.5, "dyt, derf: initial alpha of the final and embedding norms",
                              positive)
 
 
@@ -120,6 +123,10 @@ class ModelConfig:
     scale_residual_init: bool = opt(True, "GPT-2: residual output projections init with "
                                           "std init_std / sqrt(2 * n_layer) (deepnorm uses its "
                                           "own gain instead)")
+    attn_softcap: float = opt(0.0, "soft-cap the attention logits, c * tanh(z / c) (Gemma 2: "
+                                   "50; the einsum core, autodiff); 0 = off", nonneg)
+    logit_softcap: float = opt(0.0, "soft-cap the output logits, c * tanh(z / c) (Gemma 2: 30); "
+                                    "0 = off", nonneg)
     qk_norm: bool = opt(False, "normalize queries and keys per head before their dot product "
                                "(a norm of model.norm.kind over the head width)")
     embed_norm: bool = opt(False, "normalize the embeddings before the first block (always on "
@@ -167,6 +174,8 @@ class OptimConfig:
     weight_decay: float = opt(0.1, "decoupled weight decay on matrices and embeddings (not on "
                                    "norm gains or biases)", nonneg)
     clip_norm: float = opt(1.0, "clip the global gradient norm to this; 0 = off", nonneg)
+    z_loss: float = opt(0.0, "z-loss coefficient c: minimise loss + c * mean(log^2 Z) of the "
+                             "output softmax (PaLM: 1e-4); 0 = off", nonneg)
 
 
 @dataclass(frozen=True)
@@ -195,6 +204,8 @@ class LogConfig:
     activations: bool = opt(False, "per-block activation statistics at log steps: residual "
                                    "stream mean, RMS, excess kurtosis, and the RMS of each "
                                    "sublayer norm's output")
+    attention: bool = opt(False, "instability diagnostics at log steps: attention logits, "
+                                 "entropy, sinks, massive activations, log Z, gradient RMS")
     tensorboard: bool = opt(True, "also write TensorBoard events (tensorboardX)")
     progress: bool = opt(True, "show a progress bar")
 
@@ -365,13 +376,9 @@ def _check_cross(cfg):
             raise UsageError(problem)
 
 
-def to_dict(cfg):
-    return dataclasses.asdict(cfg)
-
-
 def flatten(tree, prefix=""):
     """{"optim": {"lr": 1e-3}} -> {"optim.lr": 1e-3}: a config (or its dict) by dotted key."""
-    tree = to_dict(tree) if dataclasses.is_dataclass(tree) else tree
+    tree = dataclasses.asdict(tree) if dataclasses.is_dataclass(tree) else tree
     out = {}
     for k, v in tree.items():
         if isinstance(v, dict):
@@ -382,7 +389,7 @@ def flatten(tree, prefix=""):
 
 
 def to_yaml(cfg):
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    return yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)
 
 
 def differences(a, b):

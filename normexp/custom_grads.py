@@ -96,10 +96,13 @@ def _causal_mask(T):
     return np.triu(np.full((T, T), -np.inf, np.float32), k=1)
 
 
-def causal_attention_plain(q_BxHxTxK, k_BxHxTxK, v_BxHxTxK):
-    """softmax(q k^T / sqrt(K) + causal mask) v, the softmax in float32; autodiff backward."""
+def causal_attention_plain(q_BxHxTxK, k_BxHxTxK, v_BxHxTxK, softcap=0.0):
+    """softmax(q k^T / sqrt(K) + causal mask) v, the softmax in float32; autodiff backward.
+    With `softcap` c > 0 the logits z become c * tanh(z / c) first (Gemma 2)."""
     T, K = q_BxHxTxK.shape[-2:]
     att_BxHxTxT = jnp.einsum("bhtk,bhsk->bhts", q_BxHxTxK, k_BxHxTxK) / math.sqrt(K)
+    if softcap:
+        att_BxHxTxT = softcap * jnp.tanh(att_BxHxTxT / softcap)
     p_BxHxTxT = jax.nn.softmax(att_BxHxTxT.astype(jnp.float32) + _causal_mask(T), axis=-1)
     return jnp.einsum("bhts,bhsk->bhtk", p_BxHxTxT.astype(v_BxHxTxK.dtype), v_BxHxTxK)
 

@@ -3,9 +3,12 @@
 - Per layer: gradient norms `grad_norm/block_03` (the whole block), `grad_norm/block_03/attn`,
   `.../mlp`, `.../norm`, `grad_norm/tok_embed`, `grad_norm/pos_embed`, `grad_norm/final_norm`;
   `param_norm/<layer>` and `update_ratio/<layer>` (||update|| / ||param||).
-- Per block, from what the model records (`activation_stats`): the residual stream's `mean`,
+- Per block, from what the model records (`block_observer`): the residual stream's `mean`,
   `rms` and `kurtosis`, and `<sublayer>_<input|output>_norm_rms`, the RMS of each sublayer
-  norm's output, under `act/block_03/...`.
+  norm's output, under `act/block_03/...` (`log.activations`).
+- The instability diagnostics (`log.attention`): `attn/block_03/...` (`attention_stats`),
+  `act/block_03/massive`, `logits/lse_mean` and `logits/max`, `grad_rms/block_03` and
+  `grad_rms`.
 
 Inside the step a per-block statistic is one [L] vector under its family name
 (`grad_norm/block/attn`); `per_block` names the blocks on the host (normexp.rundir's scheme).
@@ -97,27 +100,125 @@ def block_stats(seen):
     """One block's activation statistics from what it recorded (see `model.Block`): the
     stream's, and the RMS of each sublayer norm's output."""
     stats = stream_stats(seen["stream"])
-    stats.update({f"{name}_rms": rms(x) for name, x in seen.items() if name != "stream"})
+    stats.update({f"{name}_rms": rms(x) for name, x in seen.items() if name.endswith("_norm")})
     return stats
 
 
-def activation_stats(record):
-    """The `observe` function a model is called with: `block_stats` where `record` (a traced
-    bool: a log step) is true, zeros of the same shapes elsewhere, so the statistics cost
-    nothing at the steps that are not logged."""
+def attention_stats(q_BxTxHxK, k_BxTxHxK):
+    """What the attention of one block does, recomputed from its queries and keys (after any
+    QK-norm, before the 1/sqrt(K) scale), so it is the same whatever kernel ran:
+
+    - `logit_max`: the largest pre-softmax logit q.k / sqrt(K) over heads and (causal)
+      positions, and `logit_max_head` per head: growing logits precede divergence (Dehghani et
+      al. 2023; Wortsman et al. 2023);
+    - `entropy`: the attention distributions' mean entropy in nats, `entropy_min` the mean
+      entropy of the most collapsed head (entropy collapse, Zhai et al. 2023);
+    - `q_norm`, `k_norm`: mean per-head query and key L2 norms (logits grow through them);
+    - `sink`: the mean attention mass on position 0 (attention sinks, Xiao et al. 2024).
+    """
+    q = jax.lax.stop_gradient(q_BxTxHxK).astype(jnp.float32)
+    k = jax.lax.stop_gradient(k_BxTxHxK).astype(jnp.float32)
+    T, K = q.shape[1], q.shape[3]
+    causal_TxT = np.tril(np.ones((T, T), bool))
+    logits_BxHxTxT = jnp.einsum("bthk,bshk->bhts", q, k) / np.float32(np.sqrt(K))
+    masked = jnp.where(causal_TxT, logits_BxHxTxT, -jnp.inf)
+    logp = jax.nn.log_softmax(masked, axis=-1)
+    p = jnp.exp(logp)
+    entropy_BxHxT = -jnp.sum(jnp.where(causal_TxT, p * logp, 0.0), axis=-1)
+    head_max_H = masked.max(axis=(0, 2, 3))
+    return {"logit_max": head_max_H.max(), "logit_max_head": head_max_H,
+            "entropy": entropy_BxHxT.mean(), "entropy_min": entropy_BxHxT.mean((0, 2)).min(),
+            "q_norm": jnp.linalg.norm(q, axis=-1).mean(),
+            "k_norm": jnp.linalg.norm(k, axis=-1).mean(), "sink": p[..., 0].mean()}
+
+
+def massive(x_NxC):
+    """max |x| / median |x| over every entry: massive activations (Sun et al. 2024) are a few
+    entries thousands of times the typical one."""
+    a = jnp.abs(jax.lax.stop_gradient(x_NxC).astype(jnp.float32)).ravel()
+    return a.max() / median_nonneg(a)
+
+
+def median_nonneg(a):
+    """The median of non-negative float32 values, exactly (as np.median: the mean of the two
+    middle values of an even count), without a sort: jnp.median sorts, ~200 ms for the 0.5M
+    entries of the default model's stream on CPU; this takes 32 counting passes (~10 ms)."""
+    n = a.size
+    bits = jax.lax.bitcast_convert_type(a, jnp.int32).ravel()  # ordered as the values (a >= 0)
+    k_2 = jnp.asarray([(n - 1) // 2, n // 2], jnp.int32)  # the middle one(s), 0-based
+
+    def halve(_, bounds):  # keep [lo, hi] around the smallest v with count(bits <= v) > k
+        lo_2, hi_2 = bounds
+        mid_2 = lo_2 + (hi_2 - lo_2) // 2
+        enough_2 = jnp.sum(bits[None, :] <= mid_2[:, None], axis=1) > k_2
+        return jnp.where(enough_2, lo_2, mid_2 + 1), jnp.where(enough_2, mid_2, hi_2)
+
+    start = (jnp.zeros(2, jnp.int32), jnp.full(2, 0x7F800000, jnp.int32))  # [0, inf]
+    lo_2, _ = jax.lax.fori_loop(0, 32, halve, start)
+    return jax.lax.bitcast_convert_type(lo_2, jnp.float32).mean()
+
+
+def output_logit_stats(logits_NxV):
+    """`lse_mean`, the mean log Z = logsumexp of the output logits (what z-loss holds near 0;
+    its drift is output-logit divergence), and `max`, the largest logit."""
+    logits = jax.lax.stop_gradient(logits_NxV).astype(jnp.float32)
+    return {"lse_mean": jax.nn.logsumexp(logits, axis=-1).mean(), "max": logits.max()}
+
+
+def grad_rms(grads):
+    """RMS of the gradient entries of each block ([L]) and of all of them: where it nears
+    AdamW's eps, the update stops following the gradient's scale."""
+    sums = group_sums_of_squares(grads)
+    leaves = jax.tree_util.tree_flatten_with_path(grads)[0]
+    in_block = sum(leaf.size // leaf.shape[0] for path, leaf in leaves
+                   if param_group(path_names(path))[0] == BLOCK)
+    layers = [name for name in sums if "/" not in name]
+    total = sum(jnp.sum(sums[layer]) for layer in layers)
+    return {BLOCK: jnp.sqrt(sums[BLOCK] / in_block),
+            "all": jnp.sqrt(total / sum(leaf.size for _, leaf in leaves))}
+
+
+def when(record, fn, *args):
+    """fn(*args) where `record` (a traced bool: a log step) is true, zeros of its shapes
+    elsewhere: statistics that cost nothing at the steps that are not logged."""
+    skip = lambda *args: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype),
+                                      jax.eval_shape(fn, *args))
+    return jax.lax.cond(record, fn, skip, *args)
+
+
+def block_observer(record, *, activations=True, attention=False):
+    """The `observe` function a model is called with: per block, {"act": ...} (with
+    `activations`: `block_stats`; with `attention`: also `massive`) and {"attn": ...}
+    (`attention_stats`), where `record` (a traced bool: a log step) is true, zeros of the same
+    shapes elsewhere, so the statistics cost nothing at the steps that are not logged."""
+    def stats(seen):
+        out = {}
+        if activations:
+            out["act"] = block_stats(seen)
+        if attention:
+            out.setdefault("act", {})["massive"] = massive(seen["stream"])
+            out["attn"] = attention_stats(seen["attn_q"], seen["attn_k"])
+        return out
+
     def observe(seen):
-        skip = lambda seen: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype),
-                                         jax.eval_shape(block_stats, seen))
-        return jax.lax.cond(record, block_stats, skip, seen)
+        used = {name: x for name, x in seen.items()
+                if (attention or name not in ("attn_q", "attn_k")) and
+                (activations or not name.endswith("_norm"))}
+        return when(record, stats, used)
     return observe
 
 
 def per_block(metrics):
-    """Host side: 'grad_norm/block/attn' = [L] values -> 'grad_norm/block_00/attn', ... ."""
+    """Host side: 'grad_norm/block/attn' = [L] values -> 'grad_norm/block_00/attn', ... ;
+    [L, H] values (per head) -> 'attn/block_00/logit_max_head/00', ... ."""
     out = {}
     for key, value in metrics.items():
         value = np.asarray(value)
-        if value.ndim == 1:
+        if value.ndim == 2:
+            for i, row in enumerate(value):
+                for h, v in enumerate(row):
+                    out[f"{block_metric(key, i)}/{h:02d}"] = float(v)
+        elif value.ndim == 1:
             for i, v in enumerate(value):
                 out[block_metric(key, i)] = float(v)
         else:

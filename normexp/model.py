@@ -101,11 +101,13 @@ class Attention(nnx.Module):
     """
 
     def __init__(self, d_model, n_head, *, linear, norm, init, std, out_std, gain, qkv_norm,
-                 qk_norm, head_scale, rows_per_seq, fused, custom_grad):
+                 qk_norm, head_scale, rows_per_seq, fused, custom_grad, softcap=0.0):
         C, H = d_model, n_head
-        self.n_head, self.fused = H, fused
-        self.core = (custom_grads.causal_attention if custom_grad
-                     else custom_grads.causal_attention_plain)
+        # soft-capping needs the logits: only the einsum core with autodiff has them
+        self.n_head, self.fused = H, fused and not softcap
+        self.core = (custom_grads.causal_attention if custom_grad and not softcap
+                     else functools.partial(custom_grads.causal_attention_plain,
+                                            softcap=softcap))
         # q, k and v are three C x C projections, whose fans Glorot's rule takes
         self.qkv = linear(C, 3 * C, normal_init(kernel_std(init, C, C, std), gain,
                                                 from_column=2 * C))
@@ -121,7 +123,9 @@ class Attention(nnx.Module):
             self.q_head_norm = self.k_head_norm = None
         self.head_scale = nnx.Param(jnp.ones((H,), jnp.float32)) if head_scale else None
 
-    def __call__(self, x_NxC, seq_len):
+    def __call__(self, x_NxC, seq_len, seen=None):
+        """The attention output; with `seen` (a dict) it also keeps the queries and keys the
+        logits are made of, `attn_q` and `attn_k` ([B, T, H, K], after any norm)."""
         N, C = x_NxC.shape
         T, H = seq_len, self.n_head
         B, K = N // T, C // H
@@ -132,6 +136,8 @@ class Attention(nnx.Module):
             q_NxC = self.q_head_norm(q_NxC.reshape(N * H, K)).reshape(N, C)
             k_NxC = self.k_head_norm(k_NxC.reshape(N * H, K)).reshape(N, C)
         q_BxTxHxK, k_BxTxHxK, v_BxTxHxK = (a.reshape(B, T, H, K) for a in (q_NxC, k_NxC, v_NxC))
+        if seen is not None:
+            seen["attn_q"], seen["attn_k"] = q_BxTxHxK, k_BxTxHxK
         if self.fused:  # the backend's fused kernel (cuDNN flash attention on GPUs)
             y_BxTxHxK = jax.nn.dot_product_attention(q_BxTxHxK, k_BxTxHxK, v_BxTxHxK,
                                                      is_causal=True)
@@ -207,7 +213,7 @@ class Block(nnx.Module):
     """One transformer block: attention then MLP, each wrapped by its placement rule."""
 
     def __init__(self, d_model, n_head, mlp_ratio, *, place, n_layer, linear, norm, init, std,
-                 out_std, qk_norm, rows_per_seq, fused_attention, custom_grad):
+                 out_std, qk_norm, rows_per_seq, fused_attention, custom_grad, attn_softcap=0.0):
         self.place = place
         gain = place.init_gain(n_layer) if place.init_gain else 1.0
         shared = dict(linear=linear, norm=norm, init=init, std=std, out_std=out_std, gain=gain,
@@ -215,15 +221,16 @@ class Block(nnx.Module):
         self.attn_norms = SublayerNorms(place.attn.norms, lambda: norm(d_model, "attn"))
         self.attn = Attention(d_model, n_head, qkv_norm=place.qkv_norm, qk_norm=qk_norm,
                               head_scale=place.head_scale, rows_per_seq=rows_per_seq,
-                              fused=fused_attention, **shared)
+                              fused=fused_attention, softcap=attn_softcap, **shared)
         self.mlp_norms = SublayerNorms(place.mlp.norms, lambda: norm(d_model, "mlp"))
         self.mlp = MLP(d_model, mlp_ratio * d_model, mid_norm=place.mid_norm, **shared)
 
     def __call__(self, stream, seq_len, depth, observe=None):
         """The block's output stream; with `observe` also `observe(seen)`, where `seen` holds
-        the output stream (`stream`) and the output of every sublayer norm (RecordedNorms)."""
-        attn = lambda h: self.attn(h, seq_len)
+        the output stream (`stream`), the output of every sublayer norm (RecordedNorms) and the
+        attention's queries and keys (`attn_q`, `attn_k`)."""
         attn_norms, mlp_norms, seen = self.attn_norms, self.mlp_norms, {}
+        attn = lambda h: self.attn(h, seq_len, seen if observe is not None else None)
         if observe is not None:
             attn_norms = RecordedNorms(attn_norms, "attn", seen)
             mlp_norms = RecordedNorms(mlp_norms, "mlp", seen)
@@ -255,7 +262,7 @@ class GPT(nnx.Module):
         dtype = DTYPES[cfg.dtype]
         self.dtype, self.max_len, self.dual = dtype, max_len, place.dual
         self.scan, self.remat, self.n_layer = cfg.scan, remat, L
-        self.norm_kind = cfg.norm.kind
+        self.norm_kind, self.logit_softcap = cfg.norm.kind, cfg.logit_softcap
         self.segments = place.segments(L, cfg) if place.segments else (0, L)
         # remat only saves memory between the iterations of a real loop
         shallow = L <= AUTO_UNROLL_MAX and remat is None
@@ -285,7 +292,8 @@ class GPT(nnx.Module):
         def stacked_blocks(rngs):
             return Block(C, cfg.n_head, cfg.mlp_ratio, place=place, n_layer=L, init=cfg.init,
                          std=std, out_std=out_std, qk_norm=cfg.qk_norm, rows_per_seq=max_len,
-                         fused_attention=fused, custom_grad=cfg.custom_grads, **makers(rngs))
+                         fused_attention=fused, custom_grad=cfg.custom_grads,
+                         attn_softcap=cfg.attn_softcap, **makers(rngs))
 
         self.blocks = stacked_blocks(rngs)  # every parameter has a leading [L] axis
         self.dual_norm = norm(C, "final") if place.dual else None
@@ -355,12 +363,14 @@ class GPT(nnx.Module):
         return stream, observed
 
     def __call__(self, tokens_BxT, observe=None):
-        """Logits [N, V] through the tied output embedding (and, with `observe`, what it
-        returned for each block)."""
-        if observe is None:
-            return self.tok_embed.attend(self.features(tokens_BxT))
-        x_NxC, observed = self.features(tokens_BxT, observe)
-        return self.tok_embed.attend(x_NxC), observed
+        """Logits [N, V] through the tied output embedding, soft-capped with `logit_softcap`
+        c > 0 as c * tanh(z / c) (and, with `observe`, what it returned for each block)."""
+        out = self.features(tokens_BxT, observe)
+        x_NxC, observed = out if observe is not None else (out, None)
+        logits_NxV = self.tok_embed.attend(x_NxC)
+        if self.logit_softcap:
+            logits_NxV = self.logit_softcap * jnp.tanh(logits_NxV / self.logit_softcap)
+        return logits_NxV if observe is None else (logits_NxV, observed)
 
 
 def norm_report(model):

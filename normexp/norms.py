@@ -132,6 +132,8 @@ class BatchNorm(Norm, nnx.Module):
     time, so every position sees later ones; `per_position` keeps statistics per position over
     the batch only, so nothing flows from later positions (but across the batch it still does).
     A batch of one sequence of one token has zero variance: every output is beta.
+    The running variance averages the unbiased m / (m - 1) sigma_B^2 over the m rows of a batch
+    (the paper's Alg. 2, and PyTorch's), unless `model.norm.running_var: biased` (Flax's choice).
     Built on `nnx.BatchNorm` (which holds the running statistics); eval mode is
     `nnx.view(model, use_running_average=True)`.
     """
@@ -148,11 +150,19 @@ class BatchNorm(Norm, nnx.Module):
                                    dtype=site.dtype, rngs=rngs)
         self.scale = nnx.Param(jnp.ones((dim,), jnp.float32))
         self.bias = nnx.Param(jnp.zeros((dim,), jnp.float32)) if cfg.bias else None
+        self.unbiased = cfg.running_var == "unbiased"
 
     def __call__(self, x):
         rows, dim = x.shape
         h = x.reshape(-1, self.rows * dim) if self.per_position else x  # [B, T*dim]: per position
+        before = self.stats.var[...]
         y = self.stats(h).reshape(rows, dim) * self.scale[...].astype(self.stats.dtype)
+        if self.unbiased and not self.stats.use_running_average:
+            # nnx.BatchNorm has just averaged the biased variance in; average the unbiased one
+            m, momentum = h.shape[0], self.stats.momentum
+            batch_var = jnp.var(h.astype(jnp.float32), axis=0)
+            self.stats.var[...] = jax.lax.stop_gradient(
+                momentum * before + (1 - momentum) * batch_var * (m / max(m - 1, 1)))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.stats.dtype)
         return y.astype(x.dtype)
@@ -273,6 +283,28 @@ class DynamicTanh(Norm, nnx.Module):
         return y.astype(x.dtype)
 
 
+class DynamicErf(DynamicTanh):
+    """Derf (Chen, Lu, Zhu, Sun & Liu 2025, "Stronger Normalization-Free Transformers",
+    arXiv:2512.10938), DyT with the error function and a learned shift:
+
+        y = gamma * erf(alpha * x + s) + beta
+
+    alpha and s learned scalars; alpha initialised per site as for `dyt` (`model.norm.alpha_*`),
+    s at 0. (Those inits are normexp's: DyT's recipe carried over.)
+    """
+
+    def __init__(self, dim, cfg, site, rngs):
+        super().__init__(dim, cfg, site, rngs)
+        self.shift = nnx.Param(jnp.zeros((), jnp.float32))
+
+    def __call__(self, x):
+        z = self.alpha[...].astype(self.dtype) * x.astype(self.dtype)
+        y = jax.lax.erf(z + self.shift[...].astype(self.dtype)) * self.scale[...].astype(self.dtype)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y.astype(x.dtype)
+
+
 class Identity(Norm, nnx.Module):
     """No normalization: y = x."""
 
@@ -292,6 +324,7 @@ NORMS = {
     "instancenorm": InstanceNorm,
     "weightnorm": MeanOnlyBatchNorm,  # with weight-normalized kernels
     "dyt": DynamicTanh,
+    "derf": DynamicErf,
     "none": Identity,
 }
 

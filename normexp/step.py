@@ -11,10 +11,10 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from normexp.metrics import activation_stats, layer_stats
+from normexp.metrics import block_observer, grad_rms, layer_stats, output_logit_stats, when
 from normexp.model import evaluation_view, make_model
 from normexp.optim import learning_rate, make_optimizer
-from normexp.rundir import family
+from normexp.rundir import BLOCK, family
 
 
 def due(step, every, last):
@@ -43,38 +43,59 @@ def init_state(cfg, vocab_size):
     return graphdef, tx, state
 
 
-def make_train_step(graphdef, tx, *, grad_norms, activations=None, vectorized=False):
+def make_train_step(graphdef, tx, *, grad_norms, activations=None, attention=None,
+                    z_loss=0.0, vectorized=False):
     """(state, inputs, targets) -> (state, metrics): forward, backward, statistics, update.
 
     activations: (every, steps) to compute the blocks' activation statistics (`act/block/...`)
     at the steps the loop logs (`due(step, every, steps - 1)`), zeros at the others.
+    attention: (every, steps), the same for the instability diagnostics (`attn/block/...`,
+    `act/block/massive`, `logits/...`, `grad_rms/...`); both take the same cadence.
+    z_loss: c > 0 minimises loss + c * mean(log^2 Z) (PaLM); `loss` stays the cross entropy
+    and the added term is logged as `z_loss`.
     vectorized: every argument has a leading axis of runs, trained independently (jax.vmap).
     """
+    cadence = activations or attention
 
     def train_step(state, inputs_BxT, targets_BxT):
         step = state["step"]
+        record = None if cadence is None else due(step, cadence[0], cadence[1] - 1)
 
         def loss_of(params):
             # fresh Variables of this trace, so batch-statistics norms may update them here
             model = nnx.merge(graphdef, params, jax.tree.map(lambda a: a, state["rest"]))
-            if activations is None:
-                logits, acts = model(inputs_BxT), {}
+            if cadence is None:
+                logits, observed = model(inputs_BxT), {}
             else:
-                every, steps = activations
-                logits, acts = model(inputs_BxT,
-                                     observe=activation_stats(due(step, every, steps - 1)))
+                logits, observed = model(inputs_BxT, observe=block_observer(
+                    record, activations=activations is not None,
+                    attention=attention is not None))
+            if attention is not None:
+                observed["logits"] = when(record, output_logit_stats, logits)
             rest = nnx.state(model, nnx.Not(nnx.Param))
-            return loss_fn(logits, targets_BxT), (rest, acts)
+            loss = loss_fn(logits, targets_BxT)
+            if not z_loss:
+                return loss, (rest, observed, loss, None)
+            z = z_loss * jnp.mean(jnp.square(jax.nn.logsumexp(logits.astype(jnp.float32), -1)))
+            return loss + z, (rest, observed, loss, z)
 
-        (loss, (rest, acts)), grads = jax.value_and_grad(loss_of, has_aux=True)(state["params"])
+        (_, (rest, observed, loss, z)), grads = jax.value_and_grad(loss_of, has_aux=True)(
+            state["params"])
         updates, opt = tx.update(grads, state["opt"], state["params"])
         updates = jax.tree.map(lambda u: u * state["lr"], updates)  # tx runs at peak lr 1
         params = optax.apply_updates(state["params"], updates)
         grad_norm = optax.tree.norm(grads)  # before clipping, which happens inside tx
         metrics = {"loss": loss, "lr": learning_rate(opt, state["lr"]), "grad_norm": grad_norm}
+        if z_loss:
+            metrics["z_loss"] = z
         if grad_norms:
             metrics.update(layer_stats(state["params"], grads, updates))
-        metrics.update({family("act", name): v for name, v in acts.items()})
+        for prefix, stats in observed.items():  # per block, but the output logits
+            metrics.update({(f"{prefix}/{name}" if prefix == "logits" else family(prefix, name)): v
+                            for name, v in stats.items()})
+        if attention is not None:
+            rms = when(record, grad_rms, grads)
+            metrics.update({family("grad_rms"): rms[BLOCK], "grad_rms": rms["all"]})
         diverged = state["diverged_step"]
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         diverged = jnp.where((diverged < 0) & ~finite, step, diverged)

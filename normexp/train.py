@@ -284,9 +284,12 @@ def _loop(members, lanes, graphdef, tx, state, start, stop, *, batches, val_batc
     steps, tokens_per_step = cfg.train.steps, cfg.train.batch_size * cfg.data.seq_len
     inputs, targets = next(batches)
     t0 = time.perf_counter()
-    step_fn = make_train_step(graphdef, tx, grad_norms=cfg.log.grad_norms, activations=(
-        cfg.log.every, steps) if cfg.log.activations else None,
-                              vectorized=lanes.vectorized).lower(state, inputs, targets).compile()
+    cadence = (cfg.log.every, steps)
+    step_fn = make_train_step(
+        graphdef, tx, grad_norms=cfg.log.grad_norms,
+        activations=cadence if cfg.log.activations else None,
+        attention=cadence if cfg.log.attention else None, z_loss=cfg.optim.z_loss,
+        vectorized=lanes.vectorized).lower(state, inputs, targets).compile()
     eval_fn = make_eval_step(graphdef, lanes.vectorized).lower(
         state["params"], state["rest"], *val_batches[0]).compile()
     compile_seconds = time.perf_counter() - t0

@@ -12,7 +12,8 @@ def test_quick_bench_produces_every_figure():
     r = json.loads(result.stdout)
     for key in ("compile_seconds", "ms_per_step", "ms_per_step_no_stats", "tokens_per_s",
                 "grad_norm_overhead_pct", "ms_per_step_activations", "activations_overhead_pct",
-                "activations_every_step_overhead_pct"):
+                "activations_every_step_overhead_pct", "ms_per_step_attention",
+                "attention_overhead_pct", "attention_every_step_overhead_pct"):
         assert isinstance(r["step"][key], (int, float)), key
     assert r["step"]["memory"]["temp_mib"] > 0
     assert {"ms_per_step_real_data", "ms_per_step_fixed_batch", "difference_pct"} <= r[

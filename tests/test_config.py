@@ -53,7 +53,7 @@ def test_resolved_yaml_round_trips(tmp_path):
     (["model.n_layer=0"], "model.n_layer: must be > 0, got 0"),
     (["optim.beta2=1.0"], "optim.beta2: must be in [0, 1), got 1.0"),
     (["model.norm.kind=layrnorm"], "model.norm.kind: unknown norm 'layrnorm'; did you mean "
-                                   "'layernorm'? (valid: batchnorm, dyt, groupnorm, "
+                                   "'layernorm'? (valid: batchnorm, derf, dyt, groupnorm, "
                                        "instancenorm, layernorm, none, rmsnorm, scalenorm, weightnorm)"),
     (["model.placement=sideways"], "model.placement: unknown placement 'sideways'"),
     (["model.n_head=3"], "model.n_head: 3 does not divide model.d_model=128"),

@@ -3,10 +3,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from normexp.metrics import activation_stats, param_group, per_block
+from normexp.metrics import block_observer, param_group, per_block
 
 from conftest import T, model_of, tokens
 
+
+
+def acts(record):
+    """The model's observer for the activation statistics alone, as one dict per block."""
+    observe = block_observer(record)
+    return lambda seen: observe(seen)["act"]
 
 
 def reference_stats(x):
@@ -19,7 +25,7 @@ def reference_stats(x):
 def test_activation_statistics_match_a_numpy_reference(tiny):
     model = model_of(tiny, "model.placement=pre", "model.final_norm=false", "model.init_std=0.3")
     x = tokens()
-    logits, stats = model(x, observe=activation_stats(jnp.asarray(True)))
+    logits, stats = model(x, observe=acts(jnp.asarray(True)))
     np.testing.assert_array_equal(logits, model(x))  # recording changes nothing computed
     assert set(stats) == {"mean", "rms", "kurtosis", "attn_input_norm_rms",
                           "mlp_input_norm_rms"}
@@ -34,13 +40,13 @@ def test_activation_statistics_match_a_numpy_reference(tiny):
     normed = (e - e.mean(-1, keepdims=True)) / np.sqrt(e.var(-1, keepdims=True) + 1e-5)
     assert float(stats["attn_input_norm_rms"][0]) == pytest.approx(
         np.sqrt(np.mean(normed ** 2)), rel=1e-5)
-    _, off = model(x, observe=activation_stats(jnp.asarray(False)))
+    _, off = model(x, observe=acts(jnp.asarray(False)))
     assert all(float(jnp.abs(v).max()) == 0.0 for v in off.values())
 
 
 def test_activation_statistics_follow_the_placement(tiny):
     post = model_of(tiny, "model.placement=post", "model.final_norm=false", "model.init_std=0.3")
-    _, stats = post(tokens(), observe=activation_stats(jnp.asarray(True)))
+    _, stats = post(tokens(), observe=acts(jnp.asarray(True)))
     # Post-Norm has output norms only, N(x + F(x)), which leave unit-RMS tokens (gain 1, bias 0)
     assert set(stats) == {"mean", "rms", "kurtosis", "attn_output_norm_rms",
                           "mlp_output_norm_rms"}
@@ -51,14 +57,14 @@ def test_activation_statistics_follow_the_placement(tiny):
     seen = {}
     _, stats = sandwich(tokens(), observe=lambda s: seen.setdefault(len(seen), s) and {})
     assert set(seen[0]) == {"stream", "attn_input_norm", "attn_output_norm",
-                            "mlp_input_norm", "mlp_output_norm"}
-    _, stats = sandwich(tokens(), observe=activation_stats(jnp.asarray(True)))
+                            "mlp_input_norm", "mlp_output_norm", "attn_q", "attn_k"}
+    _, stats = sandwich(tokens(), observe=acts(jnp.asarray(True)))
     for name in ("attn_input_norm_rms", "attn_output_norm_rms", "mlp_input_norm_rms",
                  "mlp_output_norm_rms"):
         np.testing.assert_allclose(stats[name], 1.0, rtol=1e-3)  # LayerNorm at init: RMS 1
     rezero = model_of(tiny, "model.placement=rezero", "model.norm.kind=none",
                       "model.final_norm=false")
-    _, stats = rezero(tokens(), observe=activation_stats(jnp.asarray(True)))
+    _, stats = rezero(tokens(), observe=acts(jnp.asarray(True)))
     assert set(stats) == {"mean", "rms", "kurtosis"}  # no norm, no norm statistics
 
 
@@ -78,3 +84,71 @@ def test_per_block_names_each_block_by_the_run_directory_scheme():
     assert named == {"grad_norm/block_00/attn": 1.0, "grad_norm/block_01/attn": 2.0,
                      "loss": 3.0, "act/block_00/rms": 4.0, "act/block_01/rms": 5.0}
     assert parse_metric("act/block_01/rms") == ("act/block/rms", 1)
+
+
+def np_attention(q, k):
+    """The diagnostics of attention_stats from q, k [B, T, H, K], in float64."""
+    T, K = q.shape[1], q.shape[3]
+    mask = np.tril(np.ones((T, T), bool))
+    logits = np.where(mask, np.einsum("bthk,bshk->bhts", q, k) / np.sqrt(K), -np.inf)
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    entropy = -np.where(mask, p * np.log(np.where(mask, p, 1.0)), 0.0).sum(-1)  # [B, H, T]
+    return {"logit_max": logits.max(), "logit_max_head": logits.max((0, 2, 3)),
+            "entropy": entropy.mean(), "entropy_min": entropy.mean((0, 2)).min(),
+            "q_norm": np.linalg.norm(q, axis=-1).mean(),
+            "k_norm": np.linalg.norm(k, axis=-1).mean(), "sink": p[..., 0].mean()}
+
+
+def layer_norm64(x, eps=1e-5):
+    return (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + eps)
+
+
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_attention_diagnostics_match_a_numpy_reference(tiny, qk_norm):
+    """Block 0 of a fresh Pre-Norm model by hand: LN(embeddings) -> qkv -> (per-head LN) ->
+    logits, entropy, q/k norms and sink mass; the massive-activation ratio of the last block."""
+    model = model_of(tiny, "model.placement=pre", "model.final_norm=false", "model.init_std=0.3",
+                     f"model.qk_norm={str(qk_norm).lower()}")
+    x = tokens()
+    observe = block_observer(jnp.asarray(True), activations=False, attention=True)
+    _, stats = model(x, observe=observe)
+    e = np.asarray(model.tok_embed.embedding[...], np.float64)[np.asarray(x)] + np.asarray(
+        model.pos_embed[...], np.float64)[:T]
+    h = layer_norm64(e.reshape(-1, e.shape[-1]))
+    w = np.asarray(model.blocks.attn.qkv.kernel[...], np.float64)[0]
+    b = np.asarray(model.blocks.attn.qkv.bias[...], np.float64)[0]
+    qkv = h @ w + b
+    C, H = qkv.shape[1] // 3, 2
+    q, k = (qkv[:, i * C:(i + 1) * C].reshape(x.shape[0], T, H, C // H) for i in (0, 1))
+    if qk_norm:  # gains 1 and biases 0 at init
+        q, k = layer_norm64(q), layer_norm64(k)
+    expected = np_attention(q, k)
+    for name, value in expected.items():
+        np.testing.assert_allclose(np.asarray(stats["attn"][name][0], np.float64), value,
+                                   rtol=2e-4, atol=1e-6, err_msg=name)
+    last = np.abs(np.asarray(model.features(x), np.float64))
+    assert float(stats["act"]["massive"][-1]) == pytest.approx(last.max() / np.median(last),
+                                                               rel=1e-4)
+    assert set(stats) == {"act", "attn"} and set(stats["act"]) == {"massive"}
+    _, off = model(x, observe=block_observer(jnp.asarray(False), activations=False,
+                                             attention=True))
+    assert all(float(jnp.abs(v).max()) == 0.0 for v in jax.tree.leaves(off))
+
+
+def test_per_head_values_are_named_per_block_and_head():
+    named = per_block({"attn/block/logit_max_head": np.array([[1.0, 2.0], [3.0, 4.0]])})
+    assert named == {"attn/block_00/logit_max_head/00": 1.0, "attn/block_00/logit_max_head/01": 2.0,
+                     "attn/block_01/logit_max_head/00": 3.0, "attn/block_01/logit_max_head/01": 4.0}
+
+
+def test_the_median_without_a_sort_equals_numpys():
+    from normexp.metrics import median_nonneg
+    rng = np.random.default_rng(0)
+    median = jax.jit(median_nonneg)
+    for n in (1, 2, 5, 6, 1001):
+        for a in (np.abs(rng.standard_normal(n)), np.zeros(n), np.round(rng.random(n) * 3),
+                  np.full(n, np.inf), rng.random(n) * 1e-30):
+            a = a.astype(np.float32)
+            assert float(median(jnp.asarray(a))) == pytest.approx(
+                np.median(a.astype(np.float64)), rel=1e-6), (n, a)

@@ -88,3 +88,29 @@ def test_xavier_init_uses_glorot_stds_per_projection(tiny):
     scaled = model.features(tokens())
     model.embed_scale = 1.0
     assert not np.allclose(model.features(tokens()), scaled, atol=1e-3)
+
+
+def test_soft_caps_bound_the_logits_and_change_the_output(tiny):
+    x = tokens()
+    plain = model_of(tiny, "model.init_std=0.5")
+    capped = model_of(tiny, "model.init_std=0.5", "model.logit_softcap=2")
+    logits, capped_logits = np.asarray(plain(x)), np.asarray(capped(x))
+    assert np.abs(logits).max() > 2 and np.abs(capped_logits).max() < 2
+    np.testing.assert_allclose(capped_logits, 2 * np.tanh(logits / 2), rtol=1e-5, atol=1e-6)
+    attn = model_of(tiny, "model.init_std=0.5", "model.attn_softcap=0.5")
+    assert not np.allclose(np.asarray(attn(x)), logits, atol=1e-4)
+    graphdef, params = nnx.split(attn, nnx.Param)
+    grads = jax.grad(lambda p: jnp.mean(nnx.merge(graphdef, p)(x) ** 2))(params)
+    assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads))
+
+
+def test_attention_soft_cap_matches_its_formula():
+    from normexp.custom_grads import causal_attention_plain
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.normal(0, 3, (2, 2, 5, 4)) for _ in range(3))
+    z = np.einsum("bhtk,bhsk->bhts", q, k) / 2.0
+    z = 1.5 * np.tanh(z / 1.5) + np.triu(np.full((5, 5), -np.inf), k=1)
+    p = np.exp(z - z.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    got = causal_attention_plain(*(jnp.asarray(a, jnp.float32) for a in (q, k, v)), softcap=1.5)
+    np.testing.assert_allclose(got, np.einsum("bhts,bhsk->bhtk", p, v), rtol=1e-4, atol=1e-5)

@@ -1,3 +1,4 @@
+import math
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -75,10 +76,15 @@ def np_dyt(x, p, eps):
     return p["scale"] * np.tanh(p["alpha"] * x) + p.get("bias", 0.0)
 
 
+def np_derf(x, p, eps):
+    erf = np.vectorize(math.erf)
+    return p["scale"] * erf(p["alpha"] * x + p["shift"]) + p.get("bias", 0.0)
+
+
 REFERENCES = {"layernorm": np_layernorm, "rmsnorm": np_rmsnorm, "scalenorm": np_scalenorm,
               "batchnorm": np_batchnorm, "groupnorm": np_groupnorm,
               "instancenorm": np_instancenorm, "weightnorm": np_mean_only_batchnorm,
-              "dyt": np_dyt, "none": lambda x, p, eps: x}
+              "dyt": np_dyt, "derf": np_derf, "none": lambda x, p, eps: x}
 
 
 def test_every_registered_norm_has_a_reference():
@@ -99,7 +105,8 @@ def test_matches_the_papers_formula_on_random_input(kind):
     check(kind, x)
 
 
-@pytest.mark.parametrize("kind", ["layernorm", "groupnorm", "instancenorm", "batchnorm", "dyt"])
+@pytest.mark.parametrize("kind", ["layernorm", "groupnorm", "instancenorm", "batchnorm", "dyt",
+                                  "derf"])
 def test_without_bias(kind):
     x = np.random.default_rng(2).normal(1.0, 2.0, (2 * ROWS, 24))
     check(kind, x, "bias=false")
@@ -296,3 +303,25 @@ def test_a_new_norm_is_one_class_and_one_registry_line(monkeypatch):
     assert isinstance(model.blocks.attn.qkv, WeightNormLinear)
     assert isinstance(model.final_norm, Doubled)
     assert all(isinstance(m, Norm) for m in (model.final_norm, model.blocks.attn_norms.input))
+
+
+@pytest.mark.parametrize("convention", ["unbiased", "biased"])
+@pytest.mark.parametrize("stats", ["pooled", "per_position"])
+def test_batchnorm_running_variance_follows_its_convention(convention, stats):
+    """After k training calls from r = 1, r = m^k + sum_i (1 - m) m^(k-1-i) v_i, v_i the batch
+    variance of the m_rows rows, times m_rows / (m_rows - 1) when unbiased (the paper, PyTorch)."""
+    norm = norm_of("batchnorm", 4, "momentum=0.7", f"running_var={convention}",
+                   f"batch_stats={stats}")
+    rng = np.random.default_rng(3)
+    step = nnx.jit(lambda n, x: n(x))
+    expected = None
+    for _ in range(3):
+        x = rng.normal(0.5, 2.0, (5 * ROWS, 4))
+        h = x.reshape(-1, ROWS * 4) if stats == "per_position" else x
+        v = h.var(0) * (len(h) / (len(h) - 1) if convention == "unbiased" else 1.0)
+        expected = (np.ones_like(v) if expected is None else expected) * 0.7 + 0.3 * v
+        step(norm, jnp.asarray(x, jnp.float32))
+    np.testing.assert_allclose(norm.stats.var[...], expected, rtol=1e-5)
+    frozen = np.asarray(norm.stats.var[...])
+    evaluation_view(norm)(jnp.asarray(x, jnp.float32))
+    np.testing.assert_array_equal(norm.stats.var[...], frozen)  # evaluation never updates it

@@ -146,6 +146,7 @@ def test_every_pair_is_causal_unless_documented_leaky_and_trains(tiny, placement
     (["model.qk_norm=true", "model.norm.kind=groupnorm", "model.norm.groups=2"], False),
     (["model.qk_norm=true", "model.norm.kind=instancenorm"], True),
     (["model.embed_norm=true", "model.placement=post", "model.norm.kind=dyt"], False),
+    (["model.attn_softcap=2", "model.logit_softcap=5", "model.qk_norm=true"], False),
 ])
 def test_switches_are_causal_and_train(tiny, switches, leaky):
     check_causal_and_trains(tiny, *switches, leaky=leaky)

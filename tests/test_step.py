@@ -12,7 +12,7 @@ def flat(tree):
     return {path: np.asarray(v[...], np.float64) for path, v in nnx.to_flat_state(tree)}
 
 
-def one_step(cfg):
+def one_step(cfg, **diagnostics):
     """(metrics of one train step at init, jax.grad of the loss computed outside it, params
     before and after the step), all as NumPy; block parameters are split per block."""
     corpus = data_lib.load_corpus("", 0, cfg.data.seq_len)
@@ -24,7 +24,7 @@ def one_step(cfg):
 
     grads = per_block_leaves(jax.grad(loss_of)(state["params"]))
     before = per_block_leaves(state["params"])
-    new_state, metrics = make_train_step(graphdef, tx, grad_norms=True)(state, x, y)
+    new_state, metrics = make_train_step(graphdef, tx, grad_norms=True, **diagnostics)(state, x, y)
     return per_block(jax.device_get(metrics)), grads, before, per_block_leaves(new_state["params"])
 
 
@@ -107,3 +107,64 @@ def test_one_cadence_rule_fires_at_multiples_and_at_the_last_step():
     import jax.numpy as jnp  # the same rule inside the jitted step
     assert [s for s in range(10) if bool(jax.jit(due, static_argnums=(1, 2))(jnp.int32(s), 4, 9))] \
         == [0, 4, 8, 9]
+
+
+def test_diagnostics_equal_their_formulas_and_leave_the_update_unchanged(tiny):
+    """logits/* from the output logits, grad_rms/* from jax.grad outside the step, in float64;
+    the update is the same bit for bit with the diagnostics on."""
+    cfg = tiny("model.n_layer=3", "optim.warmup_steps=0")
+    plain, _, _, after_plain = one_step(cfg)
+    metrics, grads, before, after = one_step(cfg, attention=(5, 100))
+    for path in after:
+        np.testing.assert_array_equal(after[path], after_plain[path])
+    corpus = data_lib.load_corpus("", 0, cfg.data.seq_len)
+    graphdef, _, state = init_state(cfg, corpus.vocab_size)
+    x, _ = data_lib.batch(corpus.train, seed=0, step=0, batch_size=4, seq_len=16)
+    logits = np.asarray(nnx.merge(graphdef, state["params"], state["rest"])(x), np.float64)
+    top = logits.max(-1, keepdims=True)
+    lse = (top + np.log(np.exp(logits - top).sum(-1, keepdims=True)))[:, 0]
+    assert metrics["logits/lse_mean"] == pytest.approx(lse.mean(), rel=1e-5)
+    assert metrics["logits/max"] == pytest.approx(logits.max(), rel=1e-5)
+    for i in range(3):
+        block = np.concatenate([v.ravel() for p, v in grads.items() if p[:2] == ("blocks", i)])
+        assert metrics[f"grad_rms/block_{i:02d}"] == pytest.approx(
+            np.sqrt(np.mean(block ** 2)), rel=1e-4)
+    every = np.concatenate([v.ravel() for v in grads.values()])
+    assert metrics["grad_rms"] == pytest.approx(np.sqrt(np.mean(every ** 2)), rel=1e-4)
+    assert metrics["attn/block_02/logit_max"] != 0 and metrics["act/block_01/massive"] > 1
+    assert set(metrics) - set(plain) == {k for k in metrics if k.startswith(
+        ("attn/", "act/", "logits/", "grad_rms"))}
+
+
+def test_diagnostics_are_zero_off_log_steps(tiny):
+    cfg = tiny("model.n_layer=2")
+    corpus = data_lib.load_corpus("", 0, cfg.data.seq_len)
+    graphdef, tx, state = init_state(cfg, corpus.vocab_size)
+    step = make_train_step(graphdef, tx, grad_norms=False, attention=(2, 5))
+    for s in range(5):
+        x, y = data_lib.batch(corpus.train, seed=0, step=s, batch_size=4, seq_len=16)
+        state, metrics = step(state, x, y)
+        diagnostics = {k: np.asarray(v) for k, v in metrics.items()
+                       if k.startswith(("attn/", "act/", "logits/", "grad_rms"))}
+        assert len(diagnostics) == 12  # 7 attention, massive, 2 logits, 2 grad_rms
+        logged = s in (0, 2, 4)
+        assert all((np.abs(v) > 0).all() == logged for v in diagnostics.values()), s
+
+
+def test_z_loss_adds_its_formula_and_changes_the_update(tiny):
+    cfg = tiny("optim.warmup_steps=0")
+    corpus = data_lib.load_corpus("", 0, cfg.data.seq_len)
+    graphdef, tx, state = init_state(cfg, corpus.vocab_size)
+    x, y = data_lib.batch(corpus.train, seed=0, step=0, batch_size=4, seq_len=16)
+    logits = np.asarray(nnx.merge(graphdef, state["params"], state["rest"])(x), np.float64)
+    top = logits.max(-1, keepdims=True)
+    lse = (top + np.log(np.exp(logits - top).sum(-1, keepdims=True)))[:, 0]
+    plain_state, plain = make_train_step(graphdef, tx, grad_norms=False)(
+        jax.tree.map(np.copy, state), x, y)
+    new_state, metrics = make_train_step(graphdef, tx, grad_norms=False, z_loss=0.5)(state, x, y)
+    assert float(metrics["z_loss"]) == pytest.approx(0.5 * np.mean(lse ** 2), rel=1e-5)
+    assert float(metrics["loss"]) == float(plain["loss"])  # `loss` stays the cross entropy
+    assert "z_loss" not in plain
+    changed = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(plain_state["params"]),
+                                                         jax.tree.leaves(new_state["params"]))]
+    assert any(changed)
