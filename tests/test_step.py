@@ -109,6 +109,16 @@ def test_one_cadence_rule_fires_at_multiples_and_at_the_last_step():
         == [0, 4, 8, 9]
 
 
+def initial_logits(cfg):
+    """The output logits of the fresh model on one_step's batch, and their log Z, float64."""
+    corpus = data_lib.load_corpus("", 0, cfg.data.seq_len)
+    graphdef, _, state = init_state(cfg, corpus.vocab_size)
+    x, _ = data_lib.batch(corpus.train, seed=0, step=0, batch_size=4, seq_len=16)
+    logits = np.asarray(nnx.merge(graphdef, state["params"], state["rest"])(x), np.float64)
+    top = logits.max(-1, keepdims=True)
+    return logits, (top + np.log(np.exp(logits - top).sum(-1, keepdims=True)))[:, 0]
+
+
 def test_diagnostics_equal_their_formulas_and_leave_the_update_unchanged(tiny):
     """logits/* from the output logits, grad_rms/* from jax.grad outside the step, in float64;
     the update is the same bit for bit with the diagnostics on."""
@@ -117,12 +127,7 @@ def test_diagnostics_equal_their_formulas_and_leave_the_update_unchanged(tiny):
     metrics, grads, before, after = one_step(cfg, attention=(5, 100))
     for path in after:
         np.testing.assert_array_equal(after[path], after_plain[path])
-    corpus = data_lib.load_corpus("", 0, cfg.data.seq_len)
-    graphdef, _, state = init_state(cfg, corpus.vocab_size)
-    x, _ = data_lib.batch(corpus.train, seed=0, step=0, batch_size=4, seq_len=16)
-    logits = np.asarray(nnx.merge(graphdef, state["params"], state["rest"])(x), np.float64)
-    top = logits.max(-1, keepdims=True)
-    lse = (top + np.log(np.exp(logits - top).sum(-1, keepdims=True)))[:, 0]
+    logits, lse = initial_logits(cfg)
     assert metrics["logits/lse_mean"] == pytest.approx(lse.mean(), rel=1e-5)
     assert metrics["logits/max"] == pytest.approx(logits.max(), rel=1e-5)
     for i in range(3):
@@ -156,9 +161,7 @@ def test_z_loss_adds_its_formula_and_changes_the_update(tiny):
     corpus = data_lib.load_corpus("", 0, cfg.data.seq_len)
     graphdef, tx, state = init_state(cfg, corpus.vocab_size)
     x, y = data_lib.batch(corpus.train, seed=0, step=0, batch_size=4, seq_len=16)
-    logits = np.asarray(nnx.merge(graphdef, state["params"], state["rest"])(x), np.float64)
-    top = logits.max(-1, keepdims=True)
-    lse = (top + np.log(np.exp(logits - top).sum(-1, keepdims=True)))[:, 0]
+    _, lse = initial_logits(cfg)
     plain_state, plain = make_train_step(graphdef, tx, grad_norms=False)(
         jax.tree.map(np.copy, state), x, y)
     new_state, metrics = make_train_step(graphdef, tx, grad_norms=False, z_loss=0.5)(state, x, y)
