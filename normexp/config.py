@@ -21,9 +21,10 @@ from normexp.errors import UsageError, suggest
 INT32_MAX = 2**31 - 1  # the step counter, token ids and positions are int32 on the device
 
 
-def opt(default, doc, check=None):
-    """A config field with its default, a one-line doc and an optional range check."""
-    return field(default=default, metadata={"doc": doc, "check": check})
+def opt(default, doc, check=None, aliases=None):
+    """A config field with its default, a one-line doc, an optional range check and optional
+    aliases: older spellings of a value, e.g. {"true": "per_head"} (read case-insensitively)."""
+    return field(default=default, metadata={"doc": doc, "check": check, "aliases": aliases})
 
 
 def section(cls, doc):
@@ -68,11 +69,9 @@ def registered(registry_name):
 
 
 def _registry(name):
-    if name == "norm":
-        from normexp.norms import NORMS
-        return NORMS
+    from normexp.norms import NORMS
     from normexp.placement import PLACEMENTS
-    return PLACEMENTS
+    return NORMS if name == "norm" else PLACEMENTS
 
 
 @dataclass(frozen=True)
@@ -97,6 +96,9 @@ class NormConfig:
     running_var: str = opt("unbiased", "batchnorm: average the unbiased batch variance m/(m-1) "
                                        "sigma^2 (the paper, PyTorch) or the biased (Flax)",
                            one_of("unbiased", "biased"))
+    unit_offset: bool = opt(False, "store each gain as w, gamma = 1 + w (scalenorm: sqrt(dim) + "
+                                   "w), w = 0 at init and weight-decayed: decay pulls gamma to "
+                                   "its init, not to 0 (Gemma)")
     alpha_attn: float = opt(0.5, "dyt, derf: initial alpha of the norms on the attention side",
                             positive)
     alpha_mlp: float = opt(0.5, "dyt, derf: initial alpha of the norms on the MLP side", positive)
@@ -127,8 +129,10 @@ class ModelConfig:
                                    "50; the einsum core, autodiff); 0 = off", nonneg)
     logit_softcap: float = opt(0.0, "soft-cap the output logits, c * tanh(z / c) (Gemma 2: 30); "
                                     "0 = off", nonneg)
-    qk_norm: bool = opt(False, "normalize queries and keys per head before their dot product "
-                               "(a norm of model.norm.kind over the head width)")
+    qk_norm: str = opt("off", "a norm of model.norm.kind on queries and keys: per_head (over "
+                              "each head's features), shared (over d_model) or off; true/false "
+                              "read as per_head/off", one_of("off", "per_head", "shared"),
+                       aliases={"true": "per_head", "false": "off"})
     embed_norm: bool = opt(False, "normalize the embeddings before the first block (always on "
                                   "for placement peri)")
     weight_norm: bool = opt(False, "weight normalization of the attention and MLP kernels, "
@@ -171,8 +175,8 @@ class OptimConfig:
     beta1: float = opt(0.9, "AdamW first-moment decay", unit_open)
     beta2: float = opt(0.95, "AdamW second-moment decay", unit_open)
     eps: float = opt(1e-8, "AdamW epsilon", positive)
-    weight_decay: float = opt(0.1, "decoupled weight decay on matrices and embeddings (not on "
-                                   "norm gains or biases)", nonneg)
+    weight_decay: float = opt(0.1, "decoupled weight decay on kernels, embeddings and unit-offset "
+                                   "gains (not on biases or plain gains)", nonneg)
     clip_norm: float = opt(1.0, "clip the global gradient norm to this; 0 = off", nonneg)
     z_loss: float = opt(0.0, "z-loss coefficient c: minimise loss + c * mean(log^2 Z) of the "
                              "output softmax (PaLM: 1e-4); 0 = off", nonneg)
@@ -315,7 +319,10 @@ def _build(cls, raw, prefix):
         if isinstance(raw[name], dict):
             raise UsageError(f"{path}: is a value, not a section (it has no keys "
                              f"{', '.join(path + '.' + str(k) for k in raw[name])})")
-        value = _coerce(raw[name], kind, path)
+        value, aliases = raw[name], f.metadata["aliases"] or {}
+        if isinstance(value, (bool, str)) and str(value).lower() in aliases:
+            value = aliases[str(value).lower()]
+        value = _coerce(value, kind, path)
         if kind is int and value > INT32_MAX:
             raise UsageError(f"{path}: must be at most {INT32_MAX} (steps, token ids and "
                              f"positions are int32), got {value}")
@@ -334,9 +341,8 @@ def _coerce(value, kind, path):
             value = yaml.safe_load(value) if value.strip() else value
         except yaml.YAMLError:
             pass  # not YAML: judged as the plain string below
-    if kind is bool:
-        if isinstance(value, bool):
-            return value
+    if kind is bool and isinstance(value, bool):
+        return value
     elif kind is int:
         if isinstance(value, str):
             try:
@@ -356,9 +362,8 @@ def _coerce(value, kind, path):
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             if math.isfinite(value):
                 return float(value)
-    elif kind is str:
-        if isinstance(value, str):
-            return value
+    elif kind is str and isinstance(value, str):
+        return value
     raise UsageError(f"{path}: expected {_TYPE_NAMES[kind]}, got {value!r}")
 
 
@@ -381,10 +386,7 @@ def flatten(tree, prefix=""):
     tree = dataclasses.asdict(tree) if dataclasses.is_dataclass(tree) else tree
     out = {}
     for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(flatten(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = v
+        out.update(flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
     return out
 
 

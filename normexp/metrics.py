@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from normexp.rundir import BLOCK, block_metric
+from normexp.weights import effective
 
 
 def param_group(path):
@@ -64,12 +65,13 @@ def group_sums_of_squares(tree):
 
 
 def layer_stats(params, grads, updates):
-    """Gradient norm per layer and part, parameter norm and update/parameter ratio per layer.
+    """Gradient norm per layer and part, parameter norm and update/parameter ratio per layer
+    (of the parameters as the model uses them: unit-offset gains with their offset).
 
     Per-block values come out as [L] vectors under 'block'; `per_block` names them.
     """
     g2 = group_sums_of_squares(grads)
-    p2 = group_sums_of_squares(params)
+    p2 = group_sums_of_squares(effective(params))
     u2 = group_sums_of_squares(updates)
     stats = {f"grad_norm/{name}": jnp.sqrt(v) for name, v in g2.items()}
     layers = [name for name in p2 if "/" not in name]

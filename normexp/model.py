@@ -24,6 +24,8 @@ from normexp import custom_grads
 from normexp.norms import NORMS, make_norm
 from normexp.norms import modules as norm_modules
 from normexp.placement import PLACEMENTS, Depth
+from normexp.weights import (DECAYED, Scaling, kernel_std, linear_maker, normal_init, on_sphere,
+                             unit)
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # Up to this depth the scan is unrolled by default: inside an XLA:CPU while loop every saved
@@ -37,53 +39,6 @@ REMAT_POLICIES = {
 }
 
 
-class WeightNormLinear(nnx.Linear):
-    """A linear layer with weight normalization (Salimans & Kingma 2016, arXiv:1602.07868):
-
-        W = g * v / ||v||,  the norm per output unit (column of v)
-
-    v (the `kernel`) is initialised like an ordinary kernel and g to its column norms, so the
-    layer computes the same function at init as without weight normalization. (`nnx.WeightNorm`
-    rewrites the wrapped kernel in place and keeps g outside the parameters, so g would not
-    train; this keeps both as parameters.)
-    """
-
-    def __init__(self, din, dout, **options):
-        super().__init__(din, dout, **options)
-        self.g = nnx.Param(jnp.linalg.norm(self.kernel[...], axis=0))
-
-    def __call__(self, x_NxI):
-        v_IxO = self.kernel[...]
-        w_IxO = v_IxO * (self.g[...] * jax.lax.rsqrt(jnp.sum(jnp.square(v_IxO), 0)))
-        y_NxO = self.dot_general(x_NxI.astype(self.dtype), w_IxO.astype(self.dtype),
-                                 (((1,), (0,)), ((), ())))
-        if self.bias is not None:
-            y_NxO = y_NxO + self.bias[...].astype(self.dtype)
-        return y_NxO
-
-
-def normal_init(std, gain=1.0, from_column=0):
-    """N(0, std^2) with the columns from `from_column` on scaled by `gain` (DeepNet's v gain)."""
-    def init(key, shape, dtype=jnp.float32):
-        w = std * jax.random.normal(key, shape, dtype)
-        return w if gain == 1.0 else w.at[:, from_column:].multiply(gain)
-    return init
-
-
-def kernel_std(init, din, dout, std):
-    """A kernel's init std: `std` (gpt2), or Glorot's sqrt(2 / (din + dout)) (xavier)."""
-    return math.sqrt(2.0 / (din + dout)) if init == "xavier" else std
-
-
-def linear_maker(*, weight_norm, bias, dtype, custom_grad, rngs):
-    """(din, dout, init) -> a linear layer, the same kind everywhere in the model."""
-    cls = WeightNormLinear if weight_norm else nnx.Linear
-    options = dict(use_bias=bias, dtype=dtype, rngs=rngs)
-    if custom_grad:
-        options["dot_general"] = custom_grads.dot_general
-    return lambda din, dout, init: cls(din, dout, kernel_init=init, **options)
-
-
 def norm_maker(cfg, *, rows_per_seq, dtype, custom_grad, rngs):
     """(dim, role, rows_per_seq=...) -> a norm of kind `cfg.kind` (cfg: `model.norm`)."""
     def make(dim, role, rows=rows_per_seq):
@@ -95,32 +50,37 @@ def norm_maker(cfg, *, rows_per_seq, dtype, custom_grad, rngs):
 class Attention(nnx.Module):
     """Causal multi-head self-attention on [N, C] activations.
 
-    Options a placement or switch adds: per-head norms on queries and keys (`qk_norm`),
+    Options a placement or switch adds: norms on queries and keys (`qk_norm`: per head, or
+    shared by the heads over the full width), nGPT's unit-norm queries and keys (`sphere`),
     full-width norms on q, k and v (`qkv_norm`, HybridNorm), a learned per-head output scale
     (`head_scale`, NormFormer).
     """
 
     def __init__(self, d_model, n_head, *, linear, norm, init, std, out_std, gain, qkv_norm,
-                 qk_norm, head_scale, rows_per_seq, fused, custom_grad, softcap=0.0):
+                 qk_norm, head_scale, rows_per_seq, fused, custom_grad, softcap=0.0,
+                 sphere=False):
         C, H = d_model, n_head
         # soft-capping needs the logits: only the einsum core with autodiff has them
         self.n_head, self.fused = H, fused and not softcap
         self.core = (custom_grads.causal_attention if custom_grad and not softcap
                      else functools.partial(custom_grads.causal_attention_plain,
                                             softcap=softcap))
-        # q, k and v are three C x C projections, whose fans Glorot's rule takes
+        # q, k and v are three C x C projections, whose fans Glorot's rule takes; nGPT keeps
+        # every kernel unit-norm along the model width
         self.qkv = linear(C, 3 * C, normal_init(kernel_std(init, C, C, std), gain,
-                                                from_column=2 * C))
-        self.proj = linear(C, C, normal_init(kernel_std(init, C, C, out_std) * gain))
+                                                from_column=2 * C), -2 if sphere else None)
+        self.proj = linear(C, C, normal_init(kernel_std(init, C, C, out_std) * gain),
+                           -1 if sphere else None)
+        self.s_qk = Scaling((H, C // H), 1.0, C ** -0.5) if sphere else None
         if qkv_norm:
             self.q_norm, self.k_norm, self.v_norm = (norm(C, "attn") for _ in range(3))
         else:
             self.q_norm = self.k_norm = self.v_norm = None
-        if qk_norm:  # per head: rows are (token, head) pairs, H of them per token
-            self.q_head_norm, self.k_head_norm = (norm(C // H, "attn", rows_per_seq * H)
-                                                  for _ in range(2))
-        else:
-            self.q_head_norm = self.k_head_norm = None
+        # qk_norm per_head: rows are (token, head) pairs, H of them per token; shared: tokens
+        width, rows = (C // H, rows_per_seq * H) if qk_norm == "per_head" else (C, rows_per_seq)
+        self.qk_width = width
+        self.q_head_norm, self.k_head_norm = ((norm(width, "attn", rows) for _ in range(2))
+                                              if qk_norm != "off" else (None, None))
         self.head_scale = nnx.Param(jnp.ones((H,), jnp.float32)) if head_scale else None
 
     def __call__(self, x_NxC, seq_len, seen=None):
@@ -133,9 +93,14 @@ class Attention(nnx.Module):
         if self.q_norm is not None:
             q_NxC, k_NxC, v_NxC = self.q_norm(q_NxC), self.k_norm(k_NxC), self.v_norm(v_NxC)
         if self.q_head_norm is not None:
-            q_NxC = self.q_head_norm(q_NxC.reshape(N * H, K)).reshape(N, C)
-            k_NxC = self.k_head_norm(k_NxC.reshape(N * H, K)).reshape(N, C)
+            rows = N * C // self.qk_width
+            q_NxC = self.q_head_norm(q_NxC.reshape(rows, self.qk_width)).reshape(N, C)
+            k_NxC = self.k_head_norm(k_NxC.reshape(rows, self.qk_width)).reshape(N, C)
         q_BxTxHxK, k_BxTxHxK, v_BxTxHxK = (a.reshape(B, T, H, K) for a in (q_NxC, k_NxC, v_NxC))
+        if self.s_qk is not None:  # nGPT: logits sqrt(K) * s_qk^2 . (unit q * unit k): q carries
+            s_HxK = self.s_qk().astype(q_BxTxHxK.dtype)  # K, as the core divides by sqrt(K)
+            q_BxTxHxK = unit(q_BxTxHxK) * (s_HxK * K)
+            k_BxTxHxK = unit(k_BxTxHxK) * s_HxK
         if seen is not None:
             seen["attn_q"], seen["attn_k"] = q_BxTxHxK, k_BxTxHxK
         if self.fused:  # the backend's fused kernel (cuDNN flash attention on GPUs)
@@ -151,19 +116,28 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-    """Two-layer perceptron with exact GELU: W2 gelu(W1 x), optionally W2 N(gelu(W1 x))."""
+    """Two-layer perceptron with exact GELU: W2 gelu(W1 x), optionally W2 N(gelu(W1 x)); nGPT
+    (`sphere`): W2 gelu(s_u * sqrt(C) * W1 x) with unit-norm kernels."""
 
     def __init__(self, d_model, hidden, *, linear, norm, init, std, out_std, gain, mid_norm,
-                 custom_grad):
+                 custom_grad, sphere=False):
         C, F = d_model, hidden
         self.gelu = custom_grads.gelu if custom_grad else functools.partial(
             jax.nn.gelu, approximate=False)
-        self.up = linear(C, F, normal_init(kernel_std(init, C, F, std) * gain))
-        self.down = linear(F, C, normal_init(kernel_std(init, F, C, out_std) * gain))
+        self.up = linear(C, F, normal_init(kernel_std(init, C, F, std) * gain),
+                         -2 if sphere else None)
+        self.down = linear(F, C, normal_init(kernel_std(init, F, C, out_std) * gain),
+                           -1 if sphere else None)
         self.mid_norm = norm(F, "mlp") if mid_norm else None
+        # nGPT: W1 x are cosines of size ~1/sqrt(C); sqrt(C) brings them to GELU's range
+        self.s_u, self.width_scale = (Scaling((F,), 1.0, 1.0), math.sqrt(C)) if sphere else (
+            None, 1.0)
 
     def __call__(self, x_NxC):
-        h_NxF = self.gelu(self.up(x_NxC))
+        u_NxF = self.up(x_NxC)
+        if self.s_u is not None:
+            u_NxF = u_NxF * (self.s_u() * self.width_scale).astype(u_NxF.dtype)
+        h_NxF = self.gelu(u_NxF)
         if self.mid_norm is not None:
             h_NxF = self.mid_norm(h_NxF)
         return self.down(h_NxF)
@@ -180,12 +154,14 @@ class Gate(nnx.Module):
 
 
 class SublayerNorms(nnx.Module):
-    """The norms a placement rule uses around one sublayer: `input`, `output`, `gate`."""
+    """The norms a placement rule uses around one sublayer: `input`, `output`, `gate`, and
+    nGPT's eigen learning rates `eigen` (alpha, init 0.05, scale 1/sqrt(C) as in the paper)."""
 
-    def __init__(self, names, make):
+    def __init__(self, names, make, d_model):
         self.input = make() if "input" in names else None
         self.output = make() if "output" in names else None
         self.gate = Gate() if "gate" in names else None
+        self.eigen = Scaling((d_model,), 0.05, d_model ** -0.5) if "eigen" in names else None
 
 
 class RecordedNorms:
@@ -194,7 +170,7 @@ class RecordedNorms:
     Pre-Norm's input norm gives N(x), Post-Norm's output norm N(x + F(x)))."""
 
     def __init__(self, norms, sublayer, seen):
-        self.gate = norms.gate
+        self.gate, self.eigen = norms.gate, norms.eigen
         self.input = self._keep(norms.input, f"{sublayer}_input_norm", seen)
         self.output = self._keep(norms.output, f"{sublayer}_output_norm", seen)
 
@@ -217,12 +193,12 @@ class Block(nnx.Module):
         self.place = place
         gain = place.init_gain(n_layer) if place.init_gain else 1.0
         shared = dict(linear=linear, norm=norm, init=init, std=std, out_std=out_std, gain=gain,
-                      custom_grad=custom_grad)
-        self.attn_norms = SublayerNorms(place.attn.norms, lambda: norm(d_model, "attn"))
+                      custom_grad=custom_grad, sphere=place.sphere)
+        self.attn_norms = SublayerNorms(place.attn.norms, lambda: norm(d_model, "attn"), d_model)
         self.attn = Attention(d_model, n_head, qkv_norm=place.qkv_norm, qk_norm=qk_norm,
                               head_scale=place.head_scale, rows_per_seq=rows_per_seq,
                               fused=fused_attention, softcap=attn_softcap, **shared)
-        self.mlp_norms = SublayerNorms(place.mlp.norms, lambda: norm(d_model, "mlp"))
+        self.mlp_norms = SublayerNorms(place.mlp.norms, lambda: norm(d_model, "mlp"), d_model)
         self.mlp = MLP(d_model, mlp_ratio * d_model, mid_norm=place.mid_norm, **shared)
 
     def __call__(self, stream, seq_len, depth, observe=None):
@@ -283,9 +259,16 @@ class GPT(nnx.Module):
         embed_std = C ** -0.5 if cfg.init == "xavier" else std
         self.embed_scale = math.sqrt(C) if cfg.init == "xavier" else 1.0
         self.tok_embed = nnx.Embed(vocab_size, C, dtype=self.dtype, rngs=rngs,
-                                   embedding_init=nnx.initializers.normal(embed_std))
-        self.pos_embed = nnx.Param(embed_std * jax.random.normal(rngs.params(), (max_len, C)))
+                                   embedding_init=nnx.initializers.normal(embed_std),
+                                   embedding_metadata=DECAYED)
+        self.pos_embed = nnx.Param(embed_std * jax.random.normal(rngs.params(), (max_len, C)),
+                                   **DECAYED)
         self.embed_norm = norm(C, "final") if cfg.embed_norm or place.embed_norm else None
+        self.sphere = place.sphere
+        if place.sphere:  # nGPT: unit-norm embeddings (tied: the output's too), scaled logits
+            self.tok_embed.embedding = on_sphere(self.tok_embed.embedding[...], -1)
+            self.pos_embed = on_sphere(self.pos_embed[...], -1)
+        self.logit_scale = Scaling((vocab_size,), 1.0, C ** -0.5) if place.sphere else None
 
         @nnx.split_rngs(splits=L)
         @nnx.vmap(in_axes=(0,), out_axes=0)
@@ -314,6 +297,8 @@ class GPT(nnx.Module):
         x_NxC = x_BxTxC.reshape(B * T, -1)
         if self.embed_norm is not None:
             x_NxC = self.embed_norm(x_NxC)
+        if self.sphere:
+            x_NxC = unit(x_NxC)
         stream, observed = self._apply_blocks((x_NxC, x_NxC) if self.dual else x_NxC, T,
                                               observe)
         if self.dual:  # ResiDual's output: x_L + N(d_L)
@@ -368,6 +353,8 @@ class GPT(nnx.Module):
         out = self.features(tokens_BxT, observe)
         x_NxC, observed = out if observe is not None else (out, None)
         logits_NxV = self.tok_embed.attend(x_NxC)
+        if self.logit_scale is not None:  # nGPT's s_z
+            logits_NxV = logits_NxV * self.logit_scale().astype(logits_NxV.dtype)
         if self.logit_softcap:
             logits_NxV = self.logit_softcap * jnp.tanh(logits_NxV / self.logit_softcap)
         return logits_NxV if observe is None else (logits_NxV, observed)

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from normexp import custom_grads
+from normexp.weights import gain, gain_param
 
 
 class Site(NamedTuple):
@@ -40,42 +41,60 @@ class Norm:
     batch_statistics = False
     leaks_across_positions = False
     weight_normalized_kernels = False  # the model weight-normalizes its attention and MLP kernels
+    has_gain = True  # a learned gain gamma, which `model.norm.unit_offset` stores as 1 + w
+    partial_rms = False  # takes `model.norm.partial`
 
     @classmethod
     def check(cls, model):
         """What is wrong with the `model` config section for this norm, in one line, or None."""
-        if model.norm.partial < 1:
+        if model.norm.partial < 1 and not cls.partial_rms:
             return (f"model.norm.partial: only rmsnorm has a partial RMS, got kind "
                     f"{model.norm.kind!r}")
+        if model.norm.unit_offset and not cls.has_gain:
+            return f"model.norm.unit_offset: norm kind {model.norm.kind!r} has no gain"
         return None
+
+    def gain_and_bias(self, dim, cfg, init=1.0, bias=True):
+        """The learned gain gamma (`scale`, `init` at init; stored as w with gamma = init + w
+        under `model.norm.unit_offset`) and, if `bias` and `model.norm.bias`, beta (`bias`)."""
+        self.scale = gain_param((dim,), init, cfg.unit_offset)
+        self.bias = nnx.Param(jnp.zeros((dim,), jnp.float32)) if bias and cfg.bias else None
+
+    def affine(self, y):
+        """y * gamma + beta, in y's dtype."""
+        y = y * gain(self.scale).astype(y.dtype)
+        return y if self.bias is None else y + self.bias[...].astype(y.dtype)
 
 
 def _site_dtype(cfg, activation_dtype):
     return jnp.float32 if cfg.float32 else activation_dtype
 
 
-class LayerNorm(Norm, nnx.LayerNorm):
+class LayerNorm(Norm, nnx.Module):
     """LayerNorm (Ba, Kiros & Hinton 2016, arXiv:1607.06450), over the features of each row:
 
         y = (x - mean(x)) / sqrt(var(x) + eps) * gamma + beta
 
-    `model.norm.bias: false` drops beta (nanoGPT's bias-free variant). Built on `nnx.LayerNorm`;
-    in float32 the closed-form backward of `custom_grads.layer_norm` replaces autodiff.
+    `model.norm.bias: false` drops beta (nanoGPT's bias-free variant). The statistics are taken
+    in float32; in float32 the closed-form backward of `custom_grads.layer_norm` replaces autodiff.
     """
 
     def __init__(self, dim, cfg, site, rngs):
-        super().__init__(dim, epsilon=cfg.eps, use_bias=cfg.bias, dtype=site.dtype,
-                         use_fast_variance=False, rngs=rngs)
+        self.gain_and_bias(dim, cfg)
+        self.epsilon, self.dtype = cfg.eps, site.dtype
         self.fast = site.custom_grad and site.dtype == jnp.float32
 
     def __call__(self, x):
         if self.fast:
-            bias = self.bias[...] if self.bias is not None else jnp.zeros_like(self.scale[...])
-            return custom_grads.layer_norm(x, self.scale[...], bias, self.epsilon)
-        return super().__call__(x).astype(x.dtype)
+            bias = self.bias[...] if self.bias is not None else jnp.zeros(x.shape[-1:])
+            return custom_grads.layer_norm(x, gain(self.scale), bias, self.epsilon)
+        h = x.astype(jnp.float32)
+        centred = h - h.mean(-1, keepdims=True)
+        y = centred * jax.lax.rsqrt(jnp.square(centred).mean(-1, keepdims=True) + self.epsilon)
+        return self.affine(y.astype(self.dtype)).astype(x.dtype)
 
 
-class RMSNorm(Norm, nnx.RMSNorm):
+class RMSNorm(Norm, nnx.Module):
     """RMSNorm (Zhang & Sennrich 2019, arXiv:1910.07467), over the features of each row:
 
         y = x / sqrt(mean_k(x^2) + eps) * gamma
@@ -84,22 +103,21 @@ class RMSNorm(Norm, nnx.RMSNorm):
     (1 = RMSNorm, p < 1 = the paper's partial pRMSNorm). No centering and no bias.
     """
 
-    @classmethod
-    def check(cls, model):
-        return None  # every partial in (0, 1] is an RMSNorm
+    partial_rms = True
 
     def __init__(self, dim, cfg, site, rngs):
-        super().__init__(dim, epsilon=cfg.eps, dtype=site.dtype, rngs=rngs)
+        self.gain_and_bias(dim, cfg, bias=False)
+        self.epsilon, self.dtype = cfg.eps, site.dtype
         self.k = math.ceil(cfg.partial * dim)
         self.fast = site.custom_grad and site.dtype == jnp.float32 and self.k == dim
 
     def __call__(self, x):
         if self.fast:
-            return custom_grads.rms_norm(x, self.scale[...], self.epsilon)
+            return custom_grads.rms_norm(x, gain(self.scale), self.epsilon)
         h = x.astype(self.dtype)
         mean_square = jnp.square(h[..., :self.k].astype(jnp.float32)).mean(-1, keepdims=True)
         y = h * jax.lax.rsqrt(mean_square + self.epsilon).astype(self.dtype)
-        return (y * self.scale[...].astype(self.dtype)).astype(x.dtype)
+        return self.affine(y).astype(x.dtype)
 
 
 class ScaleNorm(Norm, nnx.Module):
@@ -107,17 +125,18 @@ class ScaleNorm(Norm, nnx.Module):
 
         y = g * x / max(||x||_2, eps),   g initialised to sqrt(dim)
 
-    (the paper's init, which gives unit-RMS outputs like LayerNorm's).
+    (the paper's init, which gives unit-RMS outputs like LayerNorm's; under
+    `model.norm.unit_offset` g = sqrt(dim) + w).
     """
 
     def __init__(self, dim, cfg, site, rngs):
         self.eps, self.dtype = cfg.eps, site.dtype
-        self.g = nnx.Param(jnp.full((), math.sqrt(dim), jnp.float32))
+        self.g = gain_param((), math.sqrt(dim), cfg.unit_offset)
 
     def __call__(self, x):
         h = x.astype(self.dtype)
         norm = jnp.sqrt(jnp.sum(jnp.square(h.astype(jnp.float32)), -1, keepdims=True))
-        y = h * (self.g[...] / jnp.maximum(norm, self.eps)).astype(self.dtype)
+        y = h * (gain(self.g) / jnp.maximum(norm, self.eps)).astype(self.dtype)
         return y.astype(x.dtype)
 
 
@@ -148,24 +167,21 @@ class BatchNorm(Norm, nnx.Module):
         self.stats = nnx.BatchNorm(features, momentum=cfg.momentum, epsilon=cfg.eps,
                                    use_bias=False, use_scale=False, use_fast_variance=False,
                                    dtype=site.dtype, rngs=rngs)
-        self.scale = nnx.Param(jnp.ones((dim,), jnp.float32))
-        self.bias = nnx.Param(jnp.zeros((dim,), jnp.float32)) if cfg.bias else None
+        self.gain_and_bias(dim, cfg)
         self.unbiased = cfg.running_var == "unbiased"
 
     def __call__(self, x):
         rows, dim = x.shape
         h = x.reshape(-1, self.rows * dim) if self.per_position else x  # [B, T*dim]: per position
         before = self.stats.var[...]
-        y = self.stats(h).reshape(rows, dim) * self.scale[...].astype(self.stats.dtype)
+        y = self.stats(h).reshape(rows, dim)
         if self.unbiased and not self.stats.use_running_average:
             # nnx.BatchNorm has just averaged the biased variance in; average the unbiased one
             m, momentum = h.shape[0], self.stats.momentum
             batch_var = jnp.var(h.astype(jnp.float32), axis=0)
             self.stats.var[...] = jax.lax.stop_gradient(
                 momentum * before + (1 - momentum) * batch_var * (m / max(m - 1, 1)))
-        if self.bias is not None:
-            y = y + self.bias[...].astype(self.stats.dtype)
-        return y.astype(x.dtype)
+        return self.affine(y).astype(x.dtype)
 
 
 class MeanOnlyBatchNorm(Norm, nnx.Module):
@@ -180,6 +196,7 @@ class MeanOnlyBatchNorm(Norm, nnx.Module):
 
     batch_statistics = True
     weight_normalized_kernels = True  # the paper's pairing: the `weightnorm` kind
+    has_gain = False
 
     def __init__(self, dim, cfg, site, rngs):
         self.per_position = cfg.batch_stats == "per_position"
@@ -209,53 +226,57 @@ class MeanOnlyBatchNorm(Norm, nnx.Module):
         return y.astype(x.dtype)
 
 
-class GroupNorm(Norm, nnx.GroupNorm):
+class GroupNorm(Norm, nnx.Module):
     """GroupNorm (Wu & He 2018, arXiv:1803.08494): the features of each row split into G groups
     (`model.norm.groups`), each normalized by its own mean and variance:
 
         y = (x - mean_g(x)) / sqrt(var_g(x) + eps) * gamma + beta
 
-    G = 1 is LayerNorm; G = dim normalizes each feature alone. Built on `nnx.GroupNorm`.
+    G = 1 is LayerNorm; G = dim normalizes each feature alone. Built on `nnx.GroupNorm` (its
+    statistics; gamma and beta are normexp's, so that they can be unit-offset).
     """
 
     @classmethod
     def check(cls, model):
-        widths = {"model.d_model": model.d_model, "the head width (model.qk_norm)":
-                  model.d_model // model.n_head if model.qk_norm else model.d_model}
+        widths = {"model.d_model": model.d_model, "the head width (model.qk_norm=per_head)":
+                  model.d_model // model.n_head if model.qk_norm == "per_head" else model.d_model}
         for what, width in widths.items():
             if width % model.norm.groups:
                 return f"model.norm.groups: {model.norm.groups} does not divide {what} = {width}"
         return super().check(model)
 
     def __init__(self, dim, cfg, site, rngs):
-        super().__init__(dim, num_groups=cfg.groups, epsilon=cfg.eps, use_bias=cfg.bias,
-                         dtype=site.dtype, use_fast_variance=False, rngs=rngs)
+        self.stats = nnx.GroupNorm(dim, num_groups=cfg.groups, epsilon=cfg.eps, use_bias=False,
+                                   use_scale=False, dtype=site.dtype, use_fast_variance=False,
+                                   rngs=rngs)
+        self.gain_and_bias(dim, cfg)
 
     def __call__(self, x):
-        return super().__call__(x).astype(x.dtype)
+        return self.affine(self.stats(x)).astype(x.dtype)
 
 
-class InstanceNorm(Norm, nnx.InstanceNorm):
+class InstanceNorm(Norm, nnx.Module):
     """InstanceNorm (Ulyanov, Vedaldi & Lempitsky 2016, arXiv:1607.08022), per sequence and
     feature, over time:
 
         y_t = (x_t - mean_t'(x_t')) / sqrt(var_t'(x_t') + eps) * gamma + beta
 
     The statistics pool every position of the sequence, so in a causal model each position
-    sees later ones (leaky). Built on `nnx.InstanceNorm`.
+    sees later ones (leaky). Built on `nnx.InstanceNorm` (its statistics, as for GroupNorm).
     """
 
     leaks_across_positions = True
 
     def __init__(self, dim, cfg, site, rngs):
-        super().__init__(dim, epsilon=cfg.eps, use_bias=cfg.bias, dtype=site.dtype,
-                         use_fast_variance=False, rngs=rngs)
+        self.stats = nnx.InstanceNorm(dim, epsilon=cfg.eps, use_bias=False, use_scale=False,
+                                      dtype=site.dtype, use_fast_variance=False, rngs=rngs)
+        self.gain_and_bias(dim, cfg)
         self.rows = site.rows_per_seq
 
     def __call__(self, x):
         rows, dim = x.shape
-        y = super().__call__(x.reshape(-1, self.rows, dim))  # [B, T, dim]: over T per (b, dim)
-        return y.reshape(rows, dim).astype(x.dtype)
+        y = self.stats(x.reshape(-1, self.rows, dim))  # [B, T, dim]: over T per (b, dim)
+        return self.affine(y.reshape(rows, dim)).astype(x.dtype)
 
 
 class DynamicTanh(Norm, nnx.Module):
@@ -272,15 +293,11 @@ class DynamicTanh(Norm, nnx.Module):
         self.dtype = site.dtype
         alpha = {"attn": cfg.alpha_attn, "mlp": cfg.alpha_mlp}.get(site.role, cfg.alpha_final)
         self.alpha = nnx.Param(jnp.full((), alpha, jnp.float32))
-        self.scale = nnx.Param(jnp.ones((dim,), jnp.float32))
-        self.bias = nnx.Param(jnp.zeros((dim,), jnp.float32)) if cfg.bias else None
+        self.gain_and_bias(dim, cfg)
 
     def __call__(self, x):
         y = jnp.tanh(self.alpha[...].astype(self.dtype) * x.astype(self.dtype))
-        y = y * self.scale[...].astype(self.dtype)
-        if self.bias is not None:
-            y = y + self.bias[...].astype(self.dtype)
-        return y.astype(x.dtype)
+        return self.affine(y).astype(x.dtype)
 
 
 class DynamicErf(DynamicTanh):
@@ -299,14 +316,21 @@ class DynamicErf(DynamicTanh):
 
     def __call__(self, x):
         z = self.alpha[...].astype(self.dtype) * x.astype(self.dtype)
-        y = jax.lax.erf(z + self.shift[...].astype(self.dtype)) * self.scale[...].astype(self.dtype)
-        if self.bias is not None:
-            y = y + self.bias[...].astype(self.dtype)
-        return y.astype(x.dtype)
+        return self.affine(jax.lax.erf(z + self.shift[...].astype(self.dtype))).astype(x.dtype)
 
 
 class Identity(Norm, nnx.Module):
     """No normalization: y = x."""
+
+    has_gain = False
+
+    @classmethod
+    def check(cls, model):
+        for key in ("qk_norm", "embed_norm"):
+            if getattr(model, key) not in (False, "off"):
+                return (f"model.{key}: norm kind 'none' would make that norm the identity "
+                        f"(choose a model.norm.kind, or turn model.{key} off)")
+        return super().check(model)
 
     def __init__(self, dim, cfg, site, rngs):
         pass

@@ -10,6 +10,8 @@ update, and runs that differ only in `lr` share one compiled step (a sweep's com
 import jax
 import optax
 
+from normexp.weights import decays, is_variable
+
 
 def schedule(cfg, total_steps, peak=1.0):
     """0 -> peak linearly over warmup_steps, then cosine down to peak * min_lr_ratio at the end."""
@@ -19,8 +21,10 @@ def schedule(cfg, total_steps, peak=1.0):
 
 
 def decay_mask(params):
-    """Weight decay on matrices and embeddings only: norms' gains and biases are not shrunk."""
-    return jax.tree.map(lambda p: p.ndim >= 2, params)
+    """Weight decay where a parameter declares it (normexp.weights): kernels, embeddings and
+    unit-offset gains (toward their offset); biases and plain gains are not shrunk."""
+    return jax.tree.map(lambda p: p.replace(decays(p)) if is_variable(p) else False, params,
+                        is_leaf=is_variable)
 
 
 def make_optimizer(cfg, total_steps):

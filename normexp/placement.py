@@ -1,7 +1,8 @@
 """Where the norm sits around a sublayer F (attention or MLP), one rule per placement.
 
 A rule `rule(x, f, n, depth)` takes the residual stream x, the sublayer f, the sublayer's norms
-n (`n.input`, `n.output`, or rezero's gate `n.gate`) and the block's `Depth`, and reads like
+n (`n.input`, `n.output`, rezero's gate `n.gate`, nGPT's eigen learning rates `n.eigen`) and
+the block's `Depth`, and reads like
 the equation in its paper. `@rule("input", ...)` declares which norms it uses, so the block
 creates exactly those. A `Placement` pairs the rules of the attention and MLP sublayers with
 the few things a placement changes outside them (embedding norm, norms inside attention or the
@@ -15,10 +16,13 @@ reads the static `depth.segment`.
 
 import dataclasses
 import math
+import operator
 from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+from normexp.weights import unit
 
 
 class Depth(NamedTuple):
@@ -30,7 +34,8 @@ class Depth(NamedTuple):
 
 
 def rule(*norms):
-    """Marks a placement rule with the sublayer norms it uses ('input', 'output', 'gate')."""
+    """Marks a placement rule with the sublayer norms it uses ('input', 'output', 'gate',
+    'eigen')."""
     def mark(fn):
         fn.norms = norms
         return fn
@@ -117,6 +122,13 @@ def rezero(x, f, n, depth):
     return x + n.gate(f(x))
 
 
+@rule("eigen")
+def ngpt(x, f, n, depth):
+    """nGPT (Loshchilov et al. 2024), on the unit hypersphere: x = Norm(x + alpha * (Norm(F(x))
+    - x)), Norm(v) = v / ||v||, alpha learned per feature (the eigen learning rates)."""
+    return unit(x + n.eigen().astype(x.dtype) * (unit(f(x)) - x))
+
+
 @dataclasses.dataclass(frozen=True)
 class Placement:
     attn: Callable  # rule around attention
@@ -127,18 +139,30 @@ class Placement:
     mid_norm: bool = False  # a norm after the MLP's activation (NormFormer)
     init_gain: Callable = None  # n_layer -> gain of v, proj and MLP init (DeepNet)
     dual: bool = False  # a second residual stream, output x_L + N(d_L) (ResiDual)
-    norm_free: bool = False  # uses no norm at all (model.norm.kind must be none)
+    sphere: bool = False  # nGPT's model: unit-norm embeddings, q, k and kernels, scaled logits
     segments: Callable = None  # (n_layer, cfg) -> block boundaries, e.g. (0, 1, 4) (Mix-LN)
+    requires: tuple = ()  # (model key, value, why): settings it cannot do without
 
     def __post_init__(self):
         if self.mlp is None:
             object.__setattr__(self, "mlp", self.attn)
 
+    @property
+    def norm_free(self):
+        """Uses no norm layer at all (model.norm.kind must be none)."""
+        return ("norm.kind", "none") in [(key, value) for key, value, _ in self.requires]
+
+    def overrides(self):
+        """The settings it requires, as command-line overrides ('model.norm.kind=none')."""
+        return [f"model.{key}={str(value).lower()}" for key, value, _ in self.requires]
+
     def check(self, model):
         """What is wrong with the `model` config section for this placement, or None."""
-        if self.norm_free and model.norm.kind != "none":
-            return (f"model.norm.kind: placement {model.placement!r} uses no norm, got "
-                    f"{model.norm.kind!r} (set model.norm.kind=none)")
+        for key, value, why in self.requires:
+            got = operator.attrgetter(key)(model)
+            if got != value:
+                return (f"model.{key}: placement {model.placement!r} {why}, got {got!r} "
+                        f"(set model.{key}={str(value).lower()})")
         return None
 
 
@@ -154,5 +178,9 @@ PLACEMENTS = {
     "normformer": Placement(sandwich, mlp=pre, head_scale=True, mid_norm=True),
     "lns": Placement(lns),
     "resi_dual": Placement(resi_dual, dual=True),
-    "rezero": Placement(rezero, norm_free=True),
+    "rezero": Placement(rezero, requires=(("norm.kind", "none", "uses no norm"),)),
+    "ngpt": Placement(ngpt, sphere=True, requires=(
+        ("norm.kind", "none", "normalizes by projecting onto the unit sphere, with no norm layer"),
+        ("bias", False, "has no biases (they would move the hidden states off the sphere)"),
+        ("weight_norm", False, "keeps its kernels unit-norm itself"))),
 }

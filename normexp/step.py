@@ -15,6 +15,7 @@ from normexp.metrics import block_observer, grad_rms, layer_stats, output_logit_
 from normexp.model import evaluation_view, make_model
 from normexp.optim import learning_rate, make_optimizer
 from normexp.rundir import BLOCK, family
+from normexp.weights import project
 
 
 def due(step, every, last):
@@ -83,7 +84,8 @@ def make_train_step(graphdef, tx, *, grad_norms, activations=None, attention=Non
             state["params"])
         updates, opt = tx.update(grads, state["opt"], state["params"])
         updates = jax.tree.map(lambda u: u * state["lr"], updates)  # tx runs at peak lr 1
-        params = optax.apply_updates(state["params"], updates)
+        # constrained parameters (nGPT's unit-norm matrices) go back onto their constraint
+        params = project(optax.apply_updates(state["params"], updates))
         grad_norm = optax.tree.norm(grads)  # before clipping, which happens inside tx
         metrics = {"loss": loss, "lr": learning_rate(opt, state["lr"]), "grad_norm": grad_norm}
         if z_loss:

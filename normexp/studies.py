@@ -260,7 +260,7 @@ def measure_scale_invariance(scale, factors=(0.5, 2.0, 10.0)):
     from normexp.step import init_state, loss_fn
     C = scale.d_model
     cfg = config_lib.build({}, [("model.n_layer", scale.n_layer), ("model.d_model", C),
-                                ("model.n_head", 2), ("model.qk_norm", True),
+                                ("model.n_head", 2), ("model.qk_norm", "per_head"),
                                 ("data.seq_len", scale.seq_len)])
     corpus = data_lib.load_corpus("", 0, scale.seq_len)
     graphdef, _, state = init_state(cfg, corpus.vocab_size)

@@ -16,7 +16,7 @@ GiB = 2**30
 
 @pytest.mark.parametrize("overrides", [[], ["model.d_model=64", "model.n_layer=6",
                                             "model.mlp_ratio=2"],
-                                       ["model.placement=normformer", "model.qk_norm=true"],
+                                       ["model.placement=normformer", "model.qk_norm=per_head"],
                                        ["model.norm.kind=rmsnorm", "model.bias=false"]])
 def test_the_state_estimate_counts_the_model_parameters_within_one_percent(overrides):
     cfg = load(None, overrides)

@@ -104,12 +104,12 @@ def layer_norm64(x, eps=1e-5):
     return (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + eps)
 
 
-@pytest.mark.parametrize("qk_norm", [False, True])
+@pytest.mark.parametrize("qk_norm", ["off", "per_head", "shared"])
 def test_attention_diagnostics_match_a_numpy_reference(tiny, qk_norm):
     """Block 0 of a fresh Pre-Norm model by hand: LN(embeddings) -> qkv -> (per-head LN) ->
     logits, entropy, q/k norms and sink mass; the massive-activation ratio of the last block."""
     model = model_of(tiny, "model.placement=pre", "model.final_norm=false", "model.init_std=0.3",
-                     f"model.qk_norm={str(qk_norm).lower()}")
+                     f"model.qk_norm={qk_norm}")
     x = tokens()
     observe = block_observer(jnp.asarray(True), activations=False, attention=True)
     _, stats = model(x, observe=observe)
@@ -121,8 +121,10 @@ def test_attention_diagnostics_match_a_numpy_reference(tiny, qk_norm):
     qkv = h @ w + b
     C, H = qkv.shape[1] // 3, 2
     q, k = (qkv[:, i * C:(i + 1) * C].reshape(x.shape[0], T, H, C // H) for i in (0, 1))
-    if qk_norm:  # gains 1 and biases 0 at init
+    if qk_norm == "per_head":  # gains 1 and biases 0 at init
         q, k = layer_norm64(q), layer_norm64(k)
+    if qk_norm == "shared":  # over the full width: each token's heads together
+        q, k = (layer_norm64(a.reshape(*a.shape[:2], C)).reshape(a.shape) for a in (q, k))
     expected = np_attention(q, k)
     for name, value in expected.items():
         np.testing.assert_allclose(np.asarray(stats["attn"][name][0], np.float64), value,

@@ -114,3 +114,22 @@ def test_attention_soft_cap_matches_its_formula():
     p /= p.sum(-1, keepdims=True)
     got = causal_attention_plain(*(jnp.asarray(a, jnp.float32) for a in (q, k, v)), softcap=1.5)
     np.testing.assert_allclose(got, np.einsum("bhts,bhsk->bhtk", p, v), rtol=1e-4, atol=1e-5)
+
+
+def test_qk_norm_variants_change_the_output_and_their_gains_receive_gradient(tiny):
+    """per_head and shared normalize different groups of features, so with two heads they
+    compute different functions; the q and k gains and biases of each get gradient."""
+    x = tokens()
+    outputs = {}
+    for variant in ("off", "per_head", "shared"):
+        model = model_of(tiny, "model.init_std=0.3", f"model.qk_norm={variant}")
+        outputs[variant] = np.asarray(model(x))
+        if variant == "off":
+            continue
+        graphdef, params = nnx.split(model, nnx.Param)
+        grads = jax.grad(lambda p: jnp.mean(nnx.merge(graphdef, p)(x) ** 2))(params)
+        for name in ("q_head_norm", "k_head_norm"):
+            for leaf in jax.tree.leaves(getattr(grads.blocks.attn, name)):
+                assert float(jnp.abs(leaf).max()) > 0, (variant, name)
+    for a, b in (("off", "per_head"), ("off", "shared"), ("per_head", "shared")):
+        assert not np.allclose(outputs[a], outputs[b], atol=1e-4), (a, b)

@@ -6,7 +6,8 @@ import pytest
 from flax import nnx
 
 from normexp import config as config_lib
-from normexp.model import WeightNormLinear, evaluation_view
+from normexp.model import evaluation_view
+from normexp.weights import WeightNormLinear, effective
 from normexp.norms import NORMS, make_norm
 
 ROWS = 6  # rows (tokens) per sequence in these tests
@@ -28,8 +29,9 @@ def randomized(norm, rng):
 
 
 def params(norm):
+    """The parameters as the formula uses them (a unit-offset gain: offset + w)."""
     return {"/".join(map(str, path)): np.asarray(v[...], np.float64)
-            for path, v in nnx.to_flat_state(nnx.state(norm, nnx.Param))}
+            for path, v in nnx.to_flat_state(effective(nnx.state(norm, nnx.Param)))}
 
 
 # NumPy references, written from each paper's formula (float64)
@@ -103,6 +105,28 @@ def check(kind, x, *overrides, ref=None, eps=1e-5, rtol=1e-4, atol=1e-4):
 def test_matches_the_papers_formula_on_random_input(kind):
     x = np.random.default_rng(1).normal(2.0, 3.0, (4 * ROWS, 24))
     check(kind, x)
+
+
+GAINED = sorted(k for k in NORMS if NORMS[k].has_gain)
+
+
+@pytest.mark.parametrize("kind", GAINED)
+def test_unit_offset_gain_is_its_offset_plus_w_and_the_same_function_at_init(kind):
+    """With random w the norm is the paper's formula at gamma = offset + w; fresh, w = 0 and
+    the norm equals the plain one (same seed) exactly."""
+    x = np.random.default_rng(4).normal(1.0, 2.0, (2 * ROWS, 24))
+    check(kind, x, "unit_offset=true")
+    offset = make_norm(config_lib.load(None, [f"model.norm.kind={kind}", "model.norm.groups=4",
+                                              "model.norm.unit_offset=true"]).model.norm,
+                       24, role="attn", rows_per_seq=ROWS, rngs=nnx.Rngs(0))
+    plain = make_norm(config_lib.load(None, [f"model.norm.kind={kind}",
+                                             "model.norm.groups=4"]).model.norm,
+                      24, role="attn", rows_per_seq=ROWS, rngs=nnx.Rngs(0))
+    stored = [v for _, v in nnx.to_flat_state(nnx.state(offset, nnx.Param))
+              if "gain_offset" in v.get_metadata()]
+    assert len(stored) == 1 and not np.asarray(stored[0][...]).any()  # w = 0
+    np.testing.assert_array_equal(offset(jnp.asarray(x, jnp.float32)),
+                                  plain(jnp.asarray(x, jnp.float32)))
 
 
 @pytest.mark.parametrize("kind", ["layernorm", "groupnorm", "instancenorm", "batchnorm", "dyt",
@@ -264,10 +288,15 @@ def test_unknown_norm_names_the_choices():
 @pytest.mark.parametrize("overrides, message", [
     (["model.norm.kind=groupnorm", "model.norm.groups=5"],
      "model.norm.groups: 5 does not divide model.d_model = 128"),
-    (["model.norm.kind=groupnorm", "model.norm.groups=64", "model.qk_norm=true"],
-     "model.norm.groups: 64 does not divide the head width (model.qk_norm) = 32"),
+    (["model.norm.kind=groupnorm", "model.norm.groups=64", "model.qk_norm=per_head"],
+     "model.norm.groups: 64 does not divide the head width (model.qk_norm=per_head) = 32"),
     (["model.norm.kind=layernorm", "model.norm.partial=0.5"],
      "model.norm.partial: only rmsnorm has a partial RMS, got kind 'layernorm'"),
+    (["model.norm.kind=weightnorm", "model.norm.unit_offset=true"],
+     "model.norm.unit_offset: norm kind 'weightnorm' has no gain"),
+    (["model.norm.kind=none", "model.qk_norm=shared"],
+     "model.qk_norm: norm kind 'none' would make that norm the identity (choose a "
+     "model.norm.kind, or turn model.qk_norm off)"),
 ])
 def test_each_norm_states_the_configs_it_refuses(overrides, message):
     with pytest.raises(config_lib.UsageError, match=message.replace("(", r"\(").replace(")", r"\)")):

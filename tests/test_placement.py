@@ -116,8 +116,10 @@ def test_placement_extras_exist_where_their_papers_put_them(tiny):
     assert model("model.placement=peri").embed_norm is not None
     assert model("model.embed_norm=true").embed_norm is not None
     assert model().embed_norm is None
-    qk = model("model.qk_norm=true")
+    qk = model("model.qk_norm=per_head")
     assert qk.blocks.attn.q_head_norm.scale.shape == (2, 16)  # per head: [L, K]
+    shared = model("model.qk_norm=shared")
+    assert shared.blocks.attn.k_head_norm.scale.shape == (2, 32)  # the full width: [L, C]
 
 
 def embeddings(model, toks):
@@ -138,15 +140,15 @@ PAIRS = [(p, k) for p in sorted(PLACEMENTS) for k in sorted(NORMS)
 @pytest.mark.parametrize("placement, kind", PAIRS)
 def test_every_pair_is_causal_unless_documented_leaky_and_trains(tiny, placement, kind):
     check_causal_and_trains(tiny, f"model.placement={placement}", f"model.norm.kind={kind}",
-                            leaky=kind in LEAKY)
+                            *PLACEMENTS[placement].overrides(), leaky=kind in LEAKY)
 
 
 @pytest.mark.parametrize("switches, leaky", [
-    (["model.qk_norm=true", "model.embed_norm=true", "model.weight_norm=true"], False),
-    (["model.qk_norm=true", "model.norm.kind=groupnorm", "model.norm.groups=2"], False),
-    (["model.qk_norm=true", "model.norm.kind=instancenorm"], True),
+    (["model.qk_norm=per_head", "model.embed_norm=true", "model.weight_norm=true"], False),
+    (["model.qk_norm=per_head", "model.norm.kind=groupnorm", "model.norm.groups=2"], False),
+    (["model.qk_norm=per_head", "model.norm.kind=instancenorm"], True),
     (["model.embed_norm=true", "model.placement=post", "model.norm.kind=dyt"], False),
-    (["model.attn_softcap=2", "model.logit_softcap=5", "model.qk_norm=true"], False),
+    (["model.attn_softcap=2", "model.logit_softcap=5", "model.qk_norm=per_head"], False),
 ])
 def test_switches_are_causal_and_train(tiny, switches, leaky):
     check_causal_and_trains(tiny, *switches, leaky=leaky)
@@ -197,9 +199,10 @@ def test_per_position_batchnorm_is_causal(tiny):
 
 @pytest.mark.parametrize("placement", sorted(PLACEMENTS))
 def test_scan_and_unrolled_agree_for_every_placement(tiny, placement):
-    kind = "none" if PLACEMENTS[placement].norm_free else "rmsnorm"
-    models = [make_model(tiny(f"model.placement={placement}", f"model.norm.kind={kind}",
-                              "model.n_layer=4", *o).model, vocab_size=64, max_len=T, seed=0)
+    required = PLACEMENTS[placement].overrides()
+    models = [make_model(tiny(f"model.placement={placement}", "model.norm.kind=rmsnorm",
+                              *required, "model.n_layer=4", *o).model,
+                         vocab_size=64, max_len=T, seed=0)
               for o in ([], ["model.scan=false"], ["model.scan_unroll=1"])]
     scanned, looped, one_by_one = (m(tokens()) for m in models)
     np.testing.assert_allclose(scanned, looped, rtol=1e-5, atol=1e-5)
@@ -218,3 +221,90 @@ def test_scan_and_unrolled_agree_for_every_norm(tiny, kind):
     for a, b in zip(jax.tree.leaves(nnx.state(models[0], nnx.BatchStat)),
                     jax.tree.leaves(nnx.state(models[1], nnx.BatchStat))):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+NGPT = ["model.placement=ngpt", *PLACEMENTS["ngpt"].overrides()]
+
+
+def np_unit(x):
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def np_ngpt_logits(p, x, n_head):
+    """nGPT's forward from the paper's equations (Loshchilov et al. 2024, sec. 2), float64:
+    h <- Norm(h + alpha_A (Norm(h_A) - h)), then the same with the MLP; q and k unit per head
+    times s_qk, softmax scale sqrt(d_k); logits s_z * (E h). normexp's documented variations:
+    learned absolute positions, h_0 = Norm(E[x] + P[t]), and a GELU MLP whose input is scaled
+    by s_u sqrt(d_model)."""
+    erf = np.vectorize(math.erf)
+    B, T_ = x.shape
+    E, P = p["tok_embed/embedding"], p["pos_embed"]
+    C = E.shape[1]
+    H, K = n_head, C // n_head
+    h = np_unit(E[x] + P[:T_]).reshape(B * T_, C)
+    for i in range(p["blocks/attn/qkv/kernel"].shape[0]):
+        q, k, v = np.split(h @ p["blocks/attn/qkv/kernel"][i], 3, axis=-1)
+        s_qk = p["blocks/attn/s_qk/w"][i] * (1.0 / C ** -0.5)
+        q, k, v = (a.reshape(B, T_, H, K) for a in (q, k, v))
+        q, k = np_unit(q) * s_qk, np_unit(k) * s_qk
+        z = np.einsum("bthk,bshk->bhts", q, k) * math.sqrt(K)
+        z = z + np.triu(np.full((T_, T_), -np.inf), k=1)
+        a = np.exp(z - z.max(-1, keepdims=True))
+        a /= a.sum(-1, keepdims=True)
+        y = np.einsum("bhts,bshk->bthk", a, v).reshape(B * T_, C)
+        h_a = y @ p["blocks/attn/proj/kernel"][i]
+        alpha_a = p["blocks/attn_norms/eigen/w"][i] * (0.05 / C ** -0.5)
+        h = np_unit(h + alpha_a * (np_unit(h_a) - h))
+        u = h @ p["blocks/mlp/up/kernel"][i] * p["blocks/mlp/s_u/w"][i] * math.sqrt(C)
+        h_m = (0.5 * u * (1 + erf(u / math.sqrt(2)))) @ p["blocks/mlp/down/kernel"][i]
+        alpha_m = p["blocks/mlp_norms/eigen/w"][i] * (0.05 / C ** -0.5)
+        h = np_unit(h + alpha_m * (np_unit(h_m) - h))
+    return (h @ E.T) * p["logit_scale/w"] * (1.0 / C ** -0.5)
+
+
+def test_ngpt_is_the_papers_normalized_transformer(tiny):
+    """Random (non-init) scalings, against the float64 reference written from the paper."""
+    model = make_model(tiny(*NGPT).model, vocab_size=64, max_len=T, seed=0)
+    rng = np.random.default_rng(0)
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        if path[-1] == "w":  # the scalings: away from their inits, so each is checked
+            var[...] = var[...] * jnp.asarray(rng.uniform(0.5, 3.0, var.shape), jnp.float32)
+    p = {"/".join(map(str, path)): np.asarray(v[...], np.float64)
+         for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    x = tokens()
+    np.testing.assert_allclose(model(x), np_ngpt_logits(p, np.asarray(x), n_head=2),
+                               rtol=2e-4, atol=2e-5)
+    h = np.asarray(model.features(x))
+    np.testing.assert_allclose(np.linalg.norm(h, axis=-1), 1.0, rtol=1e-5)  # on the sphere
+
+
+def test_ngpt_weights_stay_unit_norm_through_training_and_every_scaling_learns(tiny):
+    cfg = tiny(*NGPT, "optim.lr=0.01", "optim.weight_decay=0.1")
+    graphdef, tx, state = init_state(cfg, 64)
+    before = jax.tree.map(np.asarray, state["params"])
+    step = make_train_step(graphdef, tx, grad_norms=True)
+    corpus = data_lib.load_corpus("", 0, T)
+    for i in range(3):
+        batch = data_lib.batch(corpus.train, seed=0, step=i, batch_size=4, seq_len=T)
+        state, metrics = step(state, *(jnp.asarray(b) % 64 for b in batch))
+    spheres = 0
+    for (path, new), (_, old) in zip(nnx.to_flat_state(state["params"]),
+                                     nnx.to_flat_state(before)):
+        assert not np.allclose(new[...], old[...]), path  # every parameter is trained
+        axis = new.get_metadata().get("sphere_axis")
+        if axis is not None:
+            spheres += 1
+            np.testing.assert_allclose(np.linalg.norm(new[...], axis=axis), 1.0, rtol=1e-5,
+                                       err_msg=str(path))
+    assert spheres == 6  # 4 kernels and 2 embeddings
+    assert np.isfinite(float(metrics["loss"]))
+
+
+def test_ngpt_refuses_what_would_leave_the_sphere(tiny):
+    for override, message in [
+            ("model.bias=true", "model.bias: placement 'ngpt' has no biases"),
+            ("model.norm.kind=rmsnorm", "model.norm.kind: placement 'ngpt' normalizes by "
+                                        "projecting onto the unit sphere"),
+            ("model.weight_norm=true", "model.weight_norm: placement 'ngpt' keeps its kernels")]:
+        with pytest.raises(UsageError, match=message):
+            tiny(*NGPT, override)
