@@ -9,69 +9,17 @@ import copy
 import dataclasses
 import math
 import os
-import re
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import yaml
 
 from normexp.errors import UsageError, suggest
+from normexp.fields import (nonneg, one_of, opt, positive, registered, registry, safe_name,
+                            section, unit_closed, unit_left_open, unit_open)
 
 
 INT32_MAX = 2**31 - 1  # the step counter, token ids and positions are int32 on the device
-
-
-def opt(default, doc, check=None, aliases=None):
-    """A config field with its default, a one-line doc, an optional range check and optional
-    aliases: older spellings of a value, e.g. {"true": "per_head"} (read case-insensitively)."""
-    return field(default=default, metadata={"doc": doc, "check": check, "aliases": aliases})
-
-
-def section(cls, doc):
-    return field(default_factory=cls, metadata={"doc": doc, "check": None})
-
-
-def rule(holds, text):
-    """A range check: None where `holds(value)`, else the problem, e.g. 'must be > 0'."""
-    return lambda v: None if holds(v) else text
-
-
-positive = rule(lambda v: v > 0, "must be > 0")
-nonneg = rule(lambda v: v >= 0, "must be >= 0")
-unit_open = rule(lambda v: 0 <= v < 1, "must be in [0, 1)")
-unit_closed = rule(lambda v: 0 <= v <= 1, "must be in [0, 1]")
-unit_left_open = rule(lambda v: 0 < v <= 1, "must be in (0, 1]")
-
-
-def one_of(*choices):
-    def check(v):
-        return None if v in choices else f"must be one of {', '.join(choices)}"
-    return check
-
-
-def safe_name(v):
-    if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._=,+-]*", v) and ".." not in v:
-        return None
-    return ("must be a plain file name (letters, digits and . _ = , + -, no '/' or '..', "
-            "not starting with '.' or '-')")
-
-
-def registered(registry_name):
-    """Checks a name against a registry (norms, placements) that is imported lazily."""
-    def check(v):
-        names = sorted(_registry(registry_name))
-        if v in names:
-            return None
-        near = suggest(v, names)
-        hint = f"; did you mean {near!r}?" if near else ""
-        return f"unknown {registry_name} {v!r}{hint} (valid: {', '.join(names)})"
-    return check
-
-
-def _registry(name):
-    from normexp.norms import NORMS
-    from normexp.placement import PLACEMENTS
-    return NORMS if name == "norm" else PLACEMENTS
 
 
 @dataclass(frozen=True)
@@ -112,6 +60,9 @@ class ModelConfig:
     n_head: int = opt(4, "attention heads per block (must divide d_model)", positive)
     d_model: int = opt(128, "residual stream width", positive)
     mlp_ratio: int = opt(4, "MLP hidden width as a multiple of d_model", positive)
+    activation: str = opt("gelu", "MLP activation: gelu (exact, GPT-2's) or relu (the original "
+                                  "Transformer's, as in Xiong et al. 2020)",
+                          one_of("gelu", "relu"))
     placement: str = opt("pre", "where the norm sits around each sublayer, by registered name",
                          registered("placement"))
     final_norm: bool = opt(True, "apply a norm to the residual stream before the output head")
@@ -375,8 +326,8 @@ def _check_cross(cfg):
     m = cfg.model
     if m.d_model % m.n_head:
         raise UsageError(f"model.n_head: {m.n_head} does not divide model.d_model={m.d_model}")
-    for problem in (_registry("placement")[m.placement].check(m),
-                    _registry("norm")[m.norm.kind].check(m)):
+    for problem in (registry("placement")[m.placement].check(m),
+                    registry("norm")[m.norm.kind].check(m)):
         if problem:
             raise UsageError(problem)
 

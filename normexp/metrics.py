@@ -10,6 +10,9 @@
   `act/block_03/massive`, `logits/lse_mean` and `logits/max`, `grad_rms/block_03` and
   `grad_rms`.
 
+- For the gradient studies, outside the step: `gradient_expectation`, ||E[g]|| and E[||g||]
+  over k batches per parameter and block.
+
 Inside the step a per-block statistic is one [L] vector under its family name
 (`grad_norm/block/attn`); `per_block` names the blocks on the host (normexp.rundir's scheme).
 """
@@ -178,6 +181,26 @@ def grad_rms(grads):
     total = sum(jnp.sum(sums[layer]) for layer in layers)
     return {BLOCK: jnp.sqrt(sums[BLOCK] / in_block),
             "all": jnp.sqrt(total / sum(leaf.size for _, leaf in leaves))}
+
+
+def gradient_expectation(grads_per_batch):
+    """From the gradients of k batches (an iterable of parameter trees): per parameter path
+    ('blocks/mlp/down/kernel'), `expected`, the norm of the mean gradient ||E[g]||_F (what
+    Xiong et al. 2020 plot), and `per_batch`, the mean of the per-batch norms E[||g||_F];
+    blocks' parameters per block ([L] vectors), the others scalars. float64 on the host."""
+    total, norms, k = {}, {}, 0
+    for grads in grads_per_batch:
+        k += 1
+        for keypath, leaf in jax.tree_util.tree_flatten_with_path(grads)[0]:
+            names = path_names(keypath)
+            g = np.asarray(jax.device_get(leaf), np.float64)
+            g = g.reshape(len(g), -1) if names[0] == "blocks" else g.reshape(1, -1)
+            key = "/".join(map(str, names))
+            total[key] = total.get(key, 0.0) + g
+            norms[key] = norms.get(key, 0.0) + np.linalg.norm(g, axis=1)
+    squeeze = lambda key, v: v if key.startswith("blocks/") else float(v[0])
+    return {key: {"expected": squeeze(key, np.linalg.norm(total[key] / k, axis=1)),
+                  "per_batch": squeeze(key, norms[key] / k)} for key in total}
 
 
 def when(record, fn, *args):

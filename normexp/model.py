@@ -116,14 +116,17 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-    """Two-layer perceptron with exact GELU: W2 gelu(W1 x), optionally W2 N(gelu(W1 x)); nGPT
-    (`sphere`): W2 gelu(s_u * sqrt(C) * W1 x) with unit-norm kernels."""
+    """Two-layer perceptron W2 act(W1 x), act exact GELU or ReLU (`activation`), optionally
+    W2 N(act(W1 x)); nGPT (`sphere`): W2 act(s_u * sqrt(C) * W1 x) with unit-norm kernels."""
 
     def __init__(self, d_model, hidden, *, linear, norm, init, std, out_std, gain, mid_norm,
-                 custom_grad, sphere=False):
+                 custom_grad, sphere=False, activation="gelu"):
         C, F = d_model, hidden
-        self.gelu = custom_grads.gelu if custom_grad else functools.partial(
-            jax.nn.gelu, approximate=False)
+        if activation == "relu":
+            self.act = jax.nn.relu
+        else:
+            self.act = custom_grads.gelu if custom_grad else functools.partial(
+                jax.nn.gelu, approximate=False)
         self.up = linear(C, F, normal_init(kernel_std(init, C, F, std) * gain),
                          -2 if sphere else None)
         self.down = linear(F, C, normal_init(kernel_std(init, F, C, out_std) * gain),
@@ -137,7 +140,7 @@ class MLP(nnx.Module):
         u_NxF = self.up(x_NxC)
         if self.s_u is not None:
             u_NxF = u_NxF * (self.s_u() * self.width_scale).astype(u_NxF.dtype)
-        h_NxF = self.gelu(u_NxF)
+        h_NxF = self.act(u_NxF)
         if self.mid_norm is not None:
             h_NxF = self.mid_norm(h_NxF)
         return self.down(h_NxF)
@@ -189,7 +192,8 @@ class Block(nnx.Module):
     """One transformer block: attention then MLP, each wrapped by its placement rule."""
 
     def __init__(self, d_model, n_head, mlp_ratio, *, place, n_layer, linear, norm, init, std,
-                 out_std, qk_norm, rows_per_seq, fused_attention, custom_grad, attn_softcap=0.0):
+                 out_std, qk_norm, rows_per_seq, fused_attention, custom_grad, attn_softcap=0.0,
+                 activation="gelu"):
         self.place = place
         gain = place.init_gain(n_layer) if place.init_gain else 1.0
         shared = dict(linear=linear, norm=norm, init=init, std=std, out_std=out_std, gain=gain,
@@ -199,7 +203,8 @@ class Block(nnx.Module):
                               head_scale=place.head_scale, rows_per_seq=rows_per_seq,
                               fused=fused_attention, softcap=attn_softcap, **shared)
         self.mlp_norms = SublayerNorms(place.mlp.norms, lambda: norm(d_model, "mlp"), d_model)
-        self.mlp = MLP(d_model, mlp_ratio * d_model, mid_norm=place.mid_norm, **shared)
+        self.mlp = MLP(d_model, mlp_ratio * d_model, mid_norm=place.mid_norm,
+                       activation=activation, **shared)
 
     def __call__(self, stream, seq_len, depth, observe=None):
         """The block's output stream; with `observe` also `observe(seen)`, where `seen` holds
@@ -276,7 +281,8 @@ class GPT(nnx.Module):
             return Block(C, cfg.n_head, cfg.mlp_ratio, place=place, n_layer=L, init=cfg.init,
                          std=std, out_std=out_std, qk_norm=cfg.qk_norm, rows_per_seq=max_len,
                          fused_attention=fused, custom_grad=cfg.custom_grads,
-                         attn_softcap=cfg.attn_softcap, **makers(rngs))
+                         attn_softcap=cfg.attn_softcap, activation=cfg.activation,
+                         **makers(rngs))
 
         self.blocks = stacked_blocks(rngs)  # every parameter has a leading [L] axis
         self.dual_norm = norm(C, "final") if place.dual else None

@@ -108,6 +108,17 @@ def make_train_step(graphdef, tx, *, grad_norms, activations=None, attention=Non
     return jax.jit(jax.vmap(train_step) if vectorized else train_step, donate_argnums=0)
 
 
+def make_grad_step(graphdef):
+    """(params, rest, inputs, targets) -> the gradient of the training loss (batch-statistics
+    norms in training mode; nothing is updated): what the gradient studies average."""
+    def grad_step(params, rest, inputs_BxT, targets_BxT):
+        def loss_of(params):
+            model = nnx.merge(graphdef, params, jax.tree.map(lambda a: a, rest))
+            return loss_fn(model(inputs_BxT), targets_BxT)
+        return jax.grad(loss_of)(params)
+    return jax.jit(grad_step)
+
+
 def make_eval_step(graphdef, vectorized=False):
     """(params, rest, inputs, targets) -> the loss, with batch statistics' running averages."""
     def eval_step(params, rest, inputs_BxT, targets_BxT):

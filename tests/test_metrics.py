@@ -154,3 +154,35 @@ def test_the_median_without_a_sort_equals_numpys():
             a = a.astype(np.float32)
             assert float(median(jnp.asarray(a))) == pytest.approx(
                 np.median(a.astype(np.float64)), rel=1e-6), (n, a)
+
+
+def test_expected_gradient_is_the_norm_of_the_mean_gradient(tiny):
+    """||E[g]|| over k batches against NumPy's mean of the per-batch gradients, per block; the
+    mean per-batch norm beside it; one batch's gradient is the train step's."""
+    from flax import nnx
+    from normexp import data as data_lib
+    from normexp.metrics import gradient_expectation
+    from normexp.step import init_state, make_grad_step, make_train_step
+    graphdef, tx, state = init_state(tiny(), 64)
+    corpus = data_lib.load_corpus("", 0, T)
+    batches = [[jnp.asarray(b) % 64 for b in data_lib.batch(corpus.train, seed=0, step=i,
+                                                            batch_size=4, seq_len=T)]
+               for i in range(3)]
+    grad = make_grad_step(graphdef)
+    grads = [grad(state["params"], state["rest"], *batch) for batch in batches]
+    got = gradient_expectation(grads)
+    flat = [{"/".join(map(str, p)): np.asarray(v[...], np.float64)
+             for p, v in nnx.to_flat_state(g)} for g in grads]
+    for name in ("blocks/mlp/up/kernel", "blocks/mlp/down/kernel"):
+        per = np.stack([f[name] for f in flat]).reshape(3, 2, -1)  # [k, L, entries]
+        np.testing.assert_allclose(got[name]["expected"], np.linalg.norm(per.mean(0), axis=1),
+                                   rtol=1e-12)
+        np.testing.assert_allclose(got[name]["per_batch"],
+                                   np.linalg.norm(per, axis=2).mean(0), rtol=1e-12)
+        assert (got[name]["expected"] < got[name]["per_batch"]).all()  # the batches differ
+    assert isinstance(got["pos_embed"]["expected"], float)
+    _, metrics = make_train_step(graphdef, tx, grad_norms=True)(state, *batches[0])
+    block_sq = sum(np.square(v).reshape(2, -1).sum(1) for k, v in flat[0].items()
+                   if k.startswith("blocks/"))
+    np.testing.assert_allclose(np.asarray(metrics["grad_norm/block"]), np.sqrt(block_sq),
+                               rtol=1e-5)

@@ -133,3 +133,20 @@ def test_qk_norm_variants_change_the_output_and_their_gains_receive_gradient(tin
                 assert float(jnp.abs(leaf).max()) > 0, (variant, name)
     for a, b in (("off", "per_head"), ("off", "shared"), ("per_head", "shared")):
         assert not np.allclose(outputs[a], outputs[b], atol=1e-4), (a, b)
+
+
+def test_relu_activation_is_w2_relu_w1_and_changes_the_output(tiny):
+    """model.activation=relu (Xiong et al.'s Transformer): the MLP is W2 max(0, W1 x + b1) + b2."""
+    relu = model_of(tiny, "model.activation=relu")
+    gelu = model_of(tiny)
+    assert not np.allclose(relu(tokens()), gelu(tokens()), atol=1e-5)
+    mlp = relu.blocks.mlp  # stacked on [L]: block 0
+    p = {k: np.asarray(v, np.float64)[0] for k, v in (
+        ("w1", mlp.up.kernel[...]), ("b1", mlp.up.bias[...]),
+        ("w2", mlp.down.kernel[...]), ("b2", mlp.down.bias[...]))}
+    x = np.random.default_rng(0).normal(size=(5, 32))
+    expected = np.maximum(0, x @ p["w1"] + p["b1"]) @ p["w2"] + p["b2"]
+    graphdef, state = nnx.split(relu.blocks.mlp)
+    block0 = nnx.merge(graphdef, jax.tree.map(lambda a: a[0], state))
+    np.testing.assert_allclose(block0(jnp.asarray(x, jnp.float32)), expected, rtol=1e-4,
+                               atol=1e-5)

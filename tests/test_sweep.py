@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from normexp import config as config_lib
+from normexp.fields import safe_name
 from normexp import results as results_lib
 from normexp import rundir
 from normexp import sweep as sweep_lib
@@ -79,7 +80,7 @@ def test_hostile_values_give_unique_safe_names_inside_the_sweep_dir(tmp_path):
     assert len(set(names)) == len(names) == 2 * len(HOSTILE)
     out = os.path.realpath(tmp_path / "out")
     for r in sweep.runs:
-        assert config_lib.safe_name(r.name) is None, r.name
+        assert safe_name(r.name) is None, r.name
         assert len(r.name.encode()) < 200
         assert os.path.dirname(os.path.realpath(r.cfg.run.dir)) == out
     again = sweep_lib.load(write_sweep(tmp_path, grid={"data.path": HOSTILE}, seeds=2))
