@@ -3,7 +3,8 @@ and `normexp report`.
 
 `load_runs(path)` gives one row per run: its name and directory, its status and summary figures,
 and every config key flattened as a column (`model.norm.kind`, `optim.lr`, ...).
-`load_metrics(path)` gives the metrics in long format, one row per (run, step, metric, value),
+`lr_sensitivity(runs)` condenses a learning-rate sweep into Wortsman et al.'s one number per
+setup. `load_metrics(path)` gives the metrics in long format, one row per (run, step, metric, value),
 every per-layer gradient norm included. `path` is a run directory, a sweep directory, a
 directory of runs, or a list of any of these. Runs still in progress are read as they stand: a
 truncated last line of `metrics.jsonl` is skipped.
@@ -11,6 +12,7 @@ truncated last line of `metrics.jsonl` is skipped.
 
 import os
 
+import numpy as np
 import pandas as pd
 
 from normexp import rundir
@@ -24,7 +26,7 @@ SUMMARY_COLUMNS = ("status", "steps", "diverged_step", "final_val_loss", "best_v
 TABLE = ("status", "diverged_step", "final_val_loss", "best_val_loss", "max_grad_norm",
          "tokens_per_s", "steps")
 NUMERIC = ("steps", "diverged_step", "final_val_loss", "best_val_loss", "tokens_per_s",
-           "compile_seconds", "vectorized_runs", "max_grad_norm")
+           "compile_seconds", "vectorized_runs", "max_grad_norm", "initial_loss")
 
 
 def _entries(path, pending=False):
@@ -73,7 +75,8 @@ def _status(run_dir, summary, sweep_dir):
 
 
 def load_runs(path, pending=False):
-    """One row per run: run, run_dir, the summary figures, max_grad_norm, every config key.
+    """One row per run: run, run_dir, the summary figures, max_grad_norm, initial_loss (the
+    training loss of step 0, at initialisation), every config key.
 
     With `pending`, a sweep's runs are listed as the sweep sees them: those that have not
     started are rows too (status `pending`, their swept values set and the other config keys
@@ -90,12 +93,14 @@ def load_runs(path, pending=False):
         row = {"run": _name(d, dirs), "run_dir": os.path.abspath(d)}
         row.update({k: summary.get(k) for k in SUMMARY_COLUMNS})
         row["status"] = _status(d, summary, sweep_dir)
-        grad_norms = [r["grad_norm"] for r in rundir.read_metrics(d)
-                      if r.get("grad_norm") is not None]
+        records = rundir.read_metrics(d)
+        grad_norms = [r["grad_norm"] for r in records if r.get("grad_norm") is not None]
         row["max_grad_norm"] = max(grad_norms, default=None)
+        row["initial_loss"] = next((r.get("loss") for r in records if r.get("step") == 0),
+                                   None)
         row.update(rundir.read_config(d) if rundir.is_run(d) else overrides)
         rows.append(row)
-    columns = ["run", "run_dir", *SUMMARY_COLUMNS, "max_grad_norm"]
+    columns = ["run", "run_dir", *SUMMARY_COLUMNS, "max_grad_norm", "initial_loss"]
     frame = pd.DataFrame(rows, columns=columns + sorted({k for r in rows for k in r} -
                                                        set(columns)))
     for column in NUMERIC:
@@ -136,3 +141,43 @@ def varying_keys(runs, exclude=("run.name", "run.out_dir", "train.compile_cache"
     """The config keys whose value differs between the runs: what a study varied."""
     keys = [c for c in runs.columns if "." in c and c not in exclude]
     return [k for k in keys if runs[k].astype(str).nunique() > 1]
+
+
+def clipped_losses(runs, loss="final_val_loss", initial="initial_loss"):
+    """(min(loss, initial loss) per run, whether it diverged): a diverged run (status
+    diverged, or no finite loss) counts at its initial loss, as in Wortsman et al. 2023."""
+    l0 = pd.to_numeric(runs[initial])
+    value = pd.to_numeric(runs[loss])
+    diverged = (runs["status"] == rundir.DIVERGED) | ~np.isfinite(value)
+    return pd.Series(np.where(diverged, l0, np.fmin(value, l0)), index=runs.index), diverged
+
+
+def lr_sensitivity(runs, by=None, lr="optim.lr", loss="final_val_loss", initial="initial_loss"):
+    """LR sensitivity (Wortsman et al. 2023, sec. 3.1) per setup: E_eta[min(l(eta), l_0) - l*]
+    over the learning rates eta a setup was run at, l_0 the loss at initialisation (so a
+    diverged or worse-than-init run counts as l_0), l* the best over the range.
+
+    Seeds are averaged first: l(eta) is the mean over a setup's runs at eta of min(loss, l_0),
+    a diverged run (status diverged, or no finite loss) counting as l_0. `by`: the keys of a
+    setup (default: every key the runs vary but the seed, the learning rate and the names).
+    One row per setup: its keys, `lr_sensitivity`, `best_loss` (l*), `best_lr`, `lrs`,
+    `diverged` (runs), `runs`.
+    """
+    if by is None:
+        by = [k for k in varying_keys(runs) if k not in ("run.seed", lr)]
+    by = [by] if isinstance(by, str) else list(by)
+    frame = runs.copy()
+    frame["_clipped"], frame["_diverged"] = clipped_losses(runs, loss, initial)
+    rows = []
+    groups = frame.groupby(by, sort=False, dropna=False) if by else [((), frame)]
+    for key, group in groups:
+        per_lr = group.groupby(lr)["_clipped"].mean()
+        if per_lr.isna().any():
+            raise UsageError(f"lr_sensitivity: runs without {initial!r} in setup {key!r}")
+        best = float(per_lr.min())
+        row = dict(zip(by, key if isinstance(key, tuple) else (key,)))
+        row.update(lr_sensitivity=float((per_lr - best).mean()), best_loss=best,
+                   best_lr=float(per_lr.idxmin()), lrs=len(per_lr),
+                   diverged=int(group["_diverged"].sum()), runs=len(group))
+        rows.append(row)
+    return pd.DataFrame(rows)

@@ -5,7 +5,9 @@
   one line per setup;
 - `grad_norm_heatmap`: one run's per-block gradient norm, block x step;
 - `divergence_map`: a grid of two config keys (e.g. learning rate x placement), colour = final
-  loss, a cross where runs diverged.
+  loss, a cross where runs diverged;
+- `loss_vs_lr`: final loss against the learning rate, a line per size, a panel per setting
+  (Wortsman et al. 2023, Fig. 1), diverged runs marked.
 
 A *setup* is a group of runs that share the values of the `by` keys (by default every key the
 runs vary except the seed), so seeds are averaged. Figures are made without pyplot, so nothing
@@ -19,7 +21,7 @@ import numpy as np
 from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 
-from normexp.analysis import varying_keys
+from normexp.analysis import clipped_losses, varying_keys
 from normexp.rundir import DIVERGED, family
 from normexp.sweep import short_names
 
@@ -168,6 +170,33 @@ def divergence_map(runs, x="optim.lr", y="model.placement", value="final_val_los
     ax.set_yticks(range(len(ys)), [_text(v) for v in ys])
     _title(ax, f"{value.replace('_', ' ').capitalize()} (x: every run diverged)", 50)
     ax.set(xlabel=x, ylabel=y)
+    return fig
+
+
+def loss_vs_lr(runs, line=None, panel=None, lr="optim.lr", loss="final_val_loss"):
+    """Final loss against the learning rate (log axis), one line per `line` value (a size),
+    one panel per `panel` value (a setting such as model.qk_norm): the mean over seeds of
+    min(loss, initial loss), a diverged run counted at its initial loss and marked with a
+    cross, as in Wortsman et al. 2023, Fig. 1."""
+    clipped, diverged = clipped_losses(runs, loss)
+    runs = runs.assign(_clipped=clipped, _diverged=diverged)
+    panels = sorted(runs[panel].unique(), key=_order) if panel else [None]
+    fig = Figure(figsize=(1.5 + 3.6 * len(panels), 3.8), layout="constrained")
+    axes = fig.subplots(1, len(panels), sharey=True, squeeze=False)[0]
+    for ax, value in zip(axes, panels):
+        here = runs if value is None else runs[runs[panel] == value]
+        for size in sorted(here[line].unique(), key=_order) if line else [None]:
+            mine = here if size is None else here[here[line] == size]
+            mean = mine.groupby(lr)["_clipped"].mean().sort_index()
+            (drawn,) = ax.plot(mean.index, mean.values, marker="o", markersize=4,
+                               label=f"{line}={_text(size)}" if line else loss)
+            bad = mine[mine["_diverged"]]
+            ax.plot(bad[lr], bad["_clipped"], "x", color=drawn.get_color(), markersize=9,
+                    markeredgewidth=2)
+        ax.set_xscale("log")
+        ax.set(xlabel=lr, title=f"{panel}={_text(value)}" if panel else "")
+    axes[0].set_ylabel(f"{loss.replace('_', ' ')} (x: diverged, at the initial loss)")
+    axes[-1].legend(fontsize="small")
     return fig
 
 

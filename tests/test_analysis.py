@@ -78,3 +78,34 @@ def test_pending_lists_a_sweeps_runs_as_the_sweep_sees_them(study, tmp_path):
     later = seen.loc["later"]
     assert later["optim.lr"] == 1e-2 and np.isnan(later["steps"])
     assert seen["model.placement"].isna().tolist() == [False, False, True]  # not written yet
+
+
+def test_lr_sensitivity_by_hand_with_diverged_runs():
+    """Two setups x three learning rates x two seeds, l_0 = 5.5. qk off: means 2.1, 1.7 and, at
+    0.1, one diverged run and one worse than init (both count as 5.5): l* = 1.7, sensitivity
+    (0.4 + 0 + 3.8) / 3 = 1.4. qk on: 2.1, 1.8, 2.5: (0.3 + 0 + 0.7) / 3."""
+    import pandas as pd
+    losses = {("off", 1e-3): [2.0, 2.2], ("off", 1e-2): [1.8, 1.6], ("off", 1e-1): [None, 6.0],
+              ("on", 1e-3): [2.1, 2.1], ("on", 1e-2): [1.9, 1.7], ("on", 1e-1): [2.4, 2.6]}
+    rows = [{"model.qk_norm": qk, "optim.lr": lr, "run.seed": seed, "initial_loss": 5.5,
+             "final_val_loss": loss, "status": "diverged" if loss is None else "completed"}
+            for (qk, lr), pair in losses.items() for seed, loss in enumerate(pair)]
+    out = analysis.lr_sensitivity(pd.DataFrame(rows)).set_index("model.qk_norm")
+    assert out.loc["off", "lr_sensitivity"] == pytest.approx(1.4)
+    assert out.loc["on", "lr_sensitivity"] == pytest.approx(1.0 / 3)
+    assert out.loc["off", "best_loss"] == pytest.approx(1.7) and out.loc["off", "best_lr"] == 1e-2
+    assert out.loc["off", "diverged"] == 1 and out.loc["on", "diverged"] == 0
+    assert (out["lrs"] == 3).all() and (out["runs"] == 6).all()
+
+
+def test_lr_sensitivity_of_a_real_sweep_counts_its_diverged_runs_at_the_initial_loss(study):
+    runs = analysis.load_runs(study.out_dir)
+    assert list(runs["initial_loss"]) == [read_metrics(d)[0]["loss"] for d in runs["run_dir"]]
+    out = analysis.lr_sensitivity(runs).set_index("model.placement")
+    assert set(out.index) == {"pre", "post"} and (out["diverged"] == 2).all()
+    for placement, row in out.iterrows():
+        mine = runs[runs["model.placement"] == placement]
+        trained = mine[mine["optim.lr"] == 3e-3]["final_val_loss"].mean()
+        l0 = mine[mine["optim.lr"] == 1e30]["initial_loss"].mean()
+        assert row["best_loss"] == pytest.approx(trained) and row["best_lr"] == 3e-3
+        assert row["lr_sensitivity"] == pytest.approx((l0 - trained) / 2)

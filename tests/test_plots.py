@@ -22,3 +22,15 @@ def test_plot_helpers_draw_one_line_or_cell_per_setup(study):
     assert fig.axes[0].get_images()[0].get_array().shape == (2, 2)
     crosses = [line for line in fig.axes[0].get_lines() if line.get_marker() == "x"]
     assert len(crosses) == 2  # lr 1e30 diverged for both placements
+
+
+def test_loss_vs_lr_draws_a_line_per_size_a_panel_per_setting_and_marks_divergence(study):
+    runs = analysis.load_runs(study.out_dir)
+    fig = plots.loss_vs_lr(runs, line="model.placement")
+    ax = fig.axes[0]
+    curves = [line for line in ax.get_lines() if line.get_marker() == "o"]
+    crosses = [line for line in ax.get_lines() if line.get_marker() == "x"]
+    assert len(curves) == 2 and all(len(c.get_xdata()) == 2 for c in curves)
+    assert sum(len(c.get_xdata()) for c in crosses) == 4  # lr 1e30: 2 placements x 2 seeds
+    assert ax.get_xscale() == "log"
+    assert len(plots.loss_vs_lr(runs, panel="model.placement").axes) == 2
