@@ -95,7 +95,7 @@ def time_alternating(variants, *, steps, repeats, warmup=2):
 
 
 def bench(cfg, *, steps=10, repeats=5, depths=(4, 64), compile_cache=True):
-    corpus = data_lib.load_corpus(cfg.data.path, cfg.data.vocab_size, cfg.data.seq_len)
+    corpus = data_lib.corpus_of(cfg.data)
     B, T, vocab = cfg.train.batch_size, cfg.data.seq_len, corpus.vocab_size
     tokens = B * T
     fixed = jax.device_put(data_lib.batch(corpus.train, seed=cfg.run.seed, step=0,
@@ -221,7 +221,7 @@ from normexp.step import init_state, make_train_step
 from normexp.train import enable_compile_cache
 cfg = config.load(sys.argv[1])
 enable_compile_cache(sys.argv[2])
-corpus = data.load_corpus(cfg.data.path, cfg.data.vocab_size, cfg.data.seq_len)
+corpus = data.corpus_of(cfg.data)
 batch = data.batch(corpus.train, seed=0, step=0, batch_size=cfg.train.batch_size,
                    seq_len=cfg.data.seq_len)
 graphdef, tx, state = init_state(cfg, corpus.vocab_size)

@@ -111,7 +111,11 @@ class ModelConfig:
 @dataclass(frozen=True)
 class DataConfig:
     path: str = opt("", "directory with train.bin/val.bin (uint16 token ids, or uint32 when "
-                           "meta.json says dtype: uint32); empty = embedded pydoc corpus")
+                           "meta.json says dtype: uint32); empty = the embedded data.corpus")
+    corpus: str = opt("pydoc", "the embedded byte corpus when data.path is empty: pydoc "
+                               "(Python's pydoc topics, 0.47 MB) or stdlib (the standard "
+                               "library's .py source without tests, ~12 MB)",
+                      one_of("pydoc", "stdlib"))
     vocab_size: int = opt(0, "vocabulary size; 0 = from meta.json/meta.pkl (256 for the embedded "
                              "corpus)", nonneg)
     seq_len: int = opt(128, "tokens per training window", positive)
@@ -326,6 +330,9 @@ def _check_cross(cfg):
     m = cfg.model
     if m.d_model % m.n_head:
         raise UsageError(f"model.n_head: {m.n_head} does not divide model.d_model={m.d_model}")
+    if cfg.data.path and cfg.data.corpus != "pydoc":
+        raise UsageError(f"data.corpus: {cfg.data.corpus!r} names an embedded corpus, but "
+                         f"data.path={cfg.data.path!r} is set (empty it, or drop data.corpus)")
     for problem in (registry("placement")[m.placement].check(m),
                     registry("norm")[m.norm.kind].check(m)):
         if problem:

@@ -1,4 +1,5 @@
-"""Token streams and batches: the embedded pydoc corpus, or nanoGPT-format train.bin/val.bin.
+"""Token streams and batches: an embedded corpus (Python's pydoc topics, or its standard
+library's source), or nanoGPT-format train.bin/val.bin.
 
 A batch is B random windows of T+1 tokens; the windows depend only on (seed, step), so a
 resumed run sees exactly the batches the uninterrupted run saw, and two runs that differ only
@@ -7,11 +8,13 @@ in their model see identical data.
 
 import collections
 import concurrent.futures
+import functools
 import hashlib
 import io
 import json
 import os
 import pickle
+import sysconfig
 from dataclasses import dataclass
 
 import jax
@@ -41,19 +44,53 @@ def pydoc_bytes():
     return "".join(topics[k] for k in sorted(topics)).encode("utf-8")
 
 
+# left out of the stdlib corpus: tests, and packages installed into the stdlib directory
+STDLIB_SKIP = ("test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__")
+
+
+@functools.lru_cache(maxsize=1)
+def stdlib_bytes():
+    """The `.py` files of Python's standard library (sysconfig's 'stdlib' directory) in sorted
+    relative-path order, concatenated: directories in STDLIB_SKIP and files test_*.py left
+    out. ~12 MB on Python 3.11; it depends on the Python version, which the fingerprint
+    records."""
+    root = sysconfig.get_paths()["stdlib"]
+    files = []
+    for folder, dirs, names in os.walk(root):
+        dirs[:] = [d for d in dirs if d not in STDLIB_SKIP]
+        files += [os.path.relpath(os.path.join(folder, n), root) for n in names
+                  if n.endswith(".py") and not n.startswith("test_")]
+    parts = []
+    for name in sorted(files):
+        with open(os.path.join(root, name), "rb") as f:
+            parts.append(f.read())
+    return b"".join(parts)
+
+
+EMBEDDED = {"pydoc": (pydoc_bytes, "pydoc_data.topics"),
+            "stdlib": (stdlib_bytes, "python{} stdlib".format(sysconfig.get_python_version()))}
+
+
 def split_bytes(raw):
     data = np.frombuffer(raw, dtype=np.uint8)
     n = int(len(data) * TRAIN_FRACTION)
     return data[:n], data[n:]
 
 
-def load_corpus(path, vocab_size, seq_len):
-    """The corpus of `data.path` (empty = embedded), checked against vocab and window length."""
+def corpus_of(data_cfg):
+    """The corpus a config's `data` section names."""
+    return load_corpus(data_cfg.path, data_cfg.vocab_size, data_cfg.seq_len, data_cfg.corpus)
+
+
+def load_corpus(path, vocab_size, seq_len, embedded="pydoc"):
+    """The corpus of `data.path` (empty = the `embedded` one, by name), checked against vocab
+    and window length."""
     if not path:
-        raw = pydoc_bytes()
+        read, source = EMBEDDED[embedded]
+        raw = read()
         train, val = split_bytes(raw)
         vocab = vocab_size or BYTE_VOCAB
-        fingerprint = {"source": "pydoc_data.topics", "dtype": "uint8", "bytes": len(raw),
+        fingerprint = {"source": source, "dtype": "uint8", "bytes": len(raw),
                        "sha256": hashlib.sha256(raw).hexdigest()}
     else:
         if not os.path.isdir(path):

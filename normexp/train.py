@@ -170,7 +170,7 @@ def run_group(cfgs, *, resume=False, overwrite=False, missing_ok=True):
     """
     check_group(cfgs)
     cfg = cfgs[0]
-    corpus = data_lib.load_corpus(cfg.data.path, cfg.data.vocab_size, cfg.data.seq_len)
+    corpus = data_lib.corpus_of(cfg.data)
     budget.check(cfg, corpus.vocab_size, runs=len(cfgs),
                  devices=jax.device_count() if cfg.train.data_parallel == "auto" else 1)
     if cfg.train.compile_cache:

@@ -49,6 +49,37 @@ def test_embedded_corpus_follows_the_recipe():
     assert corpus.fingerprint["dtype"] == "uint8"
 
 
+def test_stdlib_corpus_follows_its_recipe():
+    """Every .py under the stdlib directory but tests and installed packages, in sorted
+    relative-path order, as bytes; split and fingerprinted like the pydoc corpus."""
+    import glob
+    import sysconfig
+    root = sysconfig.get_paths()["stdlib"]
+    skip = {"test", "tests", "idle_test", "site-packages", "dist-packages"}
+    names = sorted(os.path.relpath(f, root)
+                   for f in glob.glob(os.path.join(root, "**", "*.py"), recursive=True))
+    names = [n for n in names if not skip & set(n.split(os.sep)[:-1])
+             and not os.path.basename(n).startswith("test_")]
+    raw = b"".join(open(os.path.join(root, n), "rb").read() for n in names)
+    assert len(raw) > 5_000_000 and "unittest/case.py" in names and "os.py" in names
+    corpus = data.load_corpus("", 0, 128, embedded="stdlib")
+    n = int(len(raw) * 0.9)
+    assert corpus.vocab_size == 256 and len(corpus.train) == n
+    np.testing.assert_array_equal(corpus.val, np.frombuffer(raw[n:], np.uint8))
+    assert corpus.fingerprint == {"source": f"python{sysconfig.get_python_version()} stdlib",
+                                  "dtype": "uint8", "bytes": len(raw),
+                                  "sha256": hashlib.sha256(raw).hexdigest()}
+
+
+def test_an_embedded_corpus_with_a_data_path_is_refused(tmp_path):
+    from normexp.config import load
+    from normexp.errors import UsageError
+    assert load(None, ["data.corpus=stdlib"]).data.corpus == "stdlib"
+    with pytest.raises(UsageError, match="data.corpus: 'stdlib' names an embedded corpus, but "
+                                         "data.path="):
+        load(None, ["data.corpus=stdlib", f"data.path={tmp_path}"])
+
+
 def test_reads_the_nanogpt_format_written_by_the_shared_recipe(tmp_path):
     recipe = os.path.join(ROOT, "..", "shared", "pydoc_corpus.py")
     if not os.path.exists(recipe):
