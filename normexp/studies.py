@@ -26,12 +26,15 @@ class Scale:
     init_layers: int  # claim 1, gradients at initialisation only
     init_width: int
     timing_steps: int
+    depths: tuple = (6, 8, 10, 12, 14)  # claim 1: Xiong et al.'s depths
+    grad_batches: int = 8  # batches the expected gradient is averaged over
 
 
 SCALES = {
-    "tiny": Scale("tiny", 2, 32, 16, 4, 12, 2, 3, 32, 2),
+    "tiny": Scale("tiny", 2, 32, 16, 4, 12, 2, 3, 32, 2, depths=(2, 3), grad_batches=2),
     "quick": Scale("quick", 6, 64, 64, 16, 300, 3, 12, 128, 10),
-    "full": Scale("full", 8, 128, 128, 32, 2000, 3, 12, 128, 20),
+    "full": Scale("full", 8, 128, 128, 32, 2000, 3, 12, 512, 20,
+                  depths=(6, 8, 10, 12, 14, 20, 32), grad_batches=16),
 }
 
 # -- 1. gradient norm vs depth at initialisation (Xiong et al. 2020) --------------------------
@@ -60,6 +63,44 @@ def measure_init_gradients(scale, init):
             ratios[placement].append(float(norms[-1] / norms[0]))
             profiles[placement].append(norms.tolist())
     return {"ratios": ratios, "profiles": profiles}
+
+
+def measure_expected_gradients(scale):
+    """Xiong et al. 2020, Fig. 3, at initialisation: ||E[grad W]||_F of each block's FFN kernels
+    (W1 = mlp.up, W2 = mlp.down) over `scale.grad_batches` batches, for Pre- and Post-LN at
+    each depth in `scale.depths`, per seed; Xavier init and ReLU as in the paper, the final
+    norm only under Pre-LN. Returns {"profiles": {placement: {L: {"w1": [seed][block],
+    "w2": ..., "w2_per_batch": ...}}}, "last_w2": {placement: {L: [seed]}}}."""
+    from normexp import config as config_lib, data as data_lib
+    from normexp.metrics import gradient_expectation
+    from normexp.step import init_state, make_grad_step
+    corpus = data_lib.load_corpus("", 0, scale.seq_len)
+    profiles, last = {}, {}
+    for placement in ("pre", "post"):
+        profiles[placement], last[placement] = {}, {}
+        for L in scale.depths:
+            grad, rows = None, {"w1": [], "w2": [], "w2_per_batch": []}
+            for seed in range(scale.seeds):
+                cfg = config_lib.build({}, [
+                    ("model.n_layer", L), ("model.d_model", scale.init_width),
+                    ("model.n_head", 4), ("model.placement", placement),
+                    ("model.init", "xavier"), ("model.activation", "relu"),
+                    ("model.final_norm", placement == "pre"), ("data.seq_len", scale.seq_len),
+                    ("run.seed", seed)])
+                graphdef, _, state = init_state(cfg, corpus.vocab_size)
+                grad = grad or make_grad_step(graphdef)  # one program for every seed
+                got = gradient_expectation(
+                    grad(state["params"], state["rest"], *data_lib.batch(
+                        corpus.train, seed=seed, step=i, batch_size=scale.batch_size,
+                        seq_len=scale.seq_len)) for i in range(scale.grad_batches))
+                up, down = got["blocks/mlp/up/kernel"], got["blocks/mlp/down/kernel"]
+                rows["w1"].append(up["expected"].tolist())
+                rows["w2"].append(down["expected"].tolist())
+                rows["w2_per_batch"].append(down["per_batch"].tolist())
+            profiles[placement][L] = rows
+            last[placement][L] = [w2[-1] for w2 in rows["w2"]]
+    return {"profiles": profiles, "last_w2": last}
+
 
 # -- 2. Post-Norm needs warmup, Pre-Norm does not --------------------------------------------
 

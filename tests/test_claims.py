@@ -24,6 +24,24 @@ def test_init_gradient_judge():
     assert "Post-Norm 2.57 [2.20-3.00]" in judge({"post": [3.0, 2.2], "pre": [1, 1]}).figure
 
 
+def test_depth_slope_judge_fits_log_log_slopes_per_seed():
+    def last(pre_exp, post_exp, depths=(6, 8, 10, 12, 14)):
+        """Gradients c * L^slope, two seeds (slopes given per seed)."""
+        return {"pre": {L: [2 * L ** e for e in pre_exp] for L in depths},
+                "post": {L: [3 * L ** e for e in post_exp] for L in depths}}
+    slopes = claims.depth_slopes(last([-0.5, -0.4], [0.0, 0.1]))
+    assert slopes["pre"] == pytest.approx([-0.5, -0.4]) and slopes["post"] == pytest.approx(
+        [0.0, 0.1])
+    judge = claims.judge_depth_slope
+    assert judge(last([-0.5, -0.4], [0.0, 0.1])).verdict == SUPPORTED
+    assert judge(last([-0.1, 0.05], [0.0, 0.1])).verdict == NOT_SUPPORTED  # Pre does not fall
+    assert judge(last([-0.5, -0.4], [-0.5, -0.45])).verdict == NOT_SUPPORTED  # Post falls too
+    assert judge(last([-0.5, -0.15], [0.0, 0.1])).verdict == INCONCLUSIVE
+    assert "Pre-LN -0.45 [-0.50, -0.40]" in judge(last([-0.5, -0.4], [0.0, 0.1])).figure
+    as_json = json.loads(json.dumps(last([-0.5, -0.4], [0.0, 0.1])))  # depths as strings
+    assert judge(as_json).verdict == SUPPORTED
+
+
 def test_warmup_judge():
     def numbers(post_none, pre_none, post_warmup=(2.00, 2.01)):
         return {"unigram": 3.25, "losses": {"post": {"none": post_none, "warmup": post_warmup},
@@ -96,7 +114,7 @@ def test_scale_invariance_judge():
 def test_every_claim_runs_on_a_tiny_setup_and_writes_its_table(tmp_path):
     out = str(tmp_path / "claims")
     results = claims.run_claims(SCALES["tiny"], out, echo=lambda line: None)
-    assert [r.number for r in results] == [1, 1, 2, 3, 4, 5, 6, 6, 7]
+    assert [r.number for r in results] == [1, 1, 1, 2, 3, 4, 5, 6, 6, 7]
     assert {r.verdict.verdict for r in results} <= VERDICTS
     by_number = {r.number: r for r in results}
     # properties that hold at any size

@@ -3,8 +3,8 @@ size (the verdicts that need a larger scale are checked in test_claims)."""
 
 import math
 
-from normexp.studies import SCALES, measure_init_gradients, measure_leak, \
-    measure_scale_invariance
+from normexp.studies import SCALES, measure_expected_gradients, measure_init_gradients, \
+    measure_leak, measure_scale_invariance
 
 TINY = SCALES["tiny"]
 
@@ -29,3 +29,14 @@ def test_init_gradient_profiles_have_one_norm_per_block_and_seed():
         assert len(numbers["ratios"][placement]) == TINY.seeds
         assert all(len(p) == TINY.init_layers for p in numbers["profiles"][placement])
         assert all(math.isfinite(r) and r > 0 for r in numbers["ratios"][placement])
+
+
+def test_expected_gradients_have_a_profile_per_depth_and_the_last_block_per_seed():
+    numbers = measure_expected_gradients(TINY)
+    for placement in ("pre", "post"):
+        for L in TINY.depths:
+            rows = numbers["profiles"][placement][L]
+            assert [len(w) for w in rows["w2"]] == [L] * TINY.seeds
+            assert numbers["last_w2"][placement][L] == [w[-1] for w in rows["w2"]]
+            for expected, per_batch in zip(rows["w2"], rows["w2_per_batch"]):
+                assert all(0 < e <= p for e, p in zip(expected, per_batch))  # ||E g|| <= E||g||
