@@ -76,7 +76,8 @@ def _status(run_dir, summary, sweep_dir):
 
 def load_runs(path, pending=False):
     """One row per run: run, run_dir, the summary figures, max_grad_norm, initial_loss (the
-    training loss of step 0, at initialisation), every config key.
+    validation loss at initialisation, step 0; the training loss of step 0 where no
+    evaluation was logged), every config key.
 
     With `pending`, a sweep's runs are listed as the sweep sees them: those that have not
     started are rows too (status `pending`, their swept values set and the other config keys
@@ -96,8 +97,8 @@ def load_runs(path, pending=False):
         records = rundir.read_metrics(d)
         grad_norms = [r["grad_norm"] for r in records if r.get("grad_norm") is not None]
         row["max_grad_norm"] = max(grad_norms, default=None)
-        row["initial_loss"] = next((r.get("loss") for r in records if r.get("step") == 0),
-                                   None)
+        first = next((r for r in records if r.get("step") == 0), {})
+        row["initial_loss"] = first.get("val_loss", first.get("loss"))
         row.update(rundir.read_config(d) if rundir.is_run(d) else overrides)
         rows.append(row)
     columns = ["run", "run_dir", *SUMMARY_COLUMNS, "max_grad_norm", "initial_loss"]
@@ -145,9 +146,17 @@ def varying_keys(runs, exclude=("run.name", "run.out_dir", "train.compile_cache"
 
 def clipped_losses(runs, loss="final_val_loss", initial="initial_loss"):
     """(min(loss, initial loss) per run, whether it diverged): a diverged run (status
-    diverged, or no finite loss) counts at its initial loss, as in Wortsman et al. 2023."""
+    diverged, or completed without a finite loss) counts at its initial loss, as in Wortsman
+    et al. 2023. Runs that did not finish, or lack their initial loss, are refused by name:
+    counting them either way would change the figure."""
     l0 = pd.to_numeric(runs[initial])
     value = pd.to_numeric(runs[loss])
+    done = runs["status"].isin([rundir.COMPLETED, rundir.DIVERGED])
+    for bad, what in ((~done, "did not finish (status not completed or diverged)"),
+                      (l0.isna(), f"have no {initial}")):
+        if bad.any():
+            names = ", ".join(map(str, list(runs.index[bad])[:3]))
+            raise UsageError(f"{int(bad.sum())} run(s) {what}: {names}; finish or drop them")
     diverged = (runs["status"] == rundir.DIVERGED) | ~np.isfinite(value)
     return pd.Series(np.where(diverged, l0, np.fmin(value, l0)), index=runs.index), diverged
 
@@ -172,8 +181,6 @@ def lr_sensitivity(runs, by=None, lr="optim.lr", loss="final_val_loss", initial=
     groups = frame.groupby(by, sort=False, dropna=False) if by else [((), frame)]
     for key, group in groups:
         per_lr = group.groupby(lr)["_clipped"].mean()
-        if per_lr.isna().any():
-            raise UsageError(f"lr_sensitivity: runs without {initial!r} in setup {key!r}")
         best = float(per_lr.min())
         row = dict(zip(by, key if isinstance(key, tuple) else (key,)))
         row.update(lr_sensitivity=float((per_lr - best).mean()), best_loss=best,

@@ -62,8 +62,12 @@ def stdlib_bytes():
                   if n.endswith(".py") and not n.startswith("test_")]
     parts = []
     for name in sorted(files):
-        with open(os.path.join(root, name), "rb") as f:
-            parts.append(f.read())
+        try:
+            with open(os.path.join(root, name), "rb") as f:
+                parts.append(f.read())
+        except OSError as e:
+            raise UsageError(f"data.corpus=stdlib: cannot read {os.path.join(root, name)} "
+                             f"({e.strerror}); use data.corpus=pydoc or data.path") from None
     return b"".join(parts)
 
 

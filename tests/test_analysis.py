@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from normexp import analysis
+from normexp.errors import UsageError
 from normexp.rundir import read_metrics
 
 
@@ -96,11 +97,18 @@ def test_lr_sensitivity_by_hand_with_diverged_runs():
     assert out.loc["off", "best_loss"] == pytest.approx(1.7) and out.loc["off", "best_lr"] == 1e-2
     assert out.loc["off", "diverged"] == 1 and out.loc["on", "diverged"] == 0
     assert (out["lrs"] == 3).all() and (out["runs"] == 6).all()
+    unfinished = pd.DataFrame(rows).assign(status=["interrupted"] + ["completed"] * 11)
+    with pytest.raises(UsageError, match="1 run\\(s\\) did not finish"):
+        analysis.lr_sensitivity(unfinished)
+    no_l0 = pd.DataFrame(rows).assign(initial_loss=[5.5] * 11 + [None])
+    with pytest.raises(UsageError, match="1 run\\(s\\) have no initial_loss"):
+        analysis.lr_sensitivity(no_l0)
 
 
 def test_lr_sensitivity_of_a_real_sweep_counts_its_diverged_runs_at_the_initial_loss(study):
     runs = analysis.load_runs(study.out_dir)
-    assert list(runs["initial_loss"]) == [read_metrics(d)[0]["loss"] for d in runs["run_dir"]]
+    assert list(runs["initial_loss"]) == [read_metrics(d)[0]["val_loss"]
+                                          for d in runs["run_dir"]]
     out = analysis.lr_sensitivity(runs).set_index("model.placement")
     assert set(out.index) == {"pre", "post"} and (out["diverged"] == 2).all()
     for placement, row in out.iterrows():
