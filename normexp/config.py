@@ -16,7 +16,7 @@ import yaml
 
 from normexp.errors import UsageError, suggest
 from normexp.fields import (nonneg, one_of, opt, positive, registered, registry, safe_name,
-                            section, unit_closed, unit_left_open, unit_open)
+                            section, unalias, unit_closed, unit_left_open, unit_open)
 
 
 INT32_MAX = 2**31 - 1  # the step counter, token ids and positions are int32 on the device
@@ -274,10 +274,7 @@ def _build(cls, raw, prefix):
         if isinstance(raw[name], dict):
             raise UsageError(f"{path}: is a value, not a section (it has no keys "
                              f"{', '.join(path + '.' + str(k) for k in raw[name])})")
-        value, aliases = raw[name], f.metadata["aliases"] or {}
-        if isinstance(value, (bool, str)) and str(value).lower() in aliases:
-            value = aliases[str(value).lower()]
-        value = _coerce(value, kind, path)
+        value = _coerce(unalias(raw[name], f.metadata["aliases"]), kind, path)
         if kind is int and value > INT32_MAX:
             raise UsageError(f"{path}: must be at most {INT32_MAX} (steps, token ids and "
                              f"positions are int32), got {value}")
@@ -346,6 +343,25 @@ def flatten(tree, prefix=""):
     for k, v in tree.items():
         out.update(flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
     return out
+
+
+def _aliases(cls=None, prefix=""):
+    """{dotted key: its field's aliases} for the fields that have older spellings."""
+    cls, out = cls or Config, {}
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            out.update(_aliases(hints[f.name], f"{prefix}{f.name}."))
+        elif f.metadata.get("aliases"):
+            out[prefix + f.name] = f.metadata["aliases"]
+    return out
+
+
+def current_spelling(flat):
+    """Dotted settings (an older run's config.yaml) with values in today's spelling, so runs
+    from before and after a key took names compare equal (model.qk_norm: true -> per_head)."""
+    aliases = _aliases()
+    return {k: unalias(v, aliases.get(k)) for k, v in flat.items()}
 
 
 def to_yaml(cfg):

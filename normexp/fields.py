@@ -13,6 +13,14 @@ def opt(default, doc, check=None, aliases=None):
     return field(default=default, metadata={"doc": doc, "check": check, "aliases": aliases})
 
 
+def unalias(value, aliases):
+    """`value` in today's spelling: an older one (a bool or string, read case-insensitively)
+    mapped through the field's `aliases`, anything else unchanged."""
+    if aliases and isinstance(value, (bool, str)) and str(value).lower() in aliases:
+        return aliases[str(value).lower()]
+    return value
+
+
 def section(cls, doc):
     return field(default_factory=cls, metadata={"doc": doc, "check": None})
 

@@ -169,8 +169,9 @@ def read_summary(run_dir):
 
 
 def read_config(run_dir):
-    """The run's config.yaml, flattened to dotted keys."""
-    return config_lib.flatten(config_lib.read_yaml(os.path.join(run_dir, CONFIG)))
+    """The run's config.yaml, flattened to dotted keys, values in today's spelling."""
+    return config_lib.current_spelling(
+        config_lib.flatten(config_lib.read_yaml(os.path.join(run_dir, CONFIG))))
 
 
 def is_run(path):

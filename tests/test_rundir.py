@@ -105,3 +105,12 @@ def test_metrics_lines_write_nan_as_null_and_a_truncated_line_is_skipped(tmp_pat
     rundir.write_metrics(str(path), rundir.read_metrics(str(path))[:1])
     assert path.read_text() == json.dumps({"step": 0, "loss": 2.5, "grad_norm": None}) + "\n"
     assert rundir.read_metrics(str(tmp_path / "missing.jsonl")) == []
+
+
+def test_an_older_runs_config_reads_in_todays_spelling(tmp_path):
+    """A run from before model.qk_norm took names says `qk_norm: true`; it reads as per_head,
+    so it groups with today's per_head runs."""
+    (tmp_path / rundir.CONFIG).write_text("model:\n  qk_norm: true\n  n_layer: 2\n"
+                                          "optim:\n  lr: 0.001\n")
+    flat = rundir.read_config(str(tmp_path))
+    assert flat == {"model.qk_norm": "per_head", "model.n_layer": 2, "optim.lr": 0.001}
