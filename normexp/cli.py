@@ -57,15 +57,17 @@ def cmd_train(ns):
 
 
 def cmd_sweep(ns):
-    from normexp import sweep as sweep_lib
-    sweep = sweep_lib.load(ns.sweep_file, out_dir=ns.out)
+    from normexp import config as config_lib, sweep as sweep_lib
+    sweep = sweep_lib.load(ns.sweep_file, out_dir=ns.out,
+                           settings=config_lib.parse_overrides(ns.set))
     shard = sweep_lib.parse_shard(ns.shard) if ns.shard else (1, 1)
     if ns.dry_run:
         print(sweep_lib.describe(sweep, shard))
         return 0
     if ns.worker:  # one of --max-parallel's processes: the given units, no bars, no table
+        sweep_lib.pin_worker()
         units = [u for i, u in enumerate(sweep.units()) if str(i) in ns.units.split(",")]
-        return sweep_lib.run_units(sweep, units, progress=False)
+        return sweep_lib.run_units(sweep, units, progress=False, worker=True)
     code = sweep_lib.run(sweep, shard=shard, max_parallel=ns.max_parallel)
     from normexp import results
     paths = results.write(results.table(sweep.out_dir), sweep.out_dir)
@@ -193,6 +195,9 @@ def parser():
     sw.add_argument("--max-parallel", type=_positive, default=1, metavar="K",
                     help="train K units at once in K processes (default 1: in this process)")
     sw.add_argument("--out", help="the sweep's directory (default: out_dir of the sweep file)")
+    sw.add_argument("--set", nargs="+", action="extend", default=[], metavar="key=value",
+                    help="replace the file's values: a swept key's list (model.d_model=[64,128]), "
+                         "seeds=N, or a base key (train.steps=100)")
     sw.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     sw.add_argument("--units", default="", help=argparse.SUPPRESS)
     sw.set_defaults(func=cmd_sweep)

@@ -200,16 +200,21 @@ class _Override(str):
     """A command-line value, parsed against its field's type rather than taken as YAML text."""
 
 
-def load(path=None, overrides=()):
-    """Config from an optional YAML file plus `dotted.key=value` overrides, validated."""
+def parse_overrides(items):
+    """`dotted.key=value` texts -> (key, value) settings, each value parsed by its field's type."""
     settings = []
-    for item in overrides:
+    for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise UsageError(f"override {item!r} must look like dotted.key=value "
                              f"(e.g. optim.lr=3e-3)")
         settings.append((key, _Override(value)))
-    return build(read_yaml(path) if path is not None else {}, settings)
+    return settings
+
+
+def load(path=None, overrides=()):
+    """Config from an optional YAML file plus `dotted.key=value` overrides, validated."""
+    return build(read_yaml(path) if path is not None else {}, parse_overrides(overrides))
 
 
 def build(raw, settings=()):

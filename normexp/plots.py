@@ -7,7 +7,9 @@
 - `divergence_map`: a grid of two config keys (e.g. learning rate x placement), colour = final
   loss, a cross where runs diverged;
 - `loss_vs_lr`: final loss against the learning rate, a line per size, a panel per setting
-  (Wortsman et al. 2023, Fig. 1), diverged runs marked.
+  (Wortsman et al. 2023, Fig. 1), diverged runs marked;
+- `expected_gradients`: claim 1's numbers as Xiong et al. 2020's Fig. 3, the FFN's expected
+  gradient per block and the last block's against depth.
 
 A *setup* is a group of runs that share the values of the `by` keys (by default every key the
 runs vary except the seed), so seeds are averaged. Figures are made without pyplot, so nothing
@@ -202,3 +204,35 @@ def loss_vs_lr(runs, line=None, panel=None, lr="optim.lr", loss="final_val_loss"
 
 def _order(value):
     return (0, value, "") if isinstance(value, (int, float)) else (1, 0, str(value))
+
+
+def expected_gradients(profiles, last, depth):
+    """Xiong et al. 2020, Fig. 3 from `studies.measure_expected_gradients`: ||E[grad W2]|| per
+    block at `depth` blocks (a/b), and the last block's against the depth L, log-log, with the
+    slopes of Theorem 1 drawn through the first depth (c/d). Lines: the mean over seeds, bands:
+    their range."""
+    fig = Figure(figsize=(10, 3.8), layout="constrained")
+    by_block, by_depth = fig.subplots(1, 2)
+    for placement, slope in (("pre", -0.5), ("post", 0.0)):
+        label = f"{placement.capitalize()}-LN"
+        rows = np.array(profiles[placement][depth]["w2"], float)  # [seed, block]
+        blocks = np.arange(1, rows.shape[1] + 1)
+        (line,) = by_block.plot(blocks, rows.mean(0), marker="o", markersize=4, label=label)
+        by_block.fill_between(blocks, rows.min(0), rows.max(0), alpha=0.2,
+                              color=line.get_color())
+        depths = sorted(last[placement], key=int)
+        values = np.array([last[placement][L] for L in depths], float)  # [depth, seed]
+        L = np.array([int(d) for d in depths], float)
+        by_depth.plot(L, values.mean(1), marker="o", markersize=4, color=line.get_color(),
+                      label=label)
+        by_depth.fill_between(L, values.min(1), values.max(1), alpha=0.2,
+                              color=line.get_color())
+        by_depth.plot(L, values.mean(1)[0] * (L / L[0]) ** slope, "--", color=line.get_color(),
+                      label=f"Theorem 1: L^{slope:g}")
+    by_block.set(xlabel="block", ylabel="||E[grad W2]||_F", yscale="log",
+                 title=f"FFN W2 per block, {depth} blocks")
+    by_depth.set(xlabel="depth L", ylabel="last block's ||E[grad W2]||_F", xscale="log",
+                 yscale="log", title="Last block's W2 against depth")
+    by_block.legend(fontsize="small")
+    by_depth.legend(fontsize="small")
+    return fig

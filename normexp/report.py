@@ -8,9 +8,9 @@ import math
 import os
 
 from normexp import plots
-from normexp.analysis import TABLE, load_metrics, load_runs
+from normexp.analysis import TABLE, load_metrics, load_runs, lr_sensitivity
 from normexp.errors import UsageError
-from normexp.rundir import DIVERGED, family, write_atomic
+from normexp.rundir import DIVERGED, FINISHED, family, write_atomic
 MAX_HEATMAPS = 8
 
 
@@ -18,7 +18,8 @@ def default_out(path):
     return os.path.join(path[0] if isinstance(path, (list, tuple)) else path, "report")
 
 
-def _png(fig):
+def png(fig):
+    """A figure as PNG bytes."""
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)
     return buffer.getvalue()
@@ -63,6 +64,7 @@ def figures(runs, metrics):
                 out.append((f"heatmap_{i:02d}.png", f"Gradient norm over training: {label}",
                             f"Run {run}: one row per block, one column per logged step, log "
                             f"colour scale.", plots.grad_norm_heatmap(metrics, run)))
+    out += _lr_figures(runs, metrics, keys)
     finished = runs["final_val_loss"].notna() | (runs["status"] == DIVERGED)
     if len(keys) >= 2 and finished.any():
         x = "optim.lr" if "optim.lr" in keys else keys[-1]
@@ -73,6 +75,50 @@ def figures(runs, metrics):
                     "Each cell is the mean over seeds of the runs that finished; a cross marks "
                     "a cell where every run diverged, 'k/n div.' one where some did.",
                     plots.divergence_map(grid, x=x, y="setup")))
+    return out
+
+
+def _lr_figures(runs, metrics, keys, lr="optim.lr"):
+    """For a learning-rate sweep whose runs all finished: final loss vs lr per setup with its
+    LR sensitivity (Wortsman et al. 2023, Fig. 1), and the max attention logit over training at
+    the highest lr, where it was logged (what grows before such runs fail)."""
+    if lr not in keys or runs[lr].nunique() < 3 or runs["initial_loss"].isna().any() or not \
+            runs["status"].isin(FINISHED).all():
+        return []
+    rest = [k for k in keys if k != lr]
+    for k in reversed(list(rest)):  # a key the others determine (final_norm by placement)
+        if len(rest) > 1 and runs.groupby([r for r in rest if r != k]).ngroups == \
+                runs.groupby(rest).ngroups:
+            rest.remove(k)
+    line = next((k for k in ("model.d_model", "model.n_layer") if k in rest), None)
+    panel = min((k for k in rest if k != line), key=lambda k: runs[k].nunique(), default=None)
+    others = [k for k in rest if k not in (line, panel)]
+    out, logits = [], metrics[metrics["family"] == family("attn", "logit_max")]
+    peak = logits.groupby(["run", "step"], as_index=False)["value"].max().assign(
+        metric="logit_max")
+    for i, (label, names) in enumerate(plots.setups(runs, others)[:MAX_HEATMAPS] if others
+                                       else [("", list(runs.index))]):
+        mine = runs.loc[names]
+        sens = lr_sensitivity(mine, by=[k for k in (line, panel) if k])
+        text = "; ".join(" ".join(f"{k.split('.')[-1]}={row[k]}" for k in (line, panel) if k) +
+                         f": {row['lr_sensitivity']:.3f}" for _, row in sens.iterrows())
+        suffix = f": {label}" if label else ""
+        out.append((f"loss_vs_lr_{i:02d}.png", "Final loss vs learning rate" + suffix,
+                    "Mean over seeds of min(final val loss, loss at init); a cross marks a "
+                    "diverged run, counted at its initial loss. LR sensitivity E_lr[min(loss, "
+                    f"loss_0) - loss*]: {text}.", plots.loss_vs_lr(mine, line, panel)))
+        if not len(peak):
+            continue
+        top = mine[mine[lr] == mine[lr].max()]
+        top = top[top[line] == top[line].max()] if line else top
+        fig = plots.loss_curves(peak, top, by=[panel] if panel else None, metric="logit_max")
+        where = f"{lr}={top[lr].iloc[0]:g}" + (f", {line}={top[line].iloc[0]}" if line else "")
+        fig.axes[0].set(yscale="log", ylabel="max attention logit (max over blocks)",
+                        title=f"Max attention logit{suffix} ({where})")
+        out.append((f"logit_max_{i:02d}.png", f"Max attention logit over training{suffix}",
+                    f"At {where}: the largest pre-softmax attention logit of any block, mean "
+                    "over seeds with their range. Without qk-norm it grows until softmax "
+                    "saturates (Dehghani et al. 2023, Wortsman et al. 2023).", fig))
     return out
 
 
@@ -128,7 +174,7 @@ def write_report(path, out_dir=None):
         raise UsageError(f"--out {out_dir}: is a file, not a directory")
     os.makedirs(out_dir, exist_ok=True)
     made = figures(runs, metrics)
-    images = {name: _png(fig) for name, _, _, fig in made}
+    images = {name: png(fig) for name, _, _, fig in made}
     header, rows = table(runs)
     title = f"normexp report: {os.path.basename(os.path.normpath(str(path)))}"
     written = []

@@ -7,8 +7,8 @@ named from them, in `<out_dir>/<name>/`. Finished runs are skipped and interrupt
 a lock per run keeps two processes off the same run; `--shard I/N` takes every N-th unit of work.
 """
 
+import copy
 import dataclasses
-import functools
 import hashlib
 import itertools
 import json
@@ -18,6 +18,8 @@ import signal
 import subprocess
 import sys
 import time
+
+import yaml
 
 from normexp import config as config_lib
 from normexp import rundir
@@ -50,6 +52,7 @@ class Sweep:
     axes: tuple  # the swept dotted keys, run.seed last when seeds are swept
     runs: tuple
     vectorize: str
+    settings: tuple = ()  # what replaced the file's values (workers load the sweep again)
 
     def units(self):
         """Runs trained together: one group per config up to seed and lr, or one per run."""
@@ -103,9 +106,41 @@ def _seeds(value, path):
     return seeds
 
 
-def load(path, out_dir=None):
-    """Parse and expand a sweep file; every run's config is validated here, before training."""
+def _swept(value, where):
+    """A replacement list of values: given as a list, or as command-line YAML text `[1, 2]`."""
+    if isinstance(value, str):
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError:
+            pass
+    return _axis(where, value)
+
+
+def _replace(raw, settings, path):
+    """The file's values replaced by `settings`: a swept key's list (grid or zip), `seeds`, or
+    a base key. Returns (raw, the base settings)."""
+    raw, base = copy.deepcopy(raw), []
+    zips = raw.get("zip") if isinstance(raw.get("zip"), list) else [raw.get("zip")]
+    for key, value in settings:
+        where = f"{path}: --set {key}"
+        blocks = [b for b in [raw.get("grid")] + zips if isinstance(b, dict) and key in b]
+        if key == "seeds":
+            raw["seeds"] = yaml.safe_load(value) if isinstance(value, str) else value
+        elif blocks:
+            blocks[0][key] = _swept(value, where)
+        else:
+            base.append((key, value))
+    return raw, base
+
+
+def load(path, out_dir=None, settings=()):
+    """Parse and expand a sweep file; every run's config is validated here, before training.
+
+    settings: (dotted key, value) pairs that replace the file's own: a swept key's list of
+    values (grid or zip; text is read as YAML, e.g. `[64, 128]`), `seeds`, or a base key
+    (e.g. a smaller `train.steps` to try the sweep out)."""
     raw = config_lib.read_yaml(path, what=f"sweep keys ({', '.join(KEYS)})")
+    raw, base_settings = _replace(raw, settings, path)
     for key in raw:
         if key not in KEYS:
             near = suggest(key, KEYS)
@@ -149,7 +184,7 @@ def load(path, out_dir=None):
         if seed is not None:
             overrides.append(("run.seed", seed))
         try:
-            cfg = config_lib.build(base, overrides)
+            cfg = config_lib.build(base, base_settings + overrides)
         except UsageError as e:
             where = " ".join(f"{k}={_text(v)}" for k, v in overrides)
             raise UsageError(f"{path}: the run with {where}: {e}") from None
@@ -163,7 +198,7 @@ def load(path, out_dir=None):
         cfg = dataclasses.replace(cfg, run=dataclasses.replace(
             cfg.run, name=name, out_dir=os.path.join(out_dir, name)))
         runs.append(Run(name, tuple(overrides), cfg))
-    return Sweep(path, out_dir, tuple(axes), tuple(runs), vectorize)
+    return Sweep(path, out_dir, tuple(axes), tuple(runs), vectorize, tuple(settings))
 
 
 def short_names(keys):
@@ -271,8 +306,9 @@ def _done(units):
     return sum(status(r.cfg.run.dir) in FINISHED for u in units for r in u)
 
 
-def run_units(sweep, units, progress):
-    """Train unit after unit in this process, skipping finished and locked runs."""
+def run_units(sweep, units, progress, worker=False):
+    """Train unit after unit in this process, skipping finished and locked runs (silently in
+    a worker: its siblings hold them)."""
     from normexp.train import run_group
     total = sum(len(u) for u in units)
     bar = _bar(total, _done(units), progress)
@@ -287,8 +323,9 @@ def run_units(sweep, units, progress):
             try:
                 if len(taken) < len(locks):
                     busy = next(lock for lock in locks if lock not in taken)
-                    bar.write(f"{busy.path}: held by {busy.holder()}; skipping "
-                              f"{', '.join(r.name for r in todo)}", file=sys.stderr)
+                    if not worker:
+                        bar.write(f"{busy.path}: held by {busy.holder()}; skipping "
+                                  f"{', '.join(r.name for r in todo)}", file=sys.stderr)
                     continue
                 for lock in taken:
                     if lock.stale:
@@ -340,19 +377,28 @@ def worker_cores(k):
     return [set(cpus[i * len(cpus) // k:(i + 1) * len(cpus) // k]) for i in range(k)]
 
 
+def pin_worker():
+    """In a --max-parallel worker, before JAX starts: keep to the cores the parent chose."""
+    cores = os.environ.get("NORMEXP_CORES")
+    if cores and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {int(c) for c in cores.split(",")})
+
+
 def _run_workers(sweep, units, k, progress):
     """K copies of this sweep in child processes; the run locks share the work among them."""
     # no more workers than units with work left: an idle worker would keep its cores idle too
     k = max(1, min(k, sum(any(status(r.cfg.run.dir) not in FINISHED for r in u) for u in units)))
     args = [sys.executable, "-m", "normexp.cli", "sweep", sweep.path, "--out", sweep.out_dir,
-            "--worker"]
+            "--worker"] + [f"--set={k}={v if isinstance(v, str) else json.dumps(v)}"
+                           for k, v in sweep.settings]
     env = dict(os.environ, NORMEXP_WORKER="1")  # no step bars: the parent draws one bar
     # one accelerator shared by K processes: each may take its share of the memory
     env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", f"{0.9 / k:.3f}")
     ids = ",".join(str(i) for i, u in enumerate(sweep.units()) if u in units)
-    children = [subprocess.Popen(args + ["--units", ids], env=env,
-                                 preexec_fn=cores and functools.partial(os.sched_setaffinity, 0,
-                                                                        cores))
+    # each child pins itself (pin_worker): a preexec_fn would run Python between fork and exec
+    # of a parent that may already run JAX's threads
+    children = [subprocess.Popen(args + ["--units", ids], env=dict(
+        env, NORMEXP_CORES=",".join(map(str, sorted(cores))) if cores else ""))
                 for cores in worker_cores(k)]
     bar = _bar(sum(len(u) for u in units), _done(units), progress)
     try:

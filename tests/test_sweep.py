@@ -47,6 +47,26 @@ def test_grid_zip_and_seeds_expand_to_their_product_in_file_order(tmp_path):
     assert sweep.runs[0].name == "placement=pre,kind=layernorm,lr=0.001,warmup_steps=0,seed=0"
 
 
+def test_settings_replace_a_swept_list_the_seeds_or_a_base_key(tmp_path):
+    path = write_sweep(tmp_path, grid={"optim.lr": [1e-3, 3e-3]},
+                       zip={"model.placement": ["pre", "post"], "model.final_norm": [True, False]},
+                       seeds=3)
+    sweep = sweep_lib.load(path, settings=[("optim.lr", "[0.01]"), ("seeds", 1),
+                                           ("model.placement", ["post"]),
+                                           ("model.final_norm", [False]),
+                                           ("train.steps", 7)])
+    assert overrides(sweep) == [{"optim.lr": 0.01, "model.placement": "post",
+                                 "model.final_norm": False, "run.seed": 0}]
+    assert sweep.runs[0].cfg.train.steps == 7 and sweep.runs[0].cfg.data.seq_len == 16
+    with pytest.raises(UsageError, match="--set optim.lr: expected a list of values"):
+        sweep_lib.load(path, settings=[("optim.lr", 0.01)])
+    with pytest.raises(UsageError, match="zip: lists must have one length"):
+        sweep_lib.load(path, settings=[("model.placement", ["post"])])
+    dry = normexp("sweep", path, "--dry-run", "--set", "optim.lr=[0.01]", "seeds=1",
+                  "model.placement=[post]", "model.final_norm=[false]")
+    assert dry.returncode == 0 and "1 runs" in dry.stdout, dry.stderr
+
+
 def test_several_zips_multiply_and_seed_lists_are_kept(tmp_path):
     path = write_sweep(tmp_path, zip=[{"optim.lr": [1e-3, 2e-3]},
                                       {"model.n_layer": [1, 2, 3], "model.n_head": [1, 2, 1]}],
@@ -340,6 +360,14 @@ def test_the_shipped_sweeps_expand_as_documented():
     assert warmup.out_dir == os.path.join("sweeps", "placement_warmup")
     assert {(r.cfg.model.placement, r.cfg.model.final_norm) for r in warmup.runs} == {
         ("pre", True), ("post", False)}
+    lr = sweep_lib.load(os.path.join(ROOT, "configs", "sweeps", "lr_sensitivity.yaml"))
+    assert len(lr.runs) == 3 * 2 * 7 * 4 * 3 and [len(u) for u in lr.units()] == [21] * 24
+    assert {(r.cfg.model.placement, r.cfg.model.final_norm) for r in lr.runs} == {
+        ("pre", True), ("post", False), ("peri", True), ("res_post", True)}
+    c = lr.runs[0].cfg  # Wortsman et al.'s setup
+    assert (c.optim.z_loss, c.optim.weight_decay, c.optim.beta2, c.optim.clip_norm,
+            c.model.bias, c.data.corpus, c.log.attention) == (1e-4, 1e-4, 0.95, 1.0, False,
+                                                              "stdlib", True)
     depth = sweep_lib.load(os.path.join(ROOT, "configs", "sweeps", "depth.yaml"))
     assert sorted((r.cfg.model.n_layer, r.cfg.model.placement) for r in depth.runs) == sorted(
         (n, p) for n in (2, 4, 8, 16) for p in ("pre", "post"))
@@ -353,6 +381,17 @@ def test_workers_get_disjoint_cores(monkeypatch):
     assert sweep_lib.worker_cores(6) == [None] * 6  # fewer cores than workers: not pinned
 
 
+def test_a_worker_pins_itself_to_the_cores_its_parent_chose(monkeypatch):
+    pinned = []
+    monkeypatch.setattr(os, "sched_setaffinity", lambda pid, cores: pinned.append(cores),
+                        raising=False)
+    monkeypatch.setenv("NORMEXP_CORES", "2,3")
+    sweep_lib.pin_worker()
+    monkeypatch.setenv("NORMEXP_CORES", "")  # more workers than cores: left unpinned
+    sweep_lib.pin_worker()
+    assert pinned == [{2, 3}]
+
+
 def test_no_more_workers_than_units_with_work(tmp_path, monkeypatch):
     sweep = sweep_lib.load(write_sweep(tmp_path, grid={"optim.lr": [1e-3, 2e-3]}, seeds=2,
                                        vectorize="seeds"))
@@ -361,8 +400,8 @@ def test_no_more_workers_than_units_with_work(tmp_path, monkeypatch):
     class Child:
         returncode = 0
 
-        def __init__(self, args, env, preexec_fn):
-            started.append(preexec_fn)
+        def __init__(self, args, env):
+            started.append(env["NORMEXP_CORES"])
 
         def poll(self):
             return 0
