@@ -56,7 +56,17 @@ def cmd_train(ns):
     return 0
 
 
+def pin_worker():
+    """In a --max-parallel worker, before anything starts a thread pool (numpy's BLAS, XLA):
+    keep to the cores the parent chose (NORMEXP_CORES, see sweep.worker_cores)."""
+    cores = os.environ.get("NORMEXP_CORES")
+    if cores and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {int(c) for c in cores.split(",")})
+
+
 def cmd_sweep(ns):
+    if ns.worker:
+        pin_worker()
     from normexp import config as config_lib, sweep as sweep_lib
     sweep = sweep_lib.load(ns.sweep_file, out_dir=ns.out,
                            settings=config_lib.parse_overrides(ns.set))
@@ -65,7 +75,6 @@ def cmd_sweep(ns):
         print(sweep_lib.describe(sweep, shard))
         return 0
     if ns.worker:  # one of --max-parallel's processes: the given units, no bars, no table
-        sweep_lib.pin_worker()
         units = [u for i, u in enumerate(sweep.units()) if str(i) in ns.units.split(",")]
         return sweep_lib.run_units(sweep, units, progress=False, worker=True)
     code = sweep_lib.run(sweep, shard=shard, max_parallel=ns.max_parallel)

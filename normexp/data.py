@@ -37,6 +37,12 @@ class Corpus:
     vocab_size: int
     fingerprint: dict  # source, dtype, bytes (of the files), sha256
 
+    def unigram_entropy(self):
+        """Of the training tokens (nats): the loss of a model that ignores the context."""
+        counts = np.bincount(np.asarray(self.train), minlength=self.vocab_size)
+        p = counts[counts > 0] / counts.sum()
+        return float(-(p * np.log(p)).sum())
+
 
 def pydoc_bytes():
     """Python's own pydoc topics, sorted by key, joined, UTF-8: the embedded default corpus."""

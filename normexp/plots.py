@@ -175,7 +175,7 @@ def divergence_map(runs, x="optim.lr", y="model.placement", value="final_val_los
     return fig
 
 
-def loss_vs_lr(runs, line=None, panel=None, lr="optim.lr", loss="final_val_loss"):
+def loss_vs_lr(runs, line=None, panel=None, title="", lr="optim.lr", loss="final_val_loss"):
     """Final loss against the learning rate (log axis), one line per `line` value (a size),
     one panel per `panel` value (a setting such as model.qk_norm): the mean over seeds of
     min(loss, initial loss), a diverged run counted at its initial loss and marked with a
@@ -199,6 +199,8 @@ def loss_vs_lr(runs, line=None, panel=None, lr="optim.lr", loss="final_val_loss"
         ax.set(xlabel=lr, title=f"{panel}={_text(value)}" if panel else "")
     axes[0].set_ylabel(f"{loss.replace('_', ' ')} (x: diverged, at the initial loss)")
     axes[-1].legend(fontsize="small")
+    if title:
+        fig.suptitle(title)
     return fig
 
 

@@ -86,9 +86,11 @@ def _lr_figures(runs, metrics, keys, lr="optim.lr"):
             runs["status"].isin(FINISHED).all():
         return []
     rest = [k for k in keys if k != lr]
-    for k in reversed(list(rest)):  # a key the others determine (final_norm by placement)
-        if len(rest) > 1 and runs.groupby([r for r in rest if r != k]).ngroups == \
-                runs.groupby(rest).ngroups:
+    groups = lambda ks: runs.groupby(ks, dropna=False).ngroups
+    # drop a key the others determine (final_norm beside placement): fewest values first,
+    # booleans first among equals
+    for k in sorted(rest, key=lambda k: (runs[k].nunique(dropna=False), runs[k].dtype != bool)):
+        if len(rest) > 1 and groups([r for r in rest if r != k]) == groups(rest):
             rest.remove(k)
     line = next((k for k in ("model.d_model", "model.n_layer") if k in rest), None)
     panel = min((k for k in rest if k != line), key=lambda k: runs[k].nunique(), default=None)
@@ -106,7 +108,7 @@ def _lr_figures(runs, metrics, keys, lr="optim.lr"):
         out.append((f"loss_vs_lr_{i:02d}.png", "Final loss vs learning rate" + suffix,
                     "Mean over seeds of min(final val loss, loss at init); a cross marks a "
                     "diverged run, counted at its initial loss. LR sensitivity E_lr[min(loss, "
-                    f"loss_0) - loss*]: {text}.", plots.loss_vs_lr(mine, line, panel)))
+                    f"loss_0) - loss*]: {text}.", plots.loss_vs_lr(mine, line, panel, label)))
         if not len(peak):
             continue
         top = mine[mine[lr] == mine[lr].max()]

@@ -52,10 +52,20 @@ SCALES = {
 
 # -- 1. gradient norm vs depth at initialisation (Xiong et al. 2020) --------------------------
 
+def _init_cfg(scale, layers, placement, init, seed, *more):
+    """Claim 1's models: 4 heads, `init`, the final norm only under Pre-LN."""
+    from normexp import config as config_lib
+    return config_lib.build({}, [
+        ("model.n_layer", layers), ("model.d_model", scale.init_width), ("model.n_head", 4),
+        ("model.placement", placement), ("model.init", init),
+        ("model.final_norm", placement == "pre"), ("data.seq_len", scale.seq_len),
+        ("run.seed", seed), *more])
+
+
 def measure_init_gradients(scale, init):
     """Per-block gradient norms of the first train step (before any update), per seed."""
     import jax
-    from normexp import config as config_lib, data as data_lib
+    from normexp import data as data_lib
     from normexp.rundir import family
     from normexp.step import init_state, make_train_step
     corpus = data_lib.load_corpus("", 0, scale.seq_len)
@@ -63,11 +73,7 @@ def measure_init_gradients(scale, init):
     for placement in ("pre", "post"):
         ratios[placement], profiles[placement] = [], []
         for seed in range(scale.seeds):
-            cfg = config_lib.build({}, [
-                ("model.n_layer", scale.init_layers), ("model.d_model", scale.init_width),
-                ("model.n_head", 4), ("model.placement", placement), ("model.init", init),
-                ("model.final_norm", placement == "pre"), ("data.seq_len", scale.seq_len),
-                ("run.seed", seed)])
+            cfg = _init_cfg(scale, scale.init_layers, placement, init, seed)
             graphdef, tx, state = init_state(cfg, corpus.vocab_size)
             x, y = data_lib.batch(corpus.train, seed=seed, step=0, batch_size=scale.batch_size,
                                   seq_len=scale.seq_len)
@@ -84,7 +90,7 @@ def measure_expected_gradients(scale):
     each depth in `scale.depths`, per seed; Xavier init and ReLU as in the paper, the final
     norm only under Pre-LN. Returns {"profiles": {placement: {L: {"w1": [seed][block],
     "w2": ..., "w2_per_batch": ...}}}, "last_w2": {placement: {L: [seed]}}}."""
-    from normexp import config as config_lib, data as data_lib
+    from normexp import data as data_lib
     from normexp.metrics import gradient_expectation
     from normexp.step import init_state, make_grad_step
     corpus = data_lib.load_corpus("", 0, scale.seq_len)
@@ -94,12 +100,8 @@ def measure_expected_gradients(scale):
         for L in scale.depths:
             grad, rows = None, {"w1": [], "w2": [], "w2_per_batch": []}
             for seed in range(scale.seeds):
-                cfg = config_lib.build({}, [
-                    ("model.n_layer", L), ("model.d_model", scale.init_width),
-                    ("model.n_head", 4), ("model.placement", placement),
-                    ("model.init", "xavier"), ("model.activation", "relu"),
-                    ("model.final_norm", placement == "pre"), ("data.seq_len", scale.seq_len),
-                    ("run.seed", seed)])
+                cfg = _init_cfg(scale, L, placement, "xavier", seed,
+                                ("model.activation", "relu"))
                 graphdef, _, state = init_state(cfg, corpus.vocab_size)
                 grad = grad or make_grad_step(graphdef)  # one program for every seed
                 got = gradient_expectation(
@@ -159,15 +161,8 @@ def measure_warmup(scale, out):
         losses[placement] = {label: _final_losses(train_seeds(
             scale, out, "warmup", warmup_overrides(scale, placement, label == "warmup")))
             for label in ("none", "warmup")}
-    return {"losses": losses, "unigram": unigram_entropy()}
-
-
-def unigram_entropy():
-    """The entropy of the training bytes (nats): the loss of a model that ignores context."""
     from normexp import data as data_lib
-    counts = np.bincount(np.asarray(data_lib.load_corpus("", 0, 1).train), minlength=256)
-    p = counts[counts > 0] / counts.sum()
-    return float(-(p * np.log(p)).sum())
+    return {"losses": losses, "unigram": data_lib.load_corpus("", 0, 1).unigram_entropy()}
 
 
 # -- 3. RMSNorm matches LayerNorm at lower cost (Zhang & Sennrich 2019) -----------------------
@@ -364,22 +359,28 @@ def lr_sensitivity_sweep(scale, out):
 
 
 def measure_lr_sensitivity(scale, out, max_parallel=2):
-    """Run the sweep (two processes, one core each: see `sweep.worker_cores`), then per
-    placement: each seed's LR sensitivity per width and qk_norm, and each run's train loss and
-    max attention logit (max over blocks) at the logged steps, for the judge of logit growth.
-    Returns {"sensitivity": {placement: {width: {qk_norm: [per seed]}}}, "runs": {placement:
-    [run]}, "table": the seed-averaged `analysis.lr_sensitivity` rows}."""
-    from normexp import analysis, sweep as sweep_lib
-    from normexp.rundir import block_metric, family, read_metrics
+    """Run the sweep (two processes, one core each: see `sweep.worker_cores`) and read it."""
+    from normexp import sweep as sweep_lib
     sweep = lr_sensitivity_sweep(scale, out)
     sweep_lib.run(sweep, max_parallel=max_parallel, progress=False)
-    runs = analysis.load_runs(sweep.out_dir)
+    return lr_sensitivity_numbers(sweep.out_dir)
+
+
+def lr_sensitivity_numbers(path):
+    """Claim 8's numbers from any finished sweep over SETUP x optim.lr x run.seed: per
+    placement, each seed's LR sensitivity per width and qk_norm, and each run's train loss and
+    max attention logit (max over blocks) at the logged steps, for the judge of logit growth.
+    Returns {"sensitivity": {placement: {width: {qk_norm: {seed: value}}}}, "runs": {placement:
+    [run]}, "table": the seed-averaged `analysis.lr_sensitivity` rows}."""
+    from normexp import analysis
+    from normexp.rundir import block_metric, family, read_metrics
+    runs = analysis.load_runs(path)
     sensitivity, trajectories = {}, {}
     per_seed = analysis.lr_sensitivity(runs, by=[*SETUP, "run.seed"])
-    for placement, width, qk, _, value in per_seed.sort_values("run.seed")[
+    for placement, width, qk, seed, value in per_seed[
             [*SETUP, "run.seed", "lr_sensitivity"]].itertuples(index=False):
         sensitivity.setdefault(placement, {}).setdefault(int(width), {}).setdefault(
-            qk, []).append(value)
+            qk, {})[int(seed)] = value
     clipped, diverged = analysis.clipped_losses(runs)
     logit_max = [block_metric(family("attn", "logit_max"), i)
                  for i in range(int(runs["model.n_layer"].iloc[0]))]

@@ -141,6 +141,11 @@ def load(path, out_dir=None, settings=()):
     (e.g. a smaller `train.steps` to try the sweep out)."""
     raw = config_lib.read_yaml(path, what=f"sweep keys ({', '.join(KEYS)})")
     raw, base_settings = _replace(raw, settings, path)
+    try:  # a bad base setting is the command line's fault, not the first run's
+        config_lib.build({}, base_settings)
+    except UsageError as e:
+        if any(str(e).startswith(key) for key, _ in base_settings):
+            raise UsageError(f"{path}: --set: {e}") from None
     for key in raw:
         if key not in KEYS:
             near = suggest(key, KEYS)
@@ -282,6 +287,7 @@ def _manifest(sweep):
     """sweep.json: what `normexp results` needs to list every run, started or not."""
     return json.dumps({"sweep_file": os.path.abspath(sweep.path), "axes": list(sweep.axes),
                        "vectorize": sweep.vectorize,
+                       "settings": {k: v for k, v in sweep.settings},
                        "runs": [{"name": r.name, "overrides": dict(r.overrides)}
                                 for r in sweep.runs]}, indent=1) + "\n"
 
@@ -377,13 +383,6 @@ def worker_cores(k):
     return [set(cpus[i * len(cpus) // k:(i + 1) * len(cpus) // k]) for i in range(k)]
 
 
-def pin_worker():
-    """In a --max-parallel worker, before JAX starts: keep to the cores the parent chose."""
-    cores = os.environ.get("NORMEXP_CORES")
-    if cores and hasattr(os, "sched_setaffinity"):
-        os.sched_setaffinity(0, {int(c) for c in cores.split(",")})
-
-
 def _run_workers(sweep, units, k, progress):
     """K copies of this sweep in child processes; the run locks share the work among them."""
     # no more workers than units with work left: an idle worker would keep its cores idle too
@@ -395,8 +394,8 @@ def _run_workers(sweep, units, k, progress):
     # one accelerator shared by K processes: each may take its share of the memory
     env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", f"{0.9 / k:.3f}")
     ids = ",".join(str(i) for i, u in enumerate(sweep.units()) if u in units)
-    # each child pins itself (pin_worker): a preexec_fn would run Python between fork and exec
-    # of a parent that may already run JAX's threads
+    # each child pins itself (cli.pin_worker): a preexec_fn would run Python between fork
+    # and exec of a parent that may already run JAX's threads
     children = [subprocess.Popen(args + ["--units", ids], env=dict(
         env, NORMEXP_CORES=",".join(map(str, sorted(cores))) if cores else ""))
                 for cores in worker_cores(k)]

@@ -237,14 +237,19 @@ def judge_scale_invariance(numbers):
 # -- 8. qk-layernorm and learning-rate sensitivity (Wortsman et al. 2023) --------------------
 
 def judge_qk_sensitivity(by_width):
-    """by_width: {width: {"off": [LR sensitivity per seed], "per_head": [...]}} of one
-    placement; LR sensitivity = E_lr[min(loss(lr), loss_0) - loss*] over the swept lrs."""
+    """by_width: {width: {"off": {seed: LR sensitivity}, "per_head": {seed: ...}}} of one
+    placement; LR sensitivity = E_lr[min(loss(lr), loss_0) - loss*] over the swept lrs. Seeds
+    are paired by name; one that only one side has is left out."""
     widths = sorted(by_width, key=int)
-    gains = {w: [off - on for off, on in zip(by_width[w]["off"], by_width[w]["per_head"])]
-             for w in widths}
+    pairs = {w: [(by_width[w]["off"][s], by_width[w]["per_head"][s]) for s in sorted(
+        set(by_width[w]["off"]) & set(by_width[w]["per_head"]))] for w in widths}
+    if not all(pairs.values()):
+        return Verdict(INCONCLUSIVE, "no seed was run both with and without qk-norm at "
+                       "some width", "needs the same seeds with and without qk-norm")
+    gains = {w: [off - on for off, on in pairs[w]] for w in widths}
     figure = "LR sensitivity without -> with qk-norm (each seed's, mean) [gain min, max]: " + \
-        ", ".join(f"width {w}: {np.mean(by_width[w]['off']):.3f} -> "
-                  f"{np.mean(by_width[w]['per_head']):.3f} [{min(gains[w]):+.3f}, "
+        ", ".join(f"width {w}: {np.mean([p[0] for p in pairs[w]]):.3f} -> "
+                  f"{np.mean([p[1] for p in pairs[w]]):.3f} [{min(gains[w]):+.3f}, "
                   f"{max(gains[w]):+.3f}]" for w in widths)
     rule = (f"gain = sensitivity without - with qk-norm, per seed (the same seed's data and "
             f"init); supported if at every width every seed's gain > 0 and the mean gain > "
@@ -283,6 +288,9 @@ def judge_logit_growth(runs):
     """runs: one placement's runs, each {width, qk_norm, lr, seed, loss (final, clipped at
     loss_0), diverged, steps, train_loss and logit_max (max over blocks) at the logged steps}."""
     off = [r for r in runs if r["qk_norm"] == "off"]
+    if not all(r["logit_max"] and math.isfinite(r["logit_max"][0]) for r in off):
+        return Verdict(INCONCLUSIVE, "the max attention logit was not logged at step 0 of "
+                       "every run (log.attention)", "needs the attention logits")
     best = {}  # width -> (lr, seed-mean clipped loss) of its best learning rate
     for w in {r["width"] for r in off}:
         lrs = sorted({r["lr"] for r in off if r["width"] == w})

@@ -71,6 +71,13 @@ def test_stdlib_corpus_follows_its_recipe():
                                   "sha256": hashlib.sha256(raw).hexdigest()}
 
 
+def test_unigram_entropy_is_the_entropy_of_the_training_tokens():
+    tokens = np.array([0, 0, 1, 1, 2, 2, 2, 2], np.uint16)
+    corpus = data.Corpus(tokens, tokens[:2], 256, {})
+    expected = -2 * 0.25 * np.log(0.25) - 0.5 * np.log(0.5)
+    assert corpus.unigram_entropy() == pytest.approx(expected)
+
+
 def test_an_embedded_corpus_with_a_data_path_is_refused(tmp_path):
     from normexp.config import load
     from normexp.errors import UsageError

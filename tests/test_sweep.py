@@ -62,6 +62,8 @@ def test_settings_replace_a_swept_list_the_seeds_or_a_base_key(tmp_path):
         sweep_lib.load(path, settings=[("optim.lr", 0.01)])
     with pytest.raises(UsageError, match="zip: lists must have one length"):
         sweep_lib.load(path, settings=[("model.placement", ["post"])])
+    with pytest.raises(UsageError, match=r"--set: model.dmodel: unknown key"):
+        sweep_lib.load(path, settings=[("model.dmodel", 64)])
     dry = normexp("sweep", path, "--dry-run", "--set", "optim.lr=[0.01]", "seeds=1",
                   "model.placement=[post]", "model.final_norm=[false]")
     assert dry.returncode == 0 and "1 runs" in dry.stdout, dry.stderr
@@ -385,10 +387,11 @@ def test_a_worker_pins_itself_to_the_cores_its_parent_chose(monkeypatch):
     pinned = []
     monkeypatch.setattr(os, "sched_setaffinity", lambda pid, cores: pinned.append(cores),
                         raising=False)
+    from normexp.cli import pin_worker
     monkeypatch.setenv("NORMEXP_CORES", "2,3")
-    sweep_lib.pin_worker()
+    pin_worker()
     monkeypatch.setenv("NORMEXP_CORES", "")  # more workers than cores: left unpinned
-    sweep_lib.pin_worker()
+    pin_worker()
     assert pinned == [{2, 3}]
 
 

@@ -107,7 +107,8 @@ def test_qk_sensitivity_judge_pairs_seeds_at_every_width():
     judge = verdicts.judge_qk_sensitivity
 
     def widths(*gains):  # one width per list of per-seed gains, off = 0.5 + gain
-        return {16 * 2 ** i: {"off": [0.5 + g for g in gain], "per_head": [0.5] * len(gain)}
+        return {16 * 2 ** i: {"off": {s: 0.5 + g for s, g in enumerate(gain)},
+                              "per_head": {s: 0.5 for s in range(len(gain))}}
                 for i, gain in enumerate(gains)}
     assert judge(widths([0.1, 0.05], [0.2, 0.3])).verdict == SUPPORTED
     assert judge(widths([0.1, 0.05], [-0.01, 0.0])).verdict == NOT_SUPPORTED  # not at width 32
@@ -115,6 +116,10 @@ def test_qk_sensitivity_judge_pairs_seeds_at_every_width():
     assert judge(widths([0.01, 0.015], [0.2, 0.3])).verdict == INCONCLUSIVE  # below the floor
     figure = judge(widths([0.1, 0.05])).figure
     assert "width 16: 0.575 -> 0.500 [+0.050, +0.100]" in figure
+    # seeds pair by name: a seed one side lacks is left out, not matched with another
+    uneven = {16: {"off": {0: 0.6, 1: 0.4, 2: 0.6}, "per_head": {0: 0.5, 2: 0.5}}}
+    assert judge(uneven).verdict == SUPPORTED and "[+0.100, +0.100]" in judge(uneven).figure
+    assert judge({16: {"off": {0: 0.6}, "per_head": {1: 0.5}}}).verdict == INCONCLUSIVE
 
 
 def _run(lr, seed, loss, logit, qk="off", train=None, width=16):
@@ -148,3 +153,6 @@ def test_logit_growth_judge_times_the_growth_against_the_failure():
     # nothing failed: nothing to explain; and a low lr that has not converged is not a failure
     assert judge(best + [_run(1e-1, s, 2.05, early) for s in (0, 1)]).verdict == INCONCLUSIVE
     assert judge(best + [_run(1e-4, s, 4.0, FLAT) for s in (0, 1)]).verdict == INCONCLUSIVE
+    # no logits logged (log.attention off): nothing to time, not a refutation
+    blind = judge([_run(1e-3, 0, 2.0, [math.nan] * 5), _run(1e-1, 0, 4.4, [math.nan] * 5)])
+    assert blind.verdict == INCONCLUSIVE and "not logged" in blind.figure
