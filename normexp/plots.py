@@ -210,19 +210,23 @@ def _order(value):
 
 def expected_gradients(profiles, last, depth):
     """Xiong et al. 2020, Fig. 3 from `studies.measure_expected_gradients`: ||E[grad W2]|| per
-    block at `depth` blocks (a/b), and the last block's against the depth L, log-log, with the
-    slopes of Theorem 1 drawn through the first depth (c/d). Lines: the mean over seeds, bands:
-    their range."""
+    block at `depth` blocks and at the smallest depth, dashed (a/b), and the last block's
+    against the depth L, log-log, with the slopes of Theorem 1 drawn through the first depth
+    (c/d). Lines: the mean over seeds, bands: their range."""
     fig = Figure(figsize=(10, 3.8), layout="constrained")
     by_block, by_depth = fig.subplots(1, 2)
     for placement, slope in (("pre", -0.5), ("post", 0.0)):
         label = f"{placement.capitalize()}-LN"
-        rows = np.array(profiles[placement][depth]["w2"], float)  # [seed, block]
-        blocks = np.arange(1, rows.shape[1] + 1)
-        (line,) = by_block.plot(blocks, rows.mean(0), marker="o", markersize=4, label=label)
-        by_block.fill_between(blocks, rows.min(0), rows.max(0), alpha=0.2,
-                              color=line.get_color())
         depths = sorted(last[placement], key=int)
+        line = None
+        for L in dict.fromkeys([depth, depths[0]]):
+            rows = np.array(profiles[placement][L]["w2"], float)  # [seed, block]
+            blocks = np.arange(1, rows.shape[1] + 1)
+            (line,) = by_block.plot(blocks, rows.mean(0), "-" if L == depth else "--",
+                                    marker="o", markersize=4, label=f"{label}, {L} blocks",
+                                    color=line.get_color() if line else None)
+            by_block.fill_between(blocks, rows.min(0), rows.max(0), alpha=0.2,
+                                  color=line.get_color())
         values = np.array([last[placement][L] for L in depths], float)  # [depth, seed]
         L = np.array([int(d) for d in depths], float)
         by_depth.plot(L, values.mean(1), marker="o", markersize=4, color=line.get_color(),
@@ -232,7 +236,7 @@ def expected_gradients(profiles, last, depth):
         by_depth.plot(L, values.mean(1)[0] * (L / L[0]) ** slope, "--", color=line.get_color(),
                       label=f"Theorem 1: L^{slope:g}")
     by_block.set(xlabel="block", ylabel="||E[grad W2]||_F", yscale="log",
-                 title=f"FFN W2 per block, {depth} blocks")
+                 title="FFN W2 per block")
     by_depth.set(xlabel="depth L", ylabel="last block's ||E[grad W2]||_F", xscale="log",
                  yscale="log", title="Last block's W2 against depth")
     by_block.legend(fontsize="small")

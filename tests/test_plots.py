@@ -1,3 +1,5 @@
+import pytest
+
 from normexp import analysis, plots
 
 
@@ -34,3 +36,17 @@ def test_loss_vs_lr_draws_a_line_per_size_a_panel_per_setting_and_marks_divergen
     assert sum(len(c.get_xdata()) for c in crosses) == 4  # lr 1e30: 2 placements x 2 seeds
     assert ax.get_xscale() == "log"
     assert len(plots.loss_vs_lr(runs, panel="model.placement").axes) == 2
+    assert plots.loss_vs_lr(runs, title="placement=pre")._suptitle.get_text() == "placement=pre"
+
+
+def test_expected_gradients_draws_the_profiles_and_the_depth_slopes():
+    seeds = [[4.0, 2.0, 1.0], [5.0, 2.5, 1.5]]  # [seed, block] at 3 blocks
+    profiles = {p: {2: {"w2": [row[:2] for row in seeds]}, 3: {"w2": seeds}}
+                for p in ("pre", "post")}
+    last = {p: {2: [1.0, 1.2], 3: [0.8, 0.9]} for p in ("pre", "post")}
+    by_block, by_depth = plots.expected_gradients(profiles, last, 3).axes
+    means = [line.get_ydata().tolist() for line in by_block.get_lines()]
+    assert means[:2] == [[4.5, 2.25, 1.25], [4.5, 2.25]]  # 3 blocks, then 2 (dashed)
+    assert by_depth.get_xscale() == by_depth.get_yscale() == "log"
+    theorem = by_depth.get_lines()[1]  # Pre-LN's L^-1/2 through its first depth
+    assert theorem.get_ydata()[-1] == pytest.approx(1.1 * (3 / 2) ** -0.5)
