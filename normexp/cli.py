@@ -56,17 +56,10 @@ def cmd_train(ns):
     return 0
 
 
-def pin_worker():
-    """In a --max-parallel worker, before anything starts a thread pool (numpy's BLAS, XLA):
-    keep to the cores the parent chose (NORMEXP_CORES, see sweep.worker_cores)."""
-    cores = os.environ.get("NORMEXP_CORES")
-    if cores and hasattr(os, "sched_setaffinity"):
-        os.sched_setaffinity(0, {int(c) for c in cores.split(",")})
-
-
 def cmd_sweep(ns):
     if ns.worker:
-        pin_worker()
+        from normexp.workers import pin
+        pin()
     from normexp import config as config_lib, sweep as sweep_lib
     sweep = sweep_lib.load(ns.sweep_file, out_dir=ns.out,
                            settings=config_lib.parse_overrides(ns.set))

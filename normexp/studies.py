@@ -359,7 +359,7 @@ def lr_sensitivity_sweep(scale, out):
 
 
 def measure_lr_sensitivity(scale, out, max_parallel=2):
-    """Run the sweep (two processes, one core each: see `sweep.worker_cores`) and read it."""
+    """Run the sweep (two processes, one core each: see `workers.worker_cores`) and read it."""
     from normexp import sweep as sweep_lib
     sweep = lr_sensitivity_sweep(scale, out)
     sweep_lib.run(sweep, max_parallel=max_parallel, progress=False)

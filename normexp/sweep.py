@@ -15,9 +15,7 @@ import json
 import os
 import re
 import signal
-import subprocess
 import sys
-import time
 
 import yaml
 
@@ -298,7 +296,8 @@ def run(sweep, *, shard=(1, 1), max_parallel=1, progress=True):
     write_atomic(os.path.join(sweep.out_dir, MANIFEST), _manifest(sweep))
     units = shard_units(sweep, shard)
     if max_parallel > 1:
-        return _run_workers(sweep, units, max_parallel, progress)
+        from normexp.workers import run_workers
+        return run_workers(sweep, units, max_parallel, progress)
     return run_units(sweep, units, progress)
 
 
@@ -368,49 +367,3 @@ def _line(r, s):
     if s.get("error"):
         parts.append(s["error"])
     return f"{r.name}: {', '.join(parts)}"
-
-
-def worker_cores(k):
-    """Disjoint sets of this process's CPU cores for k workers (None: leave them unpinned).
-
-    XLA:CPU sizes its thread pool to the cores a process may use. A small model's step scales
-    poorly over threads, so on a 2-core CPU two workers on one core each train 1.3x the runs
-    per hour of one process on both (scripts/bench_sweep.py, see the README).
-    """
-    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-    if len(cpus) < k:
-        return [None] * k
-    return [set(cpus[i * len(cpus) // k:(i + 1) * len(cpus) // k]) for i in range(k)]
-
-
-def _run_workers(sweep, units, k, progress):
-    """K copies of this sweep in child processes; the run locks share the work among them."""
-    # no more workers than units with work left: an idle worker would keep its cores idle too
-    k = max(1, min(k, sum(any(status(r.cfg.run.dir) not in FINISHED for r in u) for u in units)))
-    args = [sys.executable, "-m", "normexp.cli", "sweep", sweep.path, "--out", sweep.out_dir,
-            "--worker"] + [f"--set={k}={v if isinstance(v, str) else json.dumps(v)}"
-                           for k, v in sweep.settings]
-    env = dict(os.environ, NORMEXP_WORKER="1")  # no step bars: the parent draws one bar
-    # one accelerator shared by K processes: each may take its share of the memory
-    env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", f"{0.9 / k:.3f}")
-    ids = ",".join(str(i) for i, u in enumerate(sweep.units()) if u in units)
-    # each child pins itself (cli.pin_worker): a preexec_fn would run Python between fork
-    # and exec of a parent that may already run JAX's threads
-    children = [subprocess.Popen(args + ["--units", ids], env=dict(
-        env, NORMEXP_CORES=",".join(map(str, sorted(cores))) if cores else ""))
-                for cores in worker_cores(k)]
-    bar = _bar(sum(len(u) for u in units), _done(units), progress)
-    try:
-        while any(c.poll() is None for c in children):
-            time.sleep(1.0)
-            bar.update(_done(units) - bar.n)
-    except BaseException:
-        for c in children:
-            c.send_signal(signal.SIGTERM)
-        for c in children:
-            c.wait()
-        raise
-    finally:
-        bar.close()
-    codes = [c.returncode for c in children]
-    return max(codes, key=abs) if any(codes) else 0
