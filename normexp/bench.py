@@ -64,12 +64,15 @@ class Variant:
     ms: list = dataclasses.field(default_factory=list)
 
 
-def compile_variant(cfg, vocab, batch, *, grad_norms=True, activations=None, attention=None,
-                    next_batch=None):
+def compile_variant(cfg, vocab, batch, *, grad_norms=True, activations=False, attention=False,
+                    every=None, next_batch=None):
+    """The train step compiled for `cfg`, its statistics at every `every`-th step (default:
+    log.every)."""
     graphdef, tx, state = init_state(cfg, vocab)
     t0 = time.perf_counter()
     step = make_train_step(graphdef, tx, grad_norms=grad_norms, activations=activations,
-                           attention=attention).lower(state, *batch).compile()
+                           attention=attention, log=(every or cfg.log.every, 1 << 30),
+                           ).lower(state, *batch).compile()
     seconds = time.perf_counter() - t0
     mem = step.memory_analysis()
     memory = {"temp_mib": round(mem.temp_size_in_bytes / 2 ** 20, 1),
@@ -110,10 +113,10 @@ def bench(cfg, *, steps=10, repeats=5, depths=(4, 64), compile_cache=True):
     # at log steps and at every step (the cost of one log step)
     on = compile_variant(cfg, vocab, fixed)
     off = compile_variant(cfg, vocab, fixed, grad_norms=False)
-    acts = compile_variant(cfg, vocab, fixed, activations=(cfg.log.every, 1 << 30))
-    acts_all = compile_variant(cfg, vocab, fixed, activations=(1, 1 << 30))
-    diag = compile_variant(cfg, vocab, fixed, attention=(cfg.log.every, 1 << 30))
-    diag_all = compile_variant(cfg, vocab, fixed, attention=(1, 1 << 30))
+    acts = compile_variant(cfg, vocab, fixed, activations=True)
+    acts_all = compile_variant(cfg, vocab, fixed, activations=True, every=1)
+    diag = compile_variant(cfg, vocab, fixed, attention=True)
+    diag_all = compile_variant(cfg, vocab, fixed, attention=True, every=1)
     ms = time_alternating({"on": on, "off": off, "acts": acts, "acts_all": acts_all,
                            "diag": diag, "diag_all": diag_all},
                           steps=max(steps, cfg.log.every), repeats=repeats)

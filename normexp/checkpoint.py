@@ -5,6 +5,11 @@ A save is complete only once `normexp.sha256` (the SHA-256 of every file orbax w
 longer match it, is damaged (a save cut short, a truncated or flipped file, a deleted
 manifest) and is never restored. `sha256sum -c normexp.sha256` inside a step directory checks
 it by hand.
+
+Old checkpoints are deleted only once a newer one is recorded, so a run killed at any moment
+keeps an intact checkpoint to resume from. With `background` saves (orbax's asynchronous
+checkpointing) `save` returns once the state is copied to the host, so the step may donate
+its buffers, and a thread records the checkpoint when orbax has finished writing it.
 """
 
 import contextlib
@@ -84,13 +89,16 @@ class Checkpoints:
     the checksum records (orbax coordinates the data files across processes itself).
     """
 
-    def __init__(self, directory, keep, *, primary=True):
+    def __init__(self, directory, keep, *, primary=True, background=False):
         self.directory = os.path.abspath(directory)
-        self.primary = primary
-        # Synchronous saves: the train step donates its state buffers, and an interrupted run
-        # must have its checkpoint on disk before the process exits.
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                               enable_async_checkpointing=False)
+        self.primary, self.keep, self.background = primary, keep, background
+        self._writer, self._failure = None, None  # a background save being finished
+        self._broken = False  # a background save failed
+        # orbax keeps every step: `_prune` deletes the old ones once a newer one is recorded
+        options = ocp.CheckpointManagerOptions(max_to_keep=None, create=True,
+                                               enable_async_checkpointing=background)
+        if background and not isinstance(sys.stderr, _ClosedLoopNoiseDropped):
+            sys.stderr = _ClosedLoopNoiseDropped(sys.stderr)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
         self.damaged = {}
         for name in os.listdir(self.directory):
@@ -119,21 +127,54 @@ class Checkpoints:
         self.intact = sorted(set(self.manager.all_steps()) - set(self.damaged))
 
     def save(self, step, state):
+        self.wait()
         if step in self.manager.all_steps():
             return
         try:
             with _writer_noise_held():
-                try:
+                try:  # in the background: returns once the state is on the host
                     self.manager.save(step, args=ocp.args.StandardSave(state))
                 except ValueError as e:  # tensorstore reports a failed write as a ValueError
                     raise _os_error(e) or e
         except OSError:
             self._remove_partial(step)  # never restorable; on a full disk it holds the space
             raise                       # the run's failure record needs
+        if self.background:
+            self._writer = threading.Thread(target=self._finish, args=(step,), daemon=True)
+            self._writer.start()
+        else:
+            self._record(step)
+
+    def _finish(self, step):
+        try:
+            self.manager.wait_until_finished()
+            self._record(step)
+        except Exception as e:  # raised in the training thread by `wait`
+            _quiet_failed_writers(os.dup(2))  # orbax's threads go on printing tracebacks
+            self._failure, self._broken = (step, e), True
+
+    def wait(self):
+        """Until the last background save is recorded; raises its failure (an OSError for a
+        failed write), as a synchronous save would have."""
+        if self._writer is not None:
+            self._writer.join()
+            self._writer = None
+        if self._failure is not None:
+            (step, error), self._failure = self._failure, None
+            self._remove_partial(step)
+            error = _os_error(error) or error if isinstance(error, ValueError) else error
+            raise error
+
+    def _record(self, step):
+        """Mark the step complete (its checksums), then delete the checkpoints beyond `keep`."""
         if self.primary:
             step_dir = os.path.join(self.directory, str(step))
             write_atomic(os.path.join(step_dir, RECORD), "".join(
                 f"{digest}  {rel}\n" for rel, digest in file_digests(step_dir).items()))
+        self.intact = sorted(set(self.intact) | {step})
+        for old in self.intact[:-self.keep]:
+            self.manager.delete(old)
+        self.intact = self.intact[-self.keep:]
 
     def _remove_partial(self, step):
         if self.primary:
@@ -152,7 +193,14 @@ class Checkpoints:
                                f"{str(e).splitlines()[0][:300]})") from None
 
     def close(self):
-        self.manager.close()
+        try:
+            self.wait()
+        finally:
+            try:
+                self.manager.close()
+            except Exception:
+                if not self._broken:  # else orbax raises the failure `wait` raised again
+                    raise
 
 
 def resume_step(runs):
@@ -206,12 +254,7 @@ def _writer_noise_held():
         try:
             yield
         except BaseException:
-            quiet = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(quiet, 2)
-            os.close(quiet)
-            sys.stderr = _ClosedLoopTracebacksDropped(os.fdopen(real, "w", buffering=1))
-            logging.getLogger("asyncio").setLevel(logging.CRITICAL)  # unretrieved futures
-            warnings.filterwarnings("ignore", "coroutine .* was never awaited", RuntimeWarning)
+            _quiet_failed_writers(real)
             raise
         os.dup2(real, 2)
         os.close(real)
@@ -219,6 +262,62 @@ def _writer_noise_held():
         passed_on = held.read()
     if passed_on:
         os.write(2, passed_on)
+
+
+def _quiet_failed_writers(real):
+    """After a failed save: fd 2 to /dev/null for orbax's threads, Python's stderr to `real`
+    (a duplicate of the real fd 2) through a filter for their tracebacks."""
+    quiet = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(quiet, 2)
+    os.close(quiet)
+    sys.stderr = _ClosedLoopTracebacksDropped(os.fdopen(real, "w", buffering=1))
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)  # unretrieved futures
+    warnings.filterwarnings("ignore", "coroutine .* was never awaited", RuntimeWarning)
+
+
+class _ClosedLoopNoiseDropped:
+    """sys.stderr while saves run in the background: orbax's writer threads print a traceback
+    ending in "RuntimeError: Event loop is closed" for every write still in flight when one
+    fails, before the failure reaches `Checkpoints.wait`. Those are dropped; every other line
+    passes on, and a progress bar's unfinished line passes at once."""
+
+    FRAMES = ("  File ", "    self._check_closed()", "    raise RuntimeError('Event loop is closed')")
+
+    def __init__(self, stream):
+        self.stream, self.partial, self.held, self.lock = stream, "", [], threading.Lock()
+
+    def write(self, text):
+        with self.lock:
+            if "\n" not in text and not self.partial and not self.held:
+                self.stream.write(text)
+                return len(text)
+            *lines, self.partial = (self.partial + text).split("\n")
+            for line in lines:
+                self._line(line)
+        return len(text)
+
+    def _line(self, line):
+        if line.startswith("Traceback (most recent call last)"):
+            self._release()
+            self.held = [line]
+        elif self.held and line.startswith(self.FRAMES):
+            self.held.append(line)
+        elif self.held and line == "RuntimeError: Event loop is closed":
+            self.held = []
+        else:
+            self._release()
+            self.stream.write(line + "\n")
+
+    def _release(self):
+        for line in self.held:
+            self.stream.write(line + "\n")
+        self.held = []
+
+    def flush(self):
+        self.stream.flush()
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
 
 
 class _ClosedLoopTracebacksDropped:

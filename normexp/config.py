@@ -94,11 +94,16 @@ class ModelConfig:
     dtype: str = opt("float32", "compute dtype of matmuls and activations (float32 | bfloat16); "
                                 "parameters, optimizer state and norm statistics stay float32",
                      one_of("float32", "bfloat16"))
-    attention: str = opt("auto", "attention kernel: dot_product (jax.nn.dot_product_attention, "
-                                 "fused on GPU), einsum, or auto (dot_product off CPU)",
-                         one_of("auto", "dot_product", "einsum"))
-    custom_grads: bool = opt(True, "hand-written backward passes for GELU, attention and the norms "
-                                   "(equal to autodiff, tested; faster); false = autodiff")
+    attention: str = opt("auto", "attention kernel: cudnn (cuDNN flash attention; bfloat16, "
+                                 "NVIDIA GPUs), splash (Pallas, TPUs), xla (XLA's unfused "
+                                 "jax.nn.dot_product_attention), einsum (normexp's core), or "
+                                 "auto: cudnn or splash where they run, else xla; einsum on CPU",
+                         one_of("auto", "cudnn", "splash", "xla", "einsum"),
+                         aliases={"dot_product": "xla"})
+    custom_grads: str = opt("auto", "hand-written backward passes for GELU, attention, the norms "
+                                    "and the matmul (equal to autodiff, tested): on, off, or auto "
+                                    "(on CPU, where they were measured faster; off elsewhere)",
+                            one_of("auto", "on", "off"), aliases={"true": "on", "false": "off"})
     scan: bool = opt(True, "apply the stacked blocks with lax.scan (compile time flat in depth); "
                            "false = a Python loop over the same parameters, for debugging")
     scan_unroll: int = opt(0, "blocks per scan iteration (lax.scan unroll); 0 = auto: all of them "
@@ -149,6 +154,10 @@ class TrainConfig:
     data_parallel: str = opt("auto", "auto: split each batch over every device (a jax.sharding "
                                      "mesh; batch_size must be a multiple of the device count), "
                                      "off: one device", one_of("auto", "off"))
+    async_checkpoints: str = opt("auto", "write checkpoints in the background while training "
+                                         "continues: on, off, or auto (on accelerators, off on "
+                                         "CPU)", one_of("auto", "on", "off"),
+                                 aliases={"true": "on", "false": "off"})
     remat: bool = opt(False, "rematerialise each block in the backward pass (jax.checkpoint): "
                              "less memory, more step time (see README, Deep models)")
     remat_policy: str = opt("nothing", "what remat keeps: nothing (recompute the block), dots "

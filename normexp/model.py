@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from normexp import custom_grads
+from normexp import custom_grads, hardware
 from normexp.norms import NORMS, make_norm
 from normexp.norms import modules as norm_modules
 from normexp.placement import PLACEMENTS, Depth
@@ -57,11 +57,11 @@ class Attention(nnx.Module):
     """
 
     def __init__(self, d_model, n_head, *, linear, norm, init, std, out_std, gain, qkv_norm,
-                 qk_norm, head_scale, rows_per_seq, fused, custom_grad, softcap=0.0,
+                 qk_norm, head_scale, rows_per_seq, kernel, custom_grad, softcap=0.0,
                  sphere=False):
         C, H = d_model, n_head
         # soft-capping needs the logits: only the einsum core with autodiff has them
-        self.n_head, self.fused = H, fused and not softcap
+        self.n_head, self.kernel = H, kernel
         self.core = (custom_grads.causal_attention if custom_grad and not softcap
                      else functools.partial(custom_grads.causal_attention_plain,
                                             softcap=softcap))
@@ -103,9 +103,11 @@ class Attention(nnx.Module):
             k_BxTxHxK = unit(k_BxTxHxK) * s_HxK
         if seen is not None:
             seen["attn_q"], seen["attn_k"] = q_BxTxHxK, k_BxTxHxK
-        if self.fused:  # the backend's fused kernel (cuDNN flash attention on GPUs)
+        if self.kernel == "splash":  # TPUs
+            y_BxTxHxK = hardware.splash_attention(q_BxTxHxK, k_BxTxHxK, v_BxTxHxK)
+        elif self.kernel != "einsum":  # cudnn (fused flash attention) or xla
             y_BxTxHxK = jax.nn.dot_product_attention(q_BxTxHxK, k_BxTxHxK, v_BxTxHxK,
-                                                     is_causal=True)
+                                                     is_causal=True, implementation=self.kernel)
         else:  # head-major [B, H, T, K] keeps the two attention matmuls batched over (B, H)
             y_BxHxTxK = self.core(*(a.transpose(0, 2, 1, 3)
                                     for a in (q_BxTxHxK, k_BxTxHxK, v_BxTxHxK)))
@@ -192,7 +194,7 @@ class Block(nnx.Module):
     """One transformer block: attention then MLP, each wrapped by its placement rule."""
 
     def __init__(self, d_model, n_head, mlp_ratio, *, place, n_layer, linear, norm, init, std,
-                 out_std, qk_norm, rows_per_seq, fused_attention, custom_grad, attn_softcap=0.0,
+                 out_std, qk_norm, rows_per_seq, attention, custom_grad, attn_softcap=0.0,
                  activation="gelu"):
         self.place = place
         gain = place.init_gain(n_layer) if place.init_gain else 1.0
@@ -201,7 +203,7 @@ class Block(nnx.Module):
         self.attn_norms = SublayerNorms(place.attn.norms, lambda: norm(d_model, "attn"), d_model)
         self.attn = Attention(d_model, n_head, qkv_norm=place.qkv_norm, qk_norm=qk_norm,
                               head_scale=place.head_scale, rows_per_seq=rows_per_seq,
-                              fused=fused_attention, softcap=attn_softcap, **shared)
+                              kernel=attention, softcap=attn_softcap, **shared)
         self.mlp_norms = SublayerNorms(place.mlp.norms, lambda: norm(d_model, "mlp"), d_model)
         self.mlp = MLP(d_model, mlp_ratio * d_model, mid_norm=place.mid_norm,
                        activation=activation, **shared)
@@ -223,13 +225,6 @@ class Block(nnx.Module):
         return stream, observe(seen)
 
 
-def fused_attention_for(setting, platform):
-    """`model.attention`: auto = the fused kernel on accelerators, the einsum core on CPU."""
-    if setting == "auto":
-        return platform != "cpu"
-    return setting == "dot_product"
-
-
 class GPT(nnx.Module):
     """Token + learned position embeddings (optionally normalized), n_layer blocks, optional
     final norm, tied head."""
@@ -248,15 +243,16 @@ class GPT(nnx.Module):
         # remat only saves memory between the iterations of a real loop
         shallow = L <= AUTO_UNROLL_MAX and remat is None
         self.unroll = cfg.scan_unroll or (L if shallow else 1)
-        fused = fused_attention_for(cfg.attention, jax.default_backend())
+        kernels = hardware.model_choices(cfg, max_len)  # attention kernel, custom gradients
+        attention, custom_grad = kernels["attention"].value, kernels["custom_grads"].value
         weight_norm = cfg.weight_norm or NORMS[cfg.norm.kind].weight_normalized_kernels
 
         def makers(rngs):  # the linear layers and norms made from these rngs
             return dict(
                 linear=linear_maker(weight_norm=weight_norm, bias=cfg.bias, dtype=dtype,
-                                    custom_grad=cfg.custom_grads, rngs=rngs),
+                                    custom_grad=custom_grad, rngs=rngs),
                 norm=norm_maker(cfg.norm, rows_per_seq=max_len, dtype=dtype,
-                                custom_grad=cfg.custom_grads, rngs=rngs))
+                                custom_grad=custom_grad, rngs=rngs))
 
         norm = makers(rngs)["norm"]
         # xavier: the Transformer's embeddings, N(0, 1/C) scaled by sqrt(C) at the input, so the
@@ -280,7 +276,7 @@ class GPT(nnx.Module):
         def stacked_blocks(rngs):
             return Block(C, cfg.n_head, cfg.mlp_ratio, place=place, n_layer=L, init=cfg.init,
                          std=std, out_std=out_std, qk_norm=cfg.qk_norm, rows_per_seq=max_len,
-                         fused_attention=fused, custom_grad=cfg.custom_grads,
+                         attention=attention, custom_grad=custom_grad,
                          attn_softcap=cfg.attn_softcap, activation=cfg.activation,
                          **makers(rngs))
 

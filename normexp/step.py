@@ -44,34 +44,37 @@ def init_state(cfg, vocab_size):
     return graphdef, tx, state
 
 
-def make_train_step(graphdef, tx, *, grad_norms, activations=None, attention=None,
-                    z_loss=0.0, vectorized=False):
+def make_train_step(graphdef, tx, *, grad_norms=False, activations=False, attention=False,
+                    log=None, z_loss=0.0, vectorized=False):
     """(state, inputs, targets) -> (state, metrics): forward, backward, statistics, update.
 
-    activations: (every, steps) to compute the blocks' activation statistics (`act/block/...`)
-    at the steps the loop logs (`due(step, every, steps - 1)`), zeros at the others.
-    attention: (every, steps), the same for the instability diagnostics (`attn/block/...`,
-    `act/block/massive`, `logits/...`, `grad_rms/...`); both take the same cadence.
+    The statistics, each computed only at the steps the loop logs, `due(step, every,
+    steps - 1)` for log = (every, steps) (None: every step), and zeros at the others:
+    grad_norms: per-layer gradient, parameter and update norms (`grad_norm/...`,
+    `param_norm/...`, `update_ratio/...`); activations: the blocks' activation statistics
+    (`act/block/...`); attention: the instability diagnostics (`attn/block/...`,
+    `act/block/massive`, `logits/...`, `grad_rms/...`). The loss, the global `grad_norm` and
+    the divergence tracking are every step's.
     z_loss: c > 0 minimises loss + c * mean(log^2 Z) (PaLM); `loss` stays the cross entropy
     and the added term is logged as `z_loss`.
     vectorized: every argument has a leading axis of runs, trained independently (jax.vmap).
     """
-    cadence = activations or attention
+    every, steps = log or (1, 1)
+    observing = activations or attention
 
     def train_step(state, inputs_BxT, targets_BxT):
         step = state["step"]
-        record = None if cadence is None else due(step, cadence[0], cadence[1] - 1)
+        record = due(step, every, steps - 1)
 
         def loss_of(params):
             # fresh Variables of this trace, so batch-statistics norms may update them here
             model = nnx.merge(graphdef, params, jax.tree.map(lambda a: a, state["rest"]))
-            if cadence is None:
+            if not observing:
                 logits, observed = model(inputs_BxT), {}
             else:
                 logits, observed = model(inputs_BxT, observe=block_observer(
-                    record, activations=activations is not None,
-                    attention=attention is not None))
-            if attention is not None:
+                    record, activations=activations, attention=attention))
+            if attention:
                 observed["logits"] = when(record, output_logit_stats, logits)
             rest = nnx.state(model, nnx.Not(nnx.Param))
             loss = loss_fn(logits, targets_BxT)
@@ -91,11 +94,11 @@ def make_train_step(graphdef, tx, *, grad_norms, activations=None, attention=Non
         if z_loss:
             metrics["z_loss"] = z
         if grad_norms:
-            metrics.update(layer_stats(state["params"], grads, updates))
+            metrics.update(when(record, layer_stats, state["params"], grads, updates))
         for prefix, stats in observed.items():  # per block, but the output logits
             metrics.update({(f"{prefix}/{name}" if prefix == "logits" else family(prefix, name)): v
                             for name, v in stats.items()})
-        if attention is not None:
+        if attention:
             rms = when(record, grad_rms, grads)
             metrics.update({family("grad_rms"): rms[BLOCK], "grad_rms": rms["all"]})
         diverged = state["diverged_step"]

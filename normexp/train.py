@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from normexp import allocator, budget, rundir
+from normexp import allocator, budget, hardware, rundir
 from normexp import config as config_lib
 from normexp import data as data_lib
 from normexp.checkpoint import Checkpoints, resume_step
@@ -178,6 +178,7 @@ def run_group(cfgs, *, resume=False, overwrite=False, missing_ok=True):
     corpus = data_lib.corpus_of(cfg.data)
     budget.check(cfg, corpus.vocab_size, runs=len(cfgs),
                  devices=jax.device_count() if cfg.train.data_parallel == "auto" else 1)
+    chosen = hardware.choices(cfg)  # a forced kernel that cannot run here is refused now
     if cfg.train.compile_cache:
         enable_compile_cache(cfg.train.compile_cache)
     members = []
@@ -193,7 +194,7 @@ def run_group(cfgs, *, resume=False, overwrite=False, missing_ok=True):
             todo = [m for m in members if not m.finished]
             if todo:
                 try:
-                    _train(todo, corpus, stop, resume=resume)
+                    _train(todo, corpus, stop, chosen, resume=resume)
                 except OSError as e:
                     for m in todo:
                         m.fail(StorageError.from_os(e))
@@ -217,8 +218,9 @@ def run_group(cfgs, *, resume=False, overwrite=False, missing_ok=True):
     return [m.summary for m in members]
 
 
-def _train(members, corpus, stop, *, resume):
-    """Initialise or restore the members' states, start their records, then run the loop."""
+def _train(members, corpus, stop, chosen, *, resume):
+    """Initialise or restore the members' states, start their records, then run the loop.
+    `chosen`: what normexp.hardware chose for this device."""
     cfg = members[0].cfg
     lanes = Group(len(members)) if len(members) > 1 else Single()
     B, T = cfg.train.batch_size, cfg.data.seq_len
@@ -226,7 +228,8 @@ def _train(members, corpus, stop, *, resume):
     for m in members:
         graphdef, tx, state = init_state(m.cfg, corpus.vocab_size)
         m.checkpoints = Checkpoints(os.path.join(m.dir, "checkpoints"),
-                                    cfg.train.keep_checkpoints, primary=is_primary())
+                                    cfg.train.keep_checkpoints, primary=is_primary(),
+                                    background=chosen["async_checkpoints"].value)
         states.append(state)
     start = resume_step([m.checkpoints for m in members]) if resume else 0
     if start:
@@ -238,12 +241,16 @@ def _train(members, corpus, stop, *, resume):
               f"each position sees later tokens and the losses are not those of a causal "
               f"model (recorded in summary.json under norms)", file=sys.stderr)
     devices = Devices(cfg.train.data_parallel, B, batch_axis=int(lanes.vectorized))
+    if cfg.log.progress and not os.environ.get("NORMEXP_WORKER") and is_primary():  # as the bar
+        print("; ".join(f"{name}: {hardware.shown(c.value)} ({c.reason})"
+                        for name, c in chosen.items()), file=sys.stderr)
     for m in members:
         m.start({"status": RUNNING, "steps": start, "diverged_step": None, "norms": norms,
                  "final_val_loss": None, "best_val_loss": None, "tokens_per_s": None,
                  "compile_seconds": None, "data_fingerprint": corpus.fingerprint,
                  "vectorized_runs": len(members), "devices": devices.count,
-                 "versions": rundir.versions(), "allocator": allocator.active()}, start)
+                 "versions": rundir.versions(), "allocator": allocator.active(),
+                 "hardware": hardware.describe(chosen)}, start)
     seeds = [m.cfg.run.seed for m in members]
     val_batches = [devices.batch(lanes.join([b[i] for b in (data_lib.eval_batches(
         corpus.val, seed=seed, count=cfg.data.eval_batches, batch_size=B, seq_len=T)
@@ -289,11 +296,9 @@ def _loop(members, lanes, graphdef, tx, state, start, stop, *, batches, val_batc
     steps, tokens_per_step = cfg.train.steps, cfg.train.batch_size * cfg.data.seq_len
     inputs, targets = next(batches)
     t0 = time.perf_counter()
-    cadence = (cfg.log.every, steps)
     step_fn = make_train_step(
-        graphdef, tx, grad_norms=cfg.log.grad_norms,
-        activations=cadence if cfg.log.activations else None,
-        attention=cadence if cfg.log.attention else None, z_loss=cfg.optim.z_loss,
+        graphdef, tx, grad_norms=cfg.log.grad_norms, activations=cfg.log.activations,
+        attention=cfg.log.attention, log=(cfg.log.every, steps), z_loss=cfg.optim.z_loss,
         vectorized=lanes.vectorized).lower(state, inputs, targets).compile()
     eval_fn = make_eval_step(graphdef, lanes.vectorized).lower(
         state["params"], state["rest"], *val_batches[0]).compile()

@@ -57,7 +57,7 @@ def test_same_seed_same_model_other_seed_other_model(tiny):
 
 def test_fused_attention_matches_the_einsum_core(tiny):
     einsum = model_of(tiny, "model.attention=einsum")
-    fused = model_of(tiny, "model.attention=dot_product")
+    fused = model_of(tiny, "model.attention=xla")
     np.testing.assert_allclose(einsum(tokens()), fused(tokens()), rtol=1e-4, atol=1e-4)
 
 

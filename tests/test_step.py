@@ -124,7 +124,7 @@ def test_diagnostics_equal_their_formulas_and_leave_the_update_unchanged(tiny):
     the update is the same bit for bit with the diagnostics on."""
     cfg = tiny("model.n_layer=3", "optim.warmup_steps=0")
     plain, _, _, after_plain = one_step(cfg)
-    metrics, grads, before, after = one_step(cfg, attention=(5, 100))
+    metrics, grads, before, after = one_step(cfg, attention=True, log=(5, 100))
     for path in after:
         np.testing.assert_array_equal(after[path], after_plain[path])
     logits, lse = initial_logits(cfg)
@@ -145,7 +145,7 @@ def test_diagnostics_are_zero_off_log_steps(tiny):
     cfg = tiny("model.n_layer=2")
     corpus = data_lib.load_corpus("", 0, cfg.data.seq_len)
     graphdef, tx, state = init_state(cfg, corpus.vocab_size)
-    step = make_train_step(graphdef, tx, grad_norms=False, attention=(2, 5))
+    step = make_train_step(graphdef, tx, grad_norms=False, attention=True, log=(2, 5))
     for s in range(5):
         x, y = data_lib.batch(corpus.train, seed=0, step=s, batch_size=4, seq_len=16)
         state, metrics = step(state, x, y)
@@ -171,3 +171,25 @@ def test_z_loss_adds_its_formula_and_changes_the_update(tiny):
     changed = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(plain_state["params"]),
                                                          jax.tree.leaves(new_state["params"]))]
     assert any(changed)
+
+
+def test_per_layer_statistics_only_at_log_steps_and_the_update_unchanged(tiny):
+    """grad_norm/<layer>, param_norm and update_ratio are computed at log steps only; the state
+    is bit for bit the one without them; the loss and global grad_norm are every step's."""
+    cfg = tiny("model.n_layer=2", "optim.warmup_steps=0")  # a non-zero update at step 0
+    corpus = data_lib.load_corpus("", 0, cfg.data.seq_len)
+    graphdef, tx, state = init_state(cfg, corpus.vocab_size)
+    logged = make_train_step(graphdef, tx, grad_norms=True, log=(3, 7))
+    plain = make_train_step(graphdef, tx, grad_norms=False, log=(3, 7))
+    other = jax.tree.map(np.copy, state)
+    for s in range(7):
+        x, y = data_lib.batch(corpus.train, seed=0, step=s, batch_size=4, seq_len=16)
+        state, metrics = logged(state, x, y)
+        other, reference = plain(other, x, y)
+        for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(other)):
+            np.testing.assert_array_equal(a, b)
+        stats = {k: np.asarray(v) for k, v in metrics.items()
+                 if k.startswith(("grad_norm/", "param_norm", "update_ratio"))}
+        assert len(stats) > 10 and set(metrics) - set(stats) == set(reference)
+        assert all((v > 0).all() == (s in (0, 3, 6)) for v in stats.values()), s
+        assert float(metrics["grad_norm"]) == float(reference["grad_norm"]) > 0

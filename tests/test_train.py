@@ -79,8 +79,8 @@ def test_activation_statistics_are_computed_at_log_steps_only(tiny, tmp_path):
     cfg = tiny("log.activations=true", "log.every=3", "train.steps=7")
     corpus = data_lib.load_corpus("", 0, cfg.data.seq_len)
     graphdef, tx, state = init_state(cfg, corpus.vocab_size)
-    step = make_train_step(graphdef, tx, grad_norms=True, activations=(3, 7))
-    plain = make_train_step(graphdef, tx, grad_norms=True)
+    step = make_train_step(graphdef, tx, grad_norms=True, activations=True, log=(3, 7))
+    plain = make_train_step(graphdef, tx, grad_norms=True, log=(3, 7))
     for s in range(7):
         x, y = data_lib.batch(corpus.train, seed=0, step=s, batch_size=4, seq_len=16)
         reference, metrics = plain(jax.tree.map(np.copy, state), x, y)
@@ -126,15 +126,18 @@ def train_records(path):
     return read_metrics(os.path.join(path, "metrics.jsonl"))
 
 
-@pytest.mark.parametrize("signal_name, kill_at, exit_code", [
-    ("SIGKILL", 7, -9),    # between checkpoints: steps 4..7 are logged again after resuming
-    ("SIGTERM", 6, 143),   # a clean stop with its own checkpoint at step 7
-    ("SIGINT", 11, 130),   # Ctrl-C at the last step: the resumed run still ends with its eval
+@pytest.mark.parametrize("signal_name, kill_at, exit_code, background", [
+    ("SIGKILL", 7, -9, "off"),   # between checkpoints: steps 4..7 are logged again on resuming
+    ("SIGTERM", 6, 143, "off"),  # a clean stop with its own checkpoint at step 7
+    ("SIGINT", 11, 130, "off"),  # Ctrl-C at the last step: the resumed run still ends with eval
+    ("SIGKILL", 9, -9, "on"),  # background saves: the one of step 8 may still be writing
+    ("SIGTERM", 6, 143, "on"),  # the stop's checkpoint is written before the process exits
 ])
 def test_killed_and_resumed_run_equals_the_uninterrupted_one(tmp_path, reference_run,
-                                                              signal_name, kill_at, exit_code):
+                                                              signal_name, kill_at, exit_code,
+                                                              background):
     broken = tmp_path / "broken"
-    args = ["log.every=1"]
+    args = ["log.every=1", f"train.async_checkpoints={background}"]
     killer = tmp_path / "killer.py"
     killer.write_text(KILLER)
     import subprocess
@@ -294,18 +297,23 @@ def assert_storage_error(result, fragment):
     assert result.stderr.startswith("normexp: error: ") and fragment in result.stderr
 
 
+@pytest.mark.parametrize("background", ["off", "on"])
 def test_a_write_the_disk_refuses_fails_the_run_in_one_line_and_it_resumes(tmp_path,
-                                                                           reference_run):
+                                                                           reference_run,
+                                                                           background):
     """Every file over 100 kB is refused (RLIMIT_FSIZE): the first checkpoint's data file."""
     broken = tmp_path / "broken"
     import subprocess
     failed = subprocess.run([sys.executable, "-c", FULL_DISK, str(100_000), "train",
-                             *tiny_args(broken), "log.every=1"], capture_output=True, text=True)
+                             *tiny_args(broken), "log.every=1",
+                             f"train.async_checkpoints={background}"],
+                            capture_output=True, text=True)
     assert_storage_error(failed, "File too large (errno 27)")
     summary = json.loads((broken / "summary.json").read_text())
     assert summary["status"] == "failed" and "File too large" in summary["error"]
     assert summary["steps"] == 0  # no checkpoint holds a step: the resume starts over
-    assert train_records(broken)[-1]["step"] == 3
+    # a background save's failure is found at the next save
+    assert train_records(broken)[-1]["step"] == (3 if background == "off" else 7)
     resumed = normexp("train", str(broken / "config.yaml"), "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert train_records(broken) == reference_run
