@@ -1,7 +1,8 @@
 """`normexp bench`: how fast a config trains, and what each feature costs. JSON out.
 
 Sections: `step` (per-layer statistics on vs off), `data` (prefetched real batches vs one fixed
-batch), `throughput` (model FLOP/s as a fraction of this machine's own matmul FLOP/s),
+batch), `throughput` (model FLOP/s as MFU, a fraction of the device's dense peak from
+normexp.hardware's table, and as a fraction of this machine's own measured matmul FLOP/s),
 `remat` (memory and step time with and without), `depth` (compile seconds and statistics
 overhead as the model deepens), `compile_cache` (a second process compiling the same step).
 Variants compared with each other are compiled first and timed in alternating repeats, so
@@ -21,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from normexp import allocator
+from normexp import allocator, hardware
 from normexp import config as config_lib
 from normexp import data as data_lib
 from normexp.step import init_state, make_train_step
@@ -30,9 +31,14 @@ QUICK = ["model.n_layer=2", "model.d_model=64", "model.n_head=2", "data.seq_len=
          "train.batch_size=4"]
 
 
+FLOP_COUNT = ("6 N + 12 L C T per token (nanoGPT, PaLM appendix B): N the parameters but the "
+              "position embedding (the tied token embedding is the output head, so it counts); "
+              "12 L C T the attention scores and their weighted sum, forward and backward, over "
+              "the full T x T (the causal half is not subtracted)")
+
+
 def flops_per_token(cfg, params):
-    """nanoGPT's estimate: 6 N + 12 L C T, N = parameters but the position embedding (the token
-    embedding is the output head, so it counts)."""
+    """The model FLOPs of one trained token, as FLOP_COUNT states."""
     n = sum(leaf.size for path, leaf in nnx.to_flat_state(params) if path[0] != "pos_embed")
     m = cfg.model
     return 6 * n + 12 * m.n_layer * m.d_model * cfg.data.seq_len
@@ -145,15 +151,10 @@ def bench(cfg, *, steps=10, repeats=5, depths=(4, 64), compile_cache=True):
     result["data"] = {"ms_per_step_real_data": ms["real"], "ms_per_step_fixed_batch": ms["fixed"],
                       "difference_pct": round((ms["real"] / ms["fixed"] - 1) * 100, 2)}
 
-    # model FLOP/s against the machine's own matmul FLOP/s
+    # model FLOP/s against the device's dense peak and against its own matmul FLOP/s
     per_token = flops_per_token(cfg, on.state["params"])
-    model_gflops = per_token * tokens / (result["step"]["ms_per_step"] / 1e3) / 1e9
-    peak = matmul_gflops(jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16,
-                         n=1024 if jax.default_backend() == "cpu" else 8192)
-    result["throughput"] = {"flops_per_token": per_token,
-                            "model_gflops_per_s": round(model_gflops, 1),
-                            "matmul_gflops_per_s": round(peak, 1),
-                            "fraction_of_matmul_peak": round(model_gflops / peak, 3)}
+    result["throughput"] = {"flops_per_token": per_token, **throughput(
+        per_token * tokens / (result["step"]["ms_per_step"] / 1e3), cfg.model.dtype)}
 
     # rematerialisation: memory and time, against the default and against the same real loop
     # (remat scans one block at a time, which the default does not below 9 blocks)
@@ -193,6 +194,23 @@ def bench(cfg, *, steps=10, repeats=5, depths=(4, 64), compile_cache=True):
     if compile_cache:
         result["compile_cache"] = measure_compile_cache(cfg)
     return result
+
+
+def throughput(model_flops_per_s, dtype, matmul=None):
+    """MFU: model FLOP/s over the dense peak of this device in `dtype` (normexp.hardware's
+    table; a device not in it falls back to the measured matmul, and says so), and over the
+    measured FLOP/s of a large matmul in `dtype` (`matmul`: already measured, GFLOP/s)."""
+    device = hardware.local_device()
+    if matmul is None:
+        matmul = matmul_gflops(getattr(jnp, dtype), n=1024 if device.platform == "cpu" else 8192)
+    peak, source = hardware.peak_flops(device.kind, dtype)
+    if peak is None:
+        peak, source = matmul * 1e9, f"the measured matmul ({source})"
+    return {"flop_count": FLOP_COUNT, "model_gflops_per_s": round(model_flops_per_s / 1e9, 1),
+            "device": device.kind, "dtype": dtype, "peak": source,
+            "peak_gflops_per_s": round(peak / 1e9, 1), "mfu": round(model_flops_per_s / peak, 4),
+            "matmul_gflops_per_s": round(matmul, 1),
+            "fraction_of_matmul_peak": round(model_flops_per_s / 1e9 / matmul, 4)}
 
 
 def replace(cfg, section, **changes):

@@ -79,6 +79,19 @@ def check(cfg, vocab, runs=1, devices=1, memory=None):
                      f"({shown}) but {where} is {_size(limit)}; lower {key}")
 
 
+def devices_needed(cfg, vocab, runs, available, memory=None):
+    """The fewest of `available` devices that hold the runs by the estimate and split the
+    batch evenly: a vectorized group fills one device before another is used."""
+    from normexp.config import flatten
+    values = {**flatten(cfg), "data.vocab_size": vocab}
+    limit, _ = memory or device_memory()
+    for count in range(1, available + 1):
+        fits = sum(estimate(values, runs, count).values()) <= limit
+        if fits and cfg.train.batch_size % count == 0:
+            return count
+    return available
+
+
 def _size(n):
     for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"):
         if n < 1024 or unit == "EiB":

@@ -281,7 +281,8 @@ class _ClosedLoopNoiseDropped:
     fails, before the failure reaches `Checkpoints.wait`. Those are dropped; every other line
     passes on, and a progress bar's unfinished line passes at once."""
 
-    FRAMES = ("  File ", "    self._check_closed()", "    raise RuntimeError('Event loop is closed')")
+    FRAMES = ("  File ", "    self._check_closed()",
+              "    raise RuntimeError('Event loop is closed')")
 
     def __init__(self, stream):
         self.stream, self.partial, self.held, self.lock = stream, "", [], threading.Lock()

@@ -128,6 +128,8 @@ def cmd_prepare(ns):
 def cmd_bench(ns):
     from normexp.bench import QUICK, bench
     from normexp.config import load
+    if ns.accelerator:
+        return _accelerator_check(ns)
     path, overrides = _split_config_args(ns.config)
     if ns.quick:  # a tiny model and few steps: every figure, in seconds (for the test suite)
         overrides = QUICK + overrides
@@ -136,6 +138,19 @@ def cmd_bench(ns):
     result = bench(load(path, overrides), steps=ns.steps, repeats=ns.repeats, depths=depths,
                    compile_cache=not ns.no_compile_cache)
     print(json.dumps(result, indent=1))
+    return 0
+
+
+def _accelerator_check(ns):
+    from normexp.accelerator import check
+    from normexp.rundir import write_atomic
+    if ns.config:
+        raise UsageError(f"bench --accelerator: takes no config, got {' '.join(ns.config)}")
+    text = json.dumps(check(quick=ns.quick, budget_s=ns.budget), indent=1)
+    if ns.out:
+        write_atomic(ns.out, text + "\n")
+        print(f"wrote {ns.out}", file=sys.stderr)
+    print(text)
     return 0
 
 
@@ -234,6 +249,12 @@ def parser():
                    help="a tiny model, 2 steps x 2 repeats, depths 2,4: checks, not figures")
     b.add_argument("--no-compile-cache", action="store_true",
                    help="skip the compile-cache section (it starts two processes)")
+    b.add_argument("--accelerator", action="store_true",
+                   help="the accelerator check: GPT-2 small's MFU per attention kernel and "
+                        "custom_grads, vectorized seeds, data parallel, memory (see README)")
+    b.add_argument("--budget", type=_positive, default=420,
+                   help="--accelerator: seconds after which no further section starts")
+    b.add_argument("--out", help="--accelerator: also write the JSON to this file")
     b.set_defaults(func=cmd_bench)
     return p
 

@@ -77,11 +77,12 @@ class Devices:
     """Where the state and the batches live: one device, or a data-parallel mesh.
 
     `batch_axis` is the axis of a batch array that holds its sequences (1 when a vectorized
-    group stacks its members' batches in front).
+    group stacks its members' batches in front); `count`: how many of the devices to use
+    (default all).
     """
 
-    def __init__(self, mode, batch_size, *, batch_axis=0):
-        count = jax.device_count()
+    def __init__(self, mode, batch_size, *, batch_axis=0, count=None):
+        count = count or jax.device_count()
         self.mesh = None
         if mode == "auto" and count > 1:
             if batch_size % count:
@@ -89,7 +90,8 @@ class Devices:
                                  f"over {count} devices (train.data_parallel=auto); use a "
                                  f"multiple of {count} or train.data_parallel=off")
             # Auto axes: XLA propagates the batch sharding through the unchanged model code
-            self.mesh = jax.make_mesh((count,), (AXIS,), axis_types=(AxisType.Auto,))
+            self.mesh = jax.make_mesh((count,), (AXIS,), axis_types=(AxisType.Auto,),
+                                      devices=jax.devices()[:count])
         self.count = count if self.mesh is not None else 1
         spec = [None] * batch_axis + [AXIS]
         self._batch = self.mesh and NamedSharding(self.mesh, PartitionSpec(*spec))

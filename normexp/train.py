@@ -240,7 +240,10 @@ def _train(members, corpus, stop, chosen, *, resume):
         print(f"warning: model.norm.kind={norms['kind']} pools statistics over positions, so "
               f"each position sees later tokens and the losses are not those of a causal "
               f"model (recorded in summary.json under norms)", file=sys.stderr)
-    devices = Devices(cfg.train.data_parallel, B, batch_axis=int(lanes.vectorized))
+    count = jax.device_count()
+    if lanes.vectorized and cfg.train.data_parallel == "auto" and jax.process_count() == 1:
+        count = budget.devices_needed(cfg, corpus.vocab_size, len(members), count)
+    devices = Devices(cfg.train.data_parallel, B, batch_axis=int(lanes.vectorized), count=count)
     if cfg.log.progress and not os.environ.get("NORMEXP_WORKER") and is_primary():  # as the bar
         print("; ".join(f"{name}: {hardware.shown(c.value)} ({c.reason})"
                         for name, c in chosen.items()), file=sys.stderr)

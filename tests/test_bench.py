@@ -23,6 +23,10 @@ def test_quick_bench_produces_every_figure():
     # both GFLOP/s figures are rounded to 0.1 before they are printed
     assert 0 < t["fraction_of_matmul_peak"] == pytest.approx(
         t["model_gflops_per_s"] / t["matmul_gflops_per_s"], abs=0.005)
+    # no peak in the table for a CPU: MFU is against the measured matmul, and says so
+    assert t["peak"].startswith("the measured matmul") and "not in the table" in t["peak"]
+    assert t["mfu"] == pytest.approx(t["fraction_of_matmul_peak"], abs=0.005)
+    assert t["flop_count"].startswith("6 N + 12 L C T") and t["dtype"] == "float32"
     assert r["remat"]["memory"]["temp_mib"] > 0 and "step_time_pct" in r["remat"]
     assert [row["n_layer"] for row in r["depth"]["rows"]] == [2, 4]
     assert all(row["compile_seconds"] > 0 for row in r["depth"]["rows"])

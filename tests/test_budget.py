@@ -69,3 +69,14 @@ def test_the_command_refuses_before_anything_is_allocated_or_written(tmp_path, o
     assert result.stderr.startswith(f"normexp: error: {override}: the run needs at least")
     assert f"lower {key}" in result.stderr
     assert not out.exists()
+
+
+def test_a_group_fills_one_device_before_another_is_used():
+    cfg = load(None, TINY)
+    need = lambda count: sum(budget.estimate({**flatten(cfg), "data.vocab_size": 256}, 8,
+                                             count).values())
+    assert budget.devices_needed(cfg, 256, 8, 4, memory=(need(1), "x")) == 1
+    assert budget.devices_needed(cfg, 256, 8, 4, memory=(need(1) - 1, "x")) == 2
+    assert budget.devices_needed(cfg, 256, 8, 4, memory=(need(4) - 1, "x")) == 4  # none fits
+    # the batch of 4 sequences splits over 1, 2 or 4 devices, never 3
+    assert budget.devices_needed(cfg, 256, 8, 3, memory=(need(2), "x")) == 2

@@ -28,6 +28,11 @@ for kind in ("layernorm", "batchnorm"):
                         "metrics": read_metrics(f"{out}/{name}/metrics.jsonl")}
 group = run_group([cfg(f"group{s}", f"run.seed={s}") for s in (0, 1)])
 result["group"] = [s["devices"] for s in group]
+from normexp import budget  # a group too large for one device: each member's batch splits
+budget.devices_needed = lambda cfg, vocab, runs, available: available
+group = run_group([cfg(f"wide{s}", f"run.seed={s}") for s in (0, 1)])
+result["wide"] = [s["devices"] for s in group]
+result["wide1"] = read_metrics(f"{out}/wide1/metrics.jsonl")
 single = run(cfg("seed1", "run.seed=1", "train.data_parallel=off"))
 result["group1"] = read_metrics(f"{out}/group1/metrics.jsonl")
 result["seed1"] = read_metrics(f"{out}/seed1/metrics.jsonl")
@@ -54,8 +59,10 @@ def test_data_parallel_over_four_devices_equals_one_device(tmp_path):
         # Adam scales up to lr-sized steps: the running means (so val losses) follow that noise.
         assert_close(one["metrics"], four["metrics"],
                      val_rtol=1e-4 if kind == "layernorm" else 1e-3)
-    assert result["group"] == [4, 4]  # a vectorized group splits each member's batch too
+    assert result["group"] == [1, 1]  # a small group fills one device before another is used
+    assert result["wide"] == [4, 4]
     assert_close(result["seed1"], result["group1"])
+    assert_close(result["seed1"], result["wide1"])
     assert result["odd"].startswith("train.batch_size: 6 sequences do not split evenly over 4 "
                                     "devices")
 

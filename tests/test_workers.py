@@ -74,3 +74,54 @@ def test_workers_get_the_sweeps_settings_and_their_cores(tmp_path, monkeypatch):
     again = sweep_lib.load(path, settings=parse_overrides(
         [a.removeprefix("--set=") for a in args if a.startswith("--set=")]))
     assert [r.cfg for r in again.runs] == [r.cfg for r in sweep.runs]
+
+
+def test_each_worker_gets_its_share_of_the_gpus():
+    eight = [str(i) for i in range(8)]
+    assert workers.worker_gpus(8, eight) == [([str(i)], 1) for i in range(8)]
+    assert workers.worker_gpus(2, eight) == [(eight[:4], 1), (eight[4:], 1)]
+    assert workers.worker_gpus(3, ["0", "1"]) == [(["0"], 2), (["1"], 1), (["0"], 2)]
+    assert workers.worker_gpus(2, []) == [([], 2), ([], 2)]  # one accelerator shared, or none
+
+
+def test_a_workers_environment_names_its_gpus_and_memory_share(monkeypatch):
+    monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION", raising=False)
+    assert workers.worker_env({0}, ["3"], 1) == {"NORMEXP_CORES": "0",
+                                                 "CUDA_VISIBLE_DEVICES": "3"}
+    assert workers.worker_env(None, ["0", "1"], 1)["CUDA_VISIBLE_DEVICES"] == "0,1"
+    assert workers.worker_env(None, ["0"], 2)["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.450"
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.3")  # the user's own is kept
+    assert "XLA_PYTHON_CLIENT_MEM_FRACTION" not in workers.worker_env(None, [], 4)
+
+
+def test_visible_gpus_from_the_environment_or_the_device_files(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2, 5")
+    assert workers.visible_gpus() == ["2", "5"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert workers.visible_gpus() == []
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    monkeypatch.setattr(workers.glob, "glob", lambda pattern: [
+        "/dev/nvidia10", "/dev/nvidiactl", "/dev/nvidia2", "/dev/nvidia-uvm", "/dev/nvidia0"])
+    assert workers.visible_gpus() == ["0", "2", "10"]
+
+
+def test_eight_workers_on_an_eight_gpu_host_get_one_gpu_each(tmp_path, monkeypatch):
+    sweep = sweep_lib.load(write_sweep(tmp_path, grid={"optim.lr": [1e-3, 2e-3, 3e-3, 4e-3]},
+                                       seeds=2))
+    envs = []
+
+    class Child:
+        returncode = 0
+
+        def __init__(self, args, env):
+            envs.append(env)
+
+        def poll(self):
+            return 0
+
+    monkeypatch.setattr(workers.subprocess, "Popen", Child)
+    monkeypatch.setattr(workers, "visible_gpus", lambda: [str(i) for i in range(8)])
+    monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION", raising=False)
+    assert workers.run_workers(sweep, sweep.units(), 8, progress=False) == 0
+    assert [e["CUDA_VISIBLE_DEVICES"] for e in envs] == [str(i) for i in range(8)]
+    assert not any("XLA_PYTHON_CLIENT_MEM_FRACTION" in e for e in envs)
