@@ -152,8 +152,9 @@ class TrainConfig:
     compile_cache: str = opt("", "directory of JAX's persistent compilation cache (a second run of "
                                  "the same shapes skips compiling); empty = off")
     data_parallel: str = opt("auto", "auto: split each batch over every device (a jax.sharding "
-                                     "mesh; batch_size must be a multiple of the device count), "
-                                     "off: one device", one_of("auto", "off"))
+                                     "mesh; batch_size must be a multiple of the device count; "
+                                     "a vectorized group over the fewest that hold it), off: "
+                                     "one device", one_of("auto", "off"))
     async_checkpoints: str = opt("auto", "write checkpoints in the background while training "
                                          "continues: on, off, or auto (on accelerators, off on "
                                          "CPU)", one_of("auto", "on", "off"),
@@ -168,7 +169,8 @@ class TrainConfig:
 @dataclass(frozen=True)
 class LogConfig:
     every: int = opt(10, "fetch and write training metrics every N steps (step 0 always)", positive)
-    grad_norms: bool = opt(True, "per-block gradient, parameter and update/parameter norms")
+    grad_norms: bool = opt(True, "per-block gradient, parameter and update/parameter norms, at "
+                                 "log steps")
     activations: bool = opt(False, "per-block activation statistics at log steps: residual "
                                    "stream mean, RMS, excess kurtosis, and the RMS of each "
                                    "sublayer norm's output")

@@ -12,8 +12,9 @@
 #   - nothing else: no coordinator, no jax.distributed (each task trains its own runs). A rerun
 #     of the same array skips finished runs and resumes interrupted ones; a task killed by the
 #     scheduler leaves a lock that the next task takes over.
-# On GPU nodes add e.g. `#SBATCH --gpus-per-task=1`; with --max-parallel K each process may take
-# 0.9/K of the GPU's memory (XLA_PYTHON_CLIENT_MEM_FRACTION is set for you).
+# On GPU nodes add e.g. `#SBATCH --gpus-per-task=1`; with --max-parallel K the task's GPUs are
+# divided among its K workers (one each when K equals their count; workers that share one GPU
+# each take their part of its memory). See README, Accelerators.
 #
 #SBATCH --job-name=normexp-sweep
 #SBATCH --cpus-per-task=8

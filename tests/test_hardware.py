@@ -132,3 +132,23 @@ def test_forcing_cudnn_on_cpu_is_refused_before_anything_is_written(tiny, tmp_pa
     with pytest.raises(UsageError, match="model.attention=cudnn: cuDNN needs an NVIDIA GPU"):
         run(tiny("model.attention=cudnn", "model.dtype=bfloat16"))
     assert not (tmp_path / "run").exists()
+
+
+def test_attention_diagnostics_are_the_same_whatever_kernel_ran(tiny):
+    """They recompute the logits from the queries and keys, so a fused kernel changes nothing."""
+    import jax
+    import numpy as np
+    from normexp import data as data_lib
+    from normexp.step import init_state, make_train_step
+    metrics = {}
+    for kernel in ("einsum", "xla"):
+        cfg = tiny(f"model.attention={kernel}", "optim.warmup_steps=0")
+        corpus = data_lib.load_corpus("", 0, cfg.data.seq_len)
+        graphdef, tx, state = init_state(cfg, corpus.vocab_size)
+        x, y = data_lib.batch(corpus.train, seed=0, step=0, batch_size=4, seq_len=16)
+        _, m = make_train_step(graphdef, tx, attention=True)(state, x, y)
+        metrics[kernel] = {k: np.asarray(v) for k, v in jax.device_get(m).items()}
+    assert any(k.startswith("attn/") for k in metrics["xla"])
+    for key, value in metrics["einsum"].items():
+        np.testing.assert_allclose(metrics["xla"][key], value, rtol=2e-4, atol=1e-6,
+                                   err_msg=key)
