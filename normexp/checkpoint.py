@@ -94,7 +94,7 @@ class Checkpoints:
         self.primary, self.keep, self.background = primary, keep, background
         self._writer, self._failure = None, None  # a background save being finished
         self._broken = False  # a background save failed
-        # orbax keeps every step: `_prune` deletes the old ones once a newer one is recorded
+        # orbax keeps every step: `_record` deletes the old ones once a newer one is recorded
         options = ocp.CheckpointManagerOptions(max_to_keep=None, create=True,
                                                enable_async_checkpointing=background)
         if background and not isinstance(sys.stderr, _ClosedLoopNoiseDropped):
