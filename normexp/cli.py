@@ -16,7 +16,7 @@ from normexp.errors import EXIT_STORAGE, EXIT_USAGE, StorageError, UsageError
 DESCRIPTION = ("Train and compare normalization layers in transformers with seven commands: "
                "train (one run), sweep (every run of a sweep file), results (a sweep's table), "
                "report (figures and tables of runs), claims (published claims about norms, "
-               "tested), prepare (a byte-level corpus) and bench (compile and step times).")
+               "tested), prepare (tokenize your own corpus) and bench (compile and step times).")
 
 # A first argument like this is a forgotten `=`, not a config file name.
 _DOTTED_KEY = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+")
@@ -118,10 +118,16 @@ def _claim_numbers(text):
 
 
 def cmd_prepare(ns):
-    from normexp.data import prepare
-    n_train, n_val = prepare(ns.text_file, ns.out_dir)
-    print(f"{ns.out_dir}: train.bin {n_train} tokens, val.bin {n_val} tokens, "
-          f"vocab 256 (bytes, dtype uint16)")
+    from normexp.prepare import prepare
+    if len(ns.paths) < 2:
+        raise UsageError("prepare: expected INPUT... OUT_DIR (at least one input and the "
+                         "output directory)")
+    *inputs, out = ns.paths
+    meta = prepare(inputs, out, tokenizer=ns.tokenizer, field=ns.field,
+                   val_fraction=ns.val_fraction, progress=sys.stderr.isatty())
+    print(f"{out}: train.bin {meta['train_tokens']} tokens, val.bin {meta['val_tokens']} "
+          f"tokens, vocab {meta['vocab_size']} ({meta['tokenizer']}, {meta['dtype']}), "
+          f"{meta['tokens_per_s']:.0f} tokens/s")
     return 0
 
 
@@ -235,9 +241,15 @@ def parser():
     cl.add_argument("--only", type=_claim_numbers, metavar="N[,N...]",
                     help="only these claims (numbers as in claims.md)")
     cl.set_defaults(func=cmd_claims)
-    pr = add("prepare", help="write byte-level train.bin/val.bin/meta.json")
-    pr.add_argument("text_file")
-    pr.add_argument("out_dir")
+    pr = add("prepare", help="tokenize text, JSONL or Parquet into train.bin/val.bin/meta.json")
+    pr.add_argument("paths", nargs="+", metavar="INPUT... OUT_DIR",
+                    help="text files (.txt or any other), .jsonl, .parquet; then the output")
+    pr.add_argument("--tokenizer", default="bytes",
+                    help="bytes (vocab 256), bpe:N (train a byte-level BPE of N tokens on the "
+                         "inputs) or PATH/tokenizer.json (default bytes)")
+    pr.add_argument("--field", default="text", help="the text field of JSONL and Parquet")
+    pr.add_argument("--val-fraction", type=float, default=0.1,
+                    help="the last fraction of the tokens that becomes val.bin (default 0.1)")
     pr.set_defaults(func=cmd_prepare)
     b = add("bench", help="time compile and step, with and without per-layer norms")
     b.add_argument("config", nargs="*", metavar="[CONFIG.yaml] [key=value]")

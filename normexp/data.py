@@ -132,7 +132,7 @@ def _read_bin(file, dtype):
     if not os.path.isfile(file):
         raise UsageError(f"{file}: missing (a data directory needs train.bin and val.bin, token "
                          f"ids of meta.json's \"dtype\", {DEFAULT_DTYPE} by default; "
-                         f"`normexp prepare TEXT OUT_DIR` writes them)")
+                         f"`normexp prepare INPUT... OUT_DIR` writes them)")
     size, width = os.path.getsize(file), np.dtype(DTYPES[dtype]).itemsize
     if size % width:
         raise UsageError(f"{file}: {size} bytes is not a whole number of {dtype} tokens "
@@ -283,25 +283,3 @@ def eval_batches(tokens, *, seed, count, batch_size, seq_len):
     return [batch(tokens, seed=seed, step=i, batch_size=batch_size, seq_len=seq_len,
                   stream=VAL_STREAM) for i in range(count)]
 
-
-def prepare(text_file, out_dir):
-    """Byte-level train.bin/val.bin/meta.json from any text file; returns the token counts."""
-    from normexp.rundir import write_atomic
-    try:
-        with open(text_file, "rb") as f:
-            raw = f.read()
-    except (FileNotFoundError, IsADirectoryError, PermissionError) as e:
-        raise UsageError(f"{text_file}: cannot read ({e.strerror})") from None
-    if len(raw) < 20:
-        raise UsageError(f"{text_file}: {len(raw)} bytes is too little text to split into "
-                         f"train and val")
-    train, val = split_bytes(raw)
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise UsageError(f"{out_dir}: is a file, expected an output directory")
-    os.makedirs(out_dir, exist_ok=True)
-    write_atomic(os.path.join(out_dir, "train.bin"), train.astype(np.uint16).tobytes())
-    write_atomic(os.path.join(out_dir, "val.bin"), val.astype(np.uint16).tobytes())
-    meta = {"vocab_size": BYTE_VOCAB, "dtype": "uint16", "tokenizer": "bytes",
-            "source": os.path.abspath(text_file)}
-    write_atomic(os.path.join(out_dir, "meta.json"), json.dumps(meta, indent=1) + "\n")
-    return len(train), len(val)

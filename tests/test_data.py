@@ -175,27 +175,6 @@ def test_meta_pkl_accepts_plain_data_and_refuses_code(tmp_path):
         data.read_meta_pkl(str(junk))
 
 
-def test_prepare_writes_a_trainable_dataset(tmp_path):
-    text = tmp_path / "input.txt"
-    text.write_text("hello normalization " * 50)
-    result = normexp("prepare", str(text), str(tmp_path / "out"))
-    assert result.returncode == 0, result.stderr
-    corpus = data.load_corpus(str(tmp_path / "out"), 0, 16)
-    assert corpus.vocab_size == 256
-    assert len(corpus.train) + len(corpus.val) == len(text.read_bytes())
-    assert bytes(np.asarray(corpus.train, np.uint8)[:5]) == b"hello"
-    with open(tmp_path / "out" / "meta.json") as f:
-        assert json.load(f)["dtype"] == "uint16"
-    assert corpus.train.dtype == np.uint16 and corpus.fingerprint["dtype"] == "uint16"
-    assert not [f for f in os.listdir(tmp_path / "out") if f.startswith(".tmp")]
-
-
-def test_prepare_missing_file_exits_2(tmp_path):
-    result = normexp("prepare", str(tmp_path / "nope.txt"), str(tmp_path / "out"))
-    assert result.returncode == 2 and "nope.txt: cannot read" in result.stderr
-    assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
-
-
 def test_cli_bad_data_exits_2_and_writes_nothing(tmp_path):
     d = tmp_path / "d"
     write_bins(d, np.append(np.arange(100) % 64, 300), np.arange(40) % 64, {"vocab_size": 64})
