@@ -47,10 +47,9 @@ def cmd_train(ns):
     from normexp.rundir import INTERRUPTED
     from normexp.train import run
     cfg = _load(ns.config)
+    from normexp.console import end_line
     summary = run(cfg, resume=ns.resume, overwrite=ns.overwrite, missing_ok=False)
-    line = {k: summary[k] for k in ("status", "steps", "diverged_step", "final_val_loss",
-                                    "best_val_loss", "tokens_per_s")}
-    print(f"{summary['run_dir']}: {json.dumps(line)}")
+    print(end_line(summary))
     if summary["status"] == INTERRUPTED:
         return 128 + signal.Signals[summary["signal"]].value
     return 0

@@ -177,7 +177,8 @@ class LogConfig:
     attention: bool = opt(False, "instability diagnostics at log steps: attention logits, "
                                  "entropy, sinks, massive activations, log Z, gradient RMS")
     tensorboard: bool = opt(True, "also write TensorBoard events (tensorboardX)")
-    progress: bool = opt(True, "show a progress bar")
+    progress: bool = opt(True, "say what runs where, the compile time and the progress (a bar "
+                               "on a terminal, a line per log step otherwise) on stderr")
 
 
 @dataclass(frozen=True)

@@ -155,10 +155,6 @@ def choices(cfg, device=None):
             "async_checkpoints": async_checkpoints(cfg.train.async_checkpoints, device)}
 
 
-def shown(value):
-    return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
-
-
 def describe(chosen, device=None):
     """For summary.json: the device and {name: {"value": ..., "reason": ...}}."""
     device = device or local_device()

@@ -28,6 +28,7 @@ from normexp import allocator, budget, hardware, rundir
 from normexp import config as config_lib
 from normexp import data as data_lib
 from normexp.checkpoint import Checkpoints, resume_step
+from normexp.console import Console
 from normexp.errors import StorageError, UsageError
 from normexp.metrics import per_block
 from normexp.model import norm_report
@@ -244,9 +245,10 @@ def _train(members, corpus, stop, chosen, *, resume):
     if lanes.vectorized and cfg.train.data_parallel == "auto" and jax.process_count() == 1:
         count = budget.devices_needed(cfg, corpus.vocab_size, len(members), count)
     devices = Devices(cfg.train.data_parallel, B, batch_axis=int(lanes.vectorized), count=count)
-    if cfg.log.progress and not os.environ.get("NORMEXP_WORKER") and is_primary():  # as the bar
-        print("; ".join(f"{name}: {hardware.shown(c.value)} ({c.reason})"
-                        for name, c in chosen.items()), file=sys.stderr)
+    console = Console(cfg, start, len(members))
+    if is_primary():
+        console.starting(states[0]["params"], devices.count, jax.devices()[0].device_kind,
+                         chosen, allocator.active())
     for m in members:
         m.start({"status": RUNNING, "steps": start, "diverged_step": None, "norms": norms,
                  "final_val_loss": None, "best_val_loss": None, "tokens_per_s": None,
@@ -263,7 +265,7 @@ def _train(members, corpus, stop, chosen, *, resume):
         start=start, put=devices.batch)
     try:
         _loop(members, lanes, graphdef, tx, devices.state(lanes.stack(states)), start, stop,
-              batches=batches, val_batches=val_batches)
+              batches=batches, val_batches=val_batches, console=console)
     finally:
         batches.close()
 
@@ -287,7 +289,7 @@ class Clock:
         return time.perf_counter() - self.t0 - self.excluded
 
 
-def _loop(members, lanes, graphdef, tx, state, start, stop, *, batches, val_batches):
+def _loop(members, lanes, graphdef, tx, state, start, stop, *, batches, val_batches, console):
     """Compile, then train from `start` to the end, a stop request, or every run diverging.
 
     Each step runs these phases in order: evaluate (the state before the step, every
@@ -306,7 +308,8 @@ def _loop(members, lanes, graphdef, tx, state, start, stop, *, batches, val_batc
     eval_fn = make_eval_step(graphdef, lanes.vectorized).lower(
         state["params"], state["rest"], *val_batches[0]).compile()
     compile_seconds = time.perf_counter() - t0
-    progress, clock = _progress(cfg, start, len(members)), Clock()
+    console.compiled(compile_seconds)
+    clock = Clock()
 
     def evaluate():  # every run's val loss
         total = sum(eval_fn(state["params"], state["rest"], *b) for b in val_batches)
@@ -320,7 +323,7 @@ def _loop(members, lanes, graphdef, tx, state, start, stop, *, batches, val_batc
                 if at >= 0:
                     m.stop(DIVERGED, s)
                     m.summary["diverged_step"] = int(at)
-        _show(progress, records, s + 1, (s + 1 - start) * tokens_per_step / max(
+        console.logged(records, s + 1, (s + 1 - start) * tokens_per_step / max(
             clock.seconds(), 1e-9))
 
     def checkpoint(t):  # the state after t steps
@@ -361,7 +364,7 @@ def _loop(members, lanes, graphdef, tx, state, start, stop, *, batches, val_batc
             break
     jax.block_until_ready(state)
     seconds = clock.seconds()
-    progress.close()
+    console.close()
     _finish(members, s, start, evaluate, compile_seconds,
             tokens_per_s=lambda done: done * tokens_per_step / seconds if seconds > 0 and done > 0
             else None)
@@ -382,17 +385,3 @@ def _finish(members, s, start, evaluate, compile_seconds, tokens_per_s):
             best_val_loss=rundir.finite_or_none(m.best) if m.best is not None else None,
             tokens_per_s=tokens_per_s(m.last_step + 1 - start))
 
-
-def _progress(cfg, start, runs):
-    from tqdm import tqdm
-    desc = cfg.run.name if runs == 1 else f"{runs} runs vectorized"
-    hidden = not cfg.log.progress or os.environ.get("NORMEXP_WORKER")  # a sweep's worker
-    return tqdm(total=cfg.train.steps, initial=start, disable=bool(hidden),
-                desc=desc, unit="step", dynamic_ncols=True, file=sys.stderr)
-
-
-def _show(progress, records, done, tokens_per_s):
-    losses = [float(r["loss"]) for r in records.values() if "loss" in r]
-    progress.set_postfix(loss=f"{np.median(losses):.4f}" if losses else "-",
-                         tok_s=f"{tokens_per_s:.0f}")
-    progress.update(done - progress.n)
