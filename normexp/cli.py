@@ -13,10 +13,11 @@ import sys
 
 from normexp.errors import EXIT_STORAGE, EXIT_USAGE, StorageError, UsageError
 
-DESCRIPTION = ("Train and compare normalization layers in transformers with seven commands: "
-               "train (one run), sweep (every run of a sweep file), results (a sweep's table), "
-               "report (figures and tables of runs), claims (published claims about norms, "
-               "tested), prepare (tokenize your own corpus) and bench (compile and step times).")
+DESCRIPTION = ("Train and compare normalization layers in transformers with nine commands: "
+               "train (one run), sweep (every run of a sweep file), compare (runs side by "
+               "side), ls (the runs under a directory), results (a sweep's table), report "
+               "(figures and tables of runs), claims (published claims about norms, tested), "
+               "prepare (tokenize your own corpus) and bench (compile and step times).")
 
 # A first argument like this is a forgotten `=`, not a config file name.
 _DOTTED_KEY = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+")
@@ -75,6 +76,26 @@ def cmd_sweep(ns):
     print(f"results: {paths[0]} (normexp results {sweep.out_dir} prints the table)",
           file=sys.stderr)
     return code
+
+
+def cmd_compare(ns):
+    from normexp.compare import compare
+    text, written = compare(ns.runs, ns.out)
+    print(text)
+    if written:
+        print(f"wrote {', '.join(written)}", file=sys.stderr)
+    return 0
+
+
+def cmd_ls(ns):
+    from normexp.compare import listing
+    from normexp.results import to_text
+    frame = listing(ns.dir)
+    if frame.empty:
+        print(f"{ns.dir}: no runs", file=sys.stderr)
+    else:
+        print(to_text(frame))
+    return 0
 
 
 def cmd_results(ns):
@@ -223,6 +244,13 @@ def parser():
     sw.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     sw.add_argument("--units", default="", help=argparse.SUPPRESS)
     sw.set_defaults(func=cmd_sweep)
+    cp = add("compare", help="runs side by side: config differences, losses, gradient norms")
+    cp.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    cp.add_argument("--out", help="also write compare.png (the gradient-norm profiles) here")
+    cp.set_defaults(func=cmd_compare)
+    ls = add("ls", help="every run under a directory, with its status (reads only)")
+    ls.add_argument("dir", nargs="?", default="runs", metavar="DIR")
+    ls.set_defaults(func=cmd_ls)
     rs = add("results", help="print and write the results table of a sweep directory")
     rs.add_argument("sweep_dir", metavar="SWEEP_DIR")
     rs.set_defaults(func=cmd_results)

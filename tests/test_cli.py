@@ -10,7 +10,7 @@ from normexp.errors import UsageError
 
 from conftest import normexp, tiny_base, write_sweep
 
-COMMANDS = ["train", "sweep", "results", "report", "claims", "prepare", "bench"]
+COMMANDS = ["train", "sweep", "compare", "ls", "results", "report", "claims", "prepare", "bench"]
 
 
 def _existing_run(tmp_path):
