@@ -7,7 +7,6 @@ valid. Every field carries a one-line doc (`metadata["doc"]`) that the README re
 
 import copy
 import dataclasses
-import math
 import os
 import typing
 from dataclasses import dataclass
@@ -15,7 +14,7 @@ from dataclasses import dataclass
 import yaml
 
 from normexp.errors import UsageError, suggest
-from normexp.fields import (nonneg, one_of, opt, positive, registered, registry, safe_name,
+from normexp.fields import (Override, coerce, nonneg, one_of, opt, positive, registered, registry, safe_name,
                             section, unalias, unit_closed, unit_left_open, unit_open)
 
 
@@ -167,6 +166,16 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class WandbConfig:
+    mode: str = opt("off", "Weights & Biases: off, online, offline (local files; `wandb sync` "
+                           "uploads them) or disabled (wandb's no-op); pip install "
+                           "'normexp[wandb]'", one_of("off", "online", "offline", "disabled"))
+    project: str = opt("normexp", "the wandb project")
+    entity: str = opt("", "the wandb entity (a team or user); empty = your default")
+    group: str = opt("", "the wandb group; empty = the sweep's name for a sweep's runs")
+
+
+@dataclass(frozen=True)
 class LogConfig:
     every: int = opt(10, "fetch and write training metrics every N steps (step 0 always)", positive)
     grad_norms: bool = opt(True, "per-block gradient, parameter and update/parameter norms, at "
@@ -179,6 +188,7 @@ class LogConfig:
     tensorboard: bool = opt(True, "also write TensorBoard events (tensorboardX)")
     progress: bool = opt(True, "say what runs where, the compile time and the progress (a bar "
                                "on a terminal, a line per log step otherwise) on stderr")
+    wandb: WandbConfig = section(WandbConfig, "Weights & Biases, as well as metrics.jsonl")
 
 
 @dataclass(frozen=True)
@@ -208,10 +218,6 @@ class Config:
     run: RunConfig = section(RunConfig, "naming and seeding")
 
 
-class _Override(str):
-    """A command-line value, parsed against its field's type rather than taken as YAML text."""
-
-
 def parse_overrides(items):
     """`dotted.key=value` texts -> (key, value) settings, each value parsed by its field's type."""
     settings = []
@@ -220,7 +226,7 @@ def parse_overrides(items):
         if not sep or not key:
             raise UsageError(f"override {item!r} must look like dotted.key=value "
                              f"(e.g. optim.lr=3e-3)")
-        settings.append((key, _Override(value)))
+        settings.append((key, Override(value)))
     return settings
 
 
@@ -291,7 +297,7 @@ def _build(cls, raw, prefix):
         if isinstance(raw[name], dict):
             raise UsageError(f"{path}: is a value, not a section (it has no keys "
                              f"{', '.join(path + '.' + str(k) for k in raw[name])})")
-        value = _coerce(unalias(raw[name], f.metadata["aliases"]), kind, path)
+        value = coerce(unalias(raw[name], f.metadata["aliases"]), kind, path)
         if kind is int and value > INT32_MAX:
             raise UsageError(f"{path}: must be at most {INT32_MAX} (steps, token ids and "
                              f"positions are int32), got {value}")
@@ -300,43 +306,6 @@ def _build(cls, raw, prefix):
             raise UsageError(f"{path}: {problem}, got {value!r}")
         values[name] = value
     return cls(**values)
-
-
-def _coerce(value, kind, path):
-    if isinstance(value, _Override):
-        if kind is str:
-            return str(value)
-        try:
-            value = yaml.safe_load(value) if value.strip() else value
-        except yaml.YAMLError:
-            pass  # not YAML: judged as the plain string below
-    if kind is bool and isinstance(value, bool):
-        return value
-    elif kind is int:
-        if isinstance(value, str):
-            try:
-                value = int(value)
-            except ValueError:
-                pass
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-    elif kind is float:
-        if isinstance(value, str):
-            try:
-                value = float(value)  # YAML 1.1 reads '3e-3' as a string
-            except ValueError:
-                pass
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            if math.isfinite(value):
-                return float(value)
-    elif kind is str and isinstance(value, str):
-        return value
-    raise UsageError(f"{path}: expected {_TYPE_NAMES[kind]}, got {value!r}")
-
-
-_TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string"}
 
 
 def _check_cross(cfg):

@@ -1,10 +1,14 @@
 """How a config field is declared: its default, its one-line doc, its range check and the older
-spellings of its values. `normexp.config` declares every field with these."""
+spellings of its values; and how a value is read as its field's type. `normexp.config` declares
+every field with these."""
 
+import math
 import re
 from dataclasses import field
 
-from normexp.errors import suggest
+import yaml
+
+from normexp.errors import UsageError, suggest
 
 
 def opt(default, doc, check=None, aliases=None):
@@ -66,3 +70,45 @@ def registry(name):
     from normexp.norms import NORMS
     from normexp.placement import PLACEMENTS
     return NORMS if name == "norm" else PLACEMENTS
+
+
+class Override(str):
+    """A command-line value, parsed against its field's type rather than taken as YAML text."""
+
+
+def coerce(value, kind, path):
+    """`value` as the field's type `kind` (bool, int, float, str), or UsageError naming `path`."""
+    if isinstance(value, Override):
+        if kind is str:
+            return str(value)
+        try:
+            value = yaml.safe_load(value) if value.strip() else value
+        except yaml.YAMLError:
+            pass  # not YAML: judged as the plain string below
+    if kind is bool and isinstance(value, bool):
+        return value
+    elif kind is int:
+        if isinstance(value, str):
+            try:
+                value = int(value)
+            except ValueError:
+                pass
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif kind is float:
+        if isinstance(value, str):
+            try:
+                value = float(value)  # YAML 1.1 reads '3e-3' as a string
+            except ValueError:
+                pass
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if math.isfinite(value):
+                return float(value)
+    elif kind is str and isinstance(value, str):
+        return value
+    raise UsageError(f"{path}: expected {_TYPE_NAMES[kind]}, got {value!r}")
+
+
+_TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string"}

@@ -30,6 +30,7 @@ from normexp.errors import UsageError
 from normexp.parallel import barrier, is_primary
 
 CONFIG, SUMMARY, METRICS = "config.yaml", "summary.json", "metrics.jsonl"
+SWEEP_MANIFEST = "sweep.json"  # in a sweep's directory, beside its runs (normexp.sweep)
 
 # Written by the run itself:
 RUNNING = "running"  # training, or its process died (a sweep reads that as STOPPED)

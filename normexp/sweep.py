@@ -33,7 +33,7 @@ KEYS = {"base": "a config file (relative to the sweep file) or inline config key
         "vectorize": "none, or seeds: train runs that differ only in seed and optim.lr "
                      "together with jax.vmap"}
 RESERVED = ("run.name", "run.out_dir", "run.seed")
-MANIFEST = "sweep.json"
+MANIFEST = rundir.SWEEP_MANIFEST
 
 
 @dataclasses.dataclass(frozen=True)

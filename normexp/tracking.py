@@ -1,8 +1,11 @@
-"""What a run writes while it trains: metrics.jsonl records and TensorBoard events."""
+"""What a run writes while it trains: metrics.jsonl records, TensorBoard events and, with
+`log.wandb.mode`, a Weights & Biases run."""
 
+import hashlib
 import os
 
 from normexp import rundir
+from normexp.errors import UsageError
 from normexp.rundir import metrics_line, read_metrics
 
 _SESSION_STATUS = {rundir.COMPLETED: "STATUS_SUCCESS", rundir.DIVERGED: "STATUS_FAILURE",
@@ -17,11 +20,12 @@ class Tracker:
     not `enabled` (a secondary process of a multi-host job) writes nothing.
     """
 
-    def __init__(self, run_dir, *, start_step=0, tensorboard=True, enabled=True):
+    def __init__(self, run_dir, *, start_step=0, tensorboard=True, enabled=True, wandb=None,
+                 name=None, config=None):
         self.path = os.path.join(run_dir, rundir.METRICS)
         kept = [r for r in read_metrics(self.path) if r["step"] < start_step]
         self.kept = kept  # what earlier processes of this run logged (best val loss so far)
-        self.file = self.tb = None
+        self.file = self.tb = self.wandb = None
         if not enabled:
             return
         rundir.write_metrics(self.path, kept)
@@ -29,6 +33,11 @@ class Tracker:
         if tensorboard:
             from tensorboardX import SummaryWriter
             self.tb = SummaryWriter(run_dir, purge_step=start_step or None, flush_secs=10)
+        if wandb is not None and wandb.mode != "off":
+            self.wandb = wandb_run(run_dir, wandb, name, config)
+            # wandb's steps only increase: after a resume, the steps it already has are not
+            # logged again (metrics.jsonl and TensorBoard rewind to the checkpoint instead)
+            self.wandb_next = self.wandb.step
 
     def log(self, step, metrics):
         if self.file is None:
@@ -38,6 +47,9 @@ class Tracker:
         if self.tb is not None:
             for key, value in metrics.items():
                 self.tb.add_scalar(key, float(value), int(step))
+        if self.wandb is not None and step >= self.wandb_next:
+            self.wandb.log({k: float(v) for k, v in metrics.items()}, step=int(step))
+            self.wandb_next = step + 1
 
     def hparams(self, values, metrics=("loss", "val_loss")):
         """Record a run's hyperparameters for TensorBoard's HParams dashboard, in the run's own
@@ -53,7 +65,12 @@ class Tracker:
     def end_session(self, status):
         """End the HParams session with a run's status (summary.json's). An interrupted run is
         UNKNOWN, not FAILURE: --resume continues it. Built as tensorboardX.summary.hparams
-        builds its session end, which can only say SUCCESS."""
+        builds its session end, which can only say SUCCESS. The wandb run gets the status in
+        its summary and ends."""
+        if self.wandb is not None:
+            self.wandb.summary["status"] = status
+            self.wandb.finish(exit_code=0 if status in rundir.FINISHED else 1)
+            self.wandb = None
         if self.tb is None:
             return
         from tensorboardX.proto.api_pb2 import Status
@@ -71,3 +88,37 @@ class Tracker:
             self.file.close()
         if self.tb is not None:
             self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish(exit_code=1)
+
+
+def require_wandb(settings):
+    """Before anything is written: log.wandb on needs the wandb package."""
+    if settings.mode == "off":
+        return
+    try:
+        import wandb  # noqa: F401
+    except ImportError:
+        raise UsageError(f"log.wandb.mode={settings.mode}: needs the wandb package (pip "
+                         f"install 'normexp[wandb]'), or log.wandb.mode=off") from None
+
+
+def wandb_run(run_dir, settings, name, config):
+    """The run's wandb run, its files under run_dir/wandb. Its id comes from the run's
+    directory, so a resumed run continues the same wandb run; its group is log.wandb.group,
+    or the sweep's name (its directory's) for a sweep's runs."""
+    import wandb
+    run_id = hashlib.sha256(os.path.abspath(run_dir).encode()).hexdigest()[:16]
+    return wandb.init(project=settings.project, entity=settings.entity or None,
+                      group=wandb_group(run_dir, settings),
+                      name=name, id=run_id, resume="allow", dir=run_dir, config=config,
+                      mode=settings.mode, settings=wandb.Settings(silent=True))
+
+
+def wandb_group(run_dir, settings):
+    """log.wandb.group, else the sweep's name for a run inside a sweep's directory."""
+    parent = os.path.dirname(os.path.abspath(run_dir))
+    if settings.group:
+        return settings.group
+    return os.path.basename(parent) if os.path.isfile(
+        os.path.join(parent, rundir.SWEEP_MANIFEST)) else None

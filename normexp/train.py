@@ -36,7 +36,7 @@ from normexp.parallel import Devices, is_primary
 from normexp.rundir import COMPLETED, DIVERGED, FAILED, FINISHED, INTERRUPTED, RUNNING
 from normexp.step import due, init_state, make_eval_step, make_train_step
 from normexp.stop import StopRequests
-from normexp.tracking import Tracker
+from normexp.tracking import Tracker, require_wandb
 
 
 def enable_compile_cache(directory):
@@ -131,7 +131,9 @@ class Member:
         self.summary = {**summary, "run_dir": os.path.abspath(self.dir)}
         self.write_summary()
         self.tracker = Tracker(self.dir, start_step=start_step,
-                               tensorboard=self.cfg.log.tensorboard, enabled=is_primary())
+                               tensorboard=self.cfg.log.tensorboard, enabled=is_primary(),
+                               wandb=self.cfg.log.wandb, name=self.cfg.run.name,
+                               config=config_lib.flatten(self.cfg))
         self.tracker.hparams(config_lib.flatten(self.cfg))
         self.best = min((r["val_loss"] for r in self.tracker.kept
                          if r.get("val_loss") is not None), default=None)
@@ -180,6 +182,7 @@ def run_group(cfgs, *, resume=False, overwrite=False, missing_ok=True):
     budget.check(cfg, corpus.vocab_size, runs=len(cfgs),
                  devices=jax.device_count() if cfg.train.data_parallel == "auto" else 1)
     chosen = hardware.choices(cfg)  # a forced kernel that cannot run here is refused now
+    require_wandb(cfg.log.wandb)
     if cfg.train.compile_cache:
         enable_compile_cache(cfg.train.compile_cache)
     members = []
