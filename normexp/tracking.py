@@ -112,6 +112,7 @@ def wandb_run(run_dir, settings, name, config):
     return wandb.init(project=settings.project, entity=settings.entity or None,
                       group=wandb_group(run_dir, settings),
                       name=name, id=run_id, resume="allow", dir=run_dir, config=config,
+                      reinit="create_new",  # a vectorized group's runs are open at once
                       mode=settings.mode, settings=wandb.Settings(silent=True))
 
 

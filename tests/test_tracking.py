@@ -113,3 +113,23 @@ def test_wandb_group_is_the_sweeps_name_and_missing_wandb_is_one_line(tmp_path, 
     with pytest.raises(UsageError, match=r"log.wandb.mode=offline: needs the wandb package "
                                          r"\(pip install 'normexp\[wandb\]'\)"):
         require_wandb(WandbConfig(mode="offline"))
+
+
+def test_a_vectorized_group_gets_one_wandb_run_each(tmp_path):
+    import json
+    from normexp.config import load
+    from normexp.rundir import read_metrics
+    from normexp.train import run_group
+    from conftest import TINY
+    cfgs = [load(None, TINY + [f"run.out_dir={tmp_path / str(s)}", f"run.seed={s}",
+                               "log.wandb.mode=offline"]) for s in (0, 1)]
+    run_group(cfgs)
+    losses = []
+    for s in (0, 1):
+        rows = [{i.key: json.loads(i.value_json) for i in r.history.item}
+                for r in wandb_records(tmp_path / str(s))
+                if r.WhichOneof("record_type") == "history"]
+        logged = read_metrics(tmp_path / str(s) / "metrics.jsonl")
+        assert [row["_step"] for row in rows] == [r["step"] for r in logged]
+        losses.append([row.get("loss") for row in rows])
+    assert losses[0] != losses[1]  # each its own run, not one run logged twice
