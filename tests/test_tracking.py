@@ -126,7 +126,8 @@ def test_a_vectorized_group_gets_one_wandb_run_each(tmp_path):
     run_group(cfgs)
     losses = []
     for s in (0, 1):
-        rows = [{i.key: json.loads(i.value_json) for i in r.history.item}
+        rows = [{i.key or "/".join(i.nested_key): json.loads(i.value_json)
+                 for i in r.history.item}
                 for r in wandb_records(tmp_path / str(s))
                 if r.WhichOneof("record_type") == "history"]
         logged = read_metrics(tmp_path / str(s) / "metrics.jsonl")
