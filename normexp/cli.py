@@ -109,7 +109,8 @@ def cmd_results(ns):
 
 def cmd_report(ns):
     from normexp.report import write_report
-    paths = write_report(ns.path if len(ns.path) > 1 else ns.path[0], ns.out)
+    paths = write_report(ns.path if len(ns.path) > 1 else ns.path[0], ns.out, dpi=ns.dpi,
+                         format=ns.format)
     print(f"{os.path.dirname(paths[-1])}: {', '.join(os.path.basename(p) for p in paths)}")
     return 0
 
@@ -258,6 +259,11 @@ def parser():
     rp.add_argument("path", nargs="+", metavar="RUNS_OR_SWEEP_DIR",
                     help="a run, a sweep, or a directory of runs (several may be given)")
     rp.add_argument("--out", help="where to write (default: <first path>/report)")
+    rp.add_argument("--dpi", type=_positive, default=110, help="figure resolution (default "
+                                                               "110; 300 for print)")
+    rp.add_argument("--format", choices=("png", "pdf", "svg"), default="png",
+                    help="also write each figure as PDF or SVG, beside the PNGs the report "
+                         "shows")
     rp.set_defaults(func=cmd_report)
     cl = add("claims", help="test published claims about norms with small studies")
     cl.add_argument("--quick", action="store_true",

@@ -170,7 +170,9 @@ def divergence_map(runs, x="optim.lr", y="model.placement", value="final_val_los
                 color="crimson" if diverged else "white" if dark else "black")
     ax.set_xticks(range(len(xs)), [_text(v) for v in xs])
     ax.set_yticks(range(len(ys)), [_text(v) for v in ys])
-    _title(ax, f"{value.replace('_', ' ').capitalize()} (x: every run diverged)", 50)
+    crossed = any(count and diverged == count for _, _, diverged, count, _ in marks)
+    _title(ax, value.replace('_', ' ').capitalize()
+           + (" (x: every run of the cell diverged)" if crossed else ""), 60)
     ax.set(xlabel=x, ylabel=y)
     return fig
 

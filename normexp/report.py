@@ -18,10 +18,14 @@ def default_out(path):
     return os.path.join(path[0] if isinstance(path, (list, tuple)) else path, "report")
 
 
-def png(fig):
-    """A figure as PNG bytes."""
+DPI = 110
+FORMATS = ("png", "pdf", "svg")
+
+
+def png(fig, dpi=DPI, format="png"):
+    """A figure as PNG bytes (or `format`'s: pdf, svg)."""
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
+    fig.savefig(buffer, format=format, dpi=dpi)
     return buffer.getvalue()
 
 
@@ -71,10 +75,13 @@ def figures(runs, metrics):
         setup = {n: label for label, names in plots.setups(runs, [k for k in keys if k != x])
                  for n in names}
         grid = runs.assign(setup=runs.index.map(setup))
-        out.append(("divergence_map.png", f"Final validation loss by {x} and setup",
-                    "Each cell is the mean over seeds of the runs that finished; a cross marks "
-                    "a cell where every run diverged, 'k/n div.' one where some did.",
-                    plots.divergence_map(grid, x=x, y="setup")))
+        # only a grid whose setups each span several x values: where x and the setup vary
+        # together (placement and final_norm) it would be a half-empty diagonal
+        if grid.groupby("setup")[x].nunique().min() > 1:
+            out.append(("divergence_map.png", f"Final validation loss by {x} and setup",
+                        "Each cell is the mean over seeds of the runs that finished; a cross "
+                        "marks a cell where every run diverged, 'k/n div.' one where some did.",
+                        plots.divergence_map(grid, x=x, y="setup")))
     return out
 
 
@@ -155,7 +162,7 @@ def to_html(title, runs, made, images, header, rows):
              "padding:2px 6px}img{max-width:100%}</style></head><body>",
              f"<h1>{html.escape(title)}</h1><p>{html.escape(_status_line(runs))}</p>"]
     for name, heading, caption, _ in made:
-        data = base64.b64encode(images[name]).decode()
+        data = base64.b64encode(images[name]).decode()  # the PNG
         parts.append(f"<h2>{html.escape(heading)}</h2><img alt='{html.escape(heading)}' "
                      f"src='data:image/png;base64,{data}'><p>{html.escape(caption)}</p>")
     parts.append("<h2>Runs</h2><table><tr>" + "".join(f"<th>{html.escape(h)}</th>"
@@ -165,8 +172,9 @@ def to_html(title, runs, made, images, header, rows):
     return "".join(parts)
 
 
-def write_report(path, out_dir=None):
-    """Write report.md, report.html and the figures for the runs at `path`; returns the paths."""
+def write_report(path, out_dir=None, dpi=DPI, format="png"):
+    """Write report.md, report.html and the figures for the runs at `path` (PNGs at `dpi`, and
+    each figure also as PDF or SVG with that `format`); returns the paths."""
     runs = load_runs(path)
     if runs.empty:
         raise UsageError(f"{path}: no runs to report on yet")
@@ -176,7 +184,10 @@ def write_report(path, out_dir=None):
         raise UsageError(f"--out {out_dir}: is a file, not a directory")
     os.makedirs(out_dir, exist_ok=True)
     made = figures(runs, metrics)
-    images = {name: png(fig) for name, _, _, fig in made}
+    images = {name: png(fig, dpi) for name, _, _, fig in made}
+    if format != "png":  # vector versions beside the PNGs the pages show
+        images.update({name[:-len(".png")] + f".{format}": png(fig, dpi, format)
+                       for name, _, _, fig in made})
     header, rows = table(runs)
     title = f"normexp report: {os.path.basename(os.path.normpath(str(path)))}"
     written = []

@@ -24,6 +24,10 @@ def test_plot_helpers_draw_one_line_or_cell_per_setup(study):
     assert fig.axes[0].get_images()[0].get_array().shape == (2, 2)
     crosses = [line for line in fig.axes[0].get_lines() if line.get_marker() == "x"]
     assert len(crosses) == 2  # lr 1e30 diverged for both placements
+    assert "(x: every run of the cell diverged)" in fig.axes[0].get_title()
+    calm = plots.divergence_map(runs[runs["optim.lr"] == 3e-3], x="optim.lr",
+                                y="model.placement")
+    assert "diverged" not in calm.axes[0].get_title()  # nothing diverged: no legend for crosses
 
 
 def test_loss_vs_lr_draws_a_line_per_size_a_panel_per_setting_and_marks_divergence(study):

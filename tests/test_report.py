@@ -22,3 +22,30 @@ def test_report_writes_markdown_html_and_every_figure(study, tmp_path):
     missing = normexp("report", str(tmp_path / "nowhere"))
     assert missing.returncode == 2 and "no such run or sweep directory" in missing.stderr
     assert len(missing.stderr.strip().splitlines()) == 1
+
+
+def test_report_at_print_resolution_with_vector_figures(study, tmp_path):
+    out = tmp_path / "report"
+    done = normexp("report", study.out_dir, "--out", str(out), "--dpi", "220", "--format", "svg")
+    assert done.returncode == 0, done.stderr
+    files = set(os.listdir(out))
+    pngs = {f for f in files if f.endswith(".png")}
+    assert {f[:-4] + ".svg" for f in pngs} == {f for f in files if f.endswith(".svg")}
+    assert (out / "loss.svg").read_text().lstrip().startswith("<?xml")
+    width = int.from_bytes((out / "loss.png").read_bytes()[16:20], "big")
+    assert width == 2 * 704  # 6.4 inches at 220 dpi, twice the default 110's
+    bad = normexp("report", study.out_dir, "--format", "jpg")
+    assert bad.returncode == 2
+
+
+def test_no_divergence_map_where_the_swept_keys_vary_together(study):
+    from normexp import analysis
+    from normexp.report import figures
+    runs = analysis.load_runs(study.out_dir)
+    together = runs[((runs["model.placement"] == "pre") & (runs["optim.lr"] == 3e-3))
+                    | ((runs["model.placement"] == "post") & (runs["optim.lr"] == 1e30))]
+    metrics = analysis.load_metrics(list(together["run_dir"]))
+    names = [name for name, *_ in figures(together, metrics)]
+    assert "divergence_map.png" not in names and "loss.png" in names
+    assert "divergence_map.png" in [name for name, *_ in figures(
+        runs, analysis.load_metrics(study.out_dir))]
