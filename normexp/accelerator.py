@@ -152,7 +152,8 @@ def vectorized_seeds(quick, *, steps, repeats):
                                        group_state, lambda: group_batch, 0.0, None)}
     ms = bench.time_alternating(variants, steps=steps, repeats=repeats)
     per_hour = lambda ms_per_step, runs: runs * 3600e3 / (ms_per_step * cfg.train.steps)
-    out = {"shape": shape(cfg, vocab), "train_steps": cfg.train.steps, "runs": GROUP, "ms_per_step_one_run": ms["one"], "ms_per_step_group": ms["group"],
+    out = {"shape": shape(cfg, vocab), "train_steps": cfg.train.steps, "runs": GROUP,
+           "ms_per_step_one_run": ms["one"], "ms_per_step_group": ms["group"],
            "runs_per_hour_one_by_one": round(per_hour(ms["one"], 1), 1),
            "runs_per_hour_vectorized": round(per_hour(ms["group"], GROUP), 1),
            "memory_one_run": memory(variants["one"].step),

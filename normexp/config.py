@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import yaml
 
 from normexp.errors import UsageError, suggest
-from normexp.fields import (Override, coerce, nonneg, one_of, opt, positive, registered, registry, safe_name,
-                            section, unalias, unit_closed, unit_left_open, unit_open)
+from normexp.fields import (Override, coerce, nonneg, one_of, opt, positive, registered, registry,
+                            safe_name, section, unalias, unit_closed, unit_left_open, unit_open)
 
 
 INT32_MAX = 2**31 - 1  # the step counter, token ids and positions are int32 on the device
