@@ -86,16 +86,17 @@ class Console:
             self.bar.close()
 
 
-def end_line(summary):
-    """One readable line for a finished, diverged or interrupted run."""
-    status, steps = summary["status"], summary["steps"]
-    parts = [f"{summary['run_dir']}: {status}"]
+def end_line(summary, label=None):
+    """One readable line for a finished, diverged, interrupted or failed run, headed by
+    `label` (default: its directory)."""
+    status, steps = summary["status"], summary.get("steps")
+    parts = [f"{label or summary['run_dir']}: {status}"]
     if status == "diverged":
         parts[0] += f" at step {summary['diverged_step']}"
     elif status == "interrupted":
         parts[0] += f" ({summary.get('signal', 'stopped')}) after {steps} steps; continue " \
                     f"with --resume"
-    else:
+    elif steps is not None:
         parts.append(f"{steps} steps")
     if summary.get("final_val_loss") is not None:
         parts.append(f"val loss {summary['final_val_loss']:.4f}")
@@ -103,4 +104,6 @@ def end_line(summary):
         parts.append(f"best {summary['best_val_loss']:.4f}")
     if summary.get("tokens_per_s"):
         parts.append(f"{summary['tokens_per_s']:,.0f} tokens/s")
+    if summary.get("error"):
+        parts.append(summary["error"])
     return ", ".join(parts)

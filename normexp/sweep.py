@@ -21,6 +21,7 @@ import yaml
 
 from normexp import config as config_lib
 from normexp import rundir
+from normexp.console import end_line
 from normexp.errors import StorageError, UsageError, suggest
 from normexp.locks import RunLock
 from normexp.rundir import FINISHED, read_json, status, write_atomic
@@ -347,7 +348,7 @@ def run_units(sweep, units, progress, worker=False):
                 for lock in taken:
                     lock.release()
             for r, s in zip(todo, summaries):
-                bar.write(_line(r, s))
+                bar.write(end_line(s, r.name))
             bar.update(_done(units) - bar.n)
             if any(s["status"] == rundir.INTERRUPTED for s in summaries):
                 return 128 + signal.Signals[summaries[0].get("signal", "SIGINT")].value
@@ -355,15 +356,3 @@ def run_units(sweep, units, progress, worker=False):
         bar.close()
     return 1 if failed else 0
 
-
-def _line(r, s):
-    parts = [s["status"]]
-    if s.get("diverged_step") is not None:
-        parts.append(f"at step {s['diverged_step']}")
-    if s.get("final_val_loss") is not None:
-        parts.append(f"val loss {s['final_val_loss']:.4f}")
-    if s.get("tokens_per_s"):
-        parts.append(f"{s['tokens_per_s']:.0f} tok/s")
-    if s.get("error"):
-        parts.append(s["error"])
-    return f"{r.name}: {', '.join(parts)}"

@@ -33,7 +33,8 @@ def test_quick_bench_produces_every_figure():
     assert "compile_ratio_deepest_to_shallowest" in r["depth"]
     c = r["compile_cache"]
     assert c["cold_compile_seconds"] > 0 and c["warm_compile_seconds"] > 0
-    assert r["machine"]["allocator"] in ("tcmalloc", "jemalloc", "glibc-hugetlb", "system")
+    assert r["machine"]["allocator"] in ("tcmalloc", "jemalloc", "mimalloc", "glibc-hugetlb",
+                                         "system")
 
 
 def test_bench_rejects_bad_arguments():

@@ -49,3 +49,9 @@ def test_parameters_are_counted_with_and_without_embeddings(tiny):
     C, T = 32, 16
     assert total - body == 256 * C + T * C
     assert total == sum(v.size for _, v in nnx.to_flat_state(state["params"]))
+
+
+def test_a_failed_runs_line_says_why_under_the_given_label():
+    line = end_line({"run_dir": "/x/r", "status": "failed", "error": "OSError: disk full"},
+                    label="r")
+    assert line == "r: failed, OSError: disk full"
