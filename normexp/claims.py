@@ -3,7 +3,8 @@ computed from what the studies measure.
 
 Each claim has a study (`normexp.studies.measure_*`, which returns plain numbers) and a judge
 (`normexp.verdicts.judge_*`: numbers -> `Verdict`). `run_claims` runs them all and writes
-`claims.md` and `claims.json`.
+`claims.md` and `claims.json`. A study whose runs did not all finish is judged inconclusive,
+naming them, before its judge sees the rest.
 """
 
 import dataclasses
@@ -13,10 +14,10 @@ import os
 from normexp import plots
 from normexp.report import png
 from normexp.rundir import write_atomic
-from normexp.verdicts import (Verdict, depth_slopes, judge_batchnorm, judge_depth_slope,
-                              judge_init_gradients, judge_kurtosis, judge_leak,
-                              judge_logit_growth, judge_qk_sensitivity, judge_rmsnorm,
-                              judge_scale_invariance, judge_warmup)
+from normexp.verdicts import (Verdict, depth_slopes, incomplete, judge_batchnorm,
+                              judge_depth_slope, judge_init_gradients, judge_kurtosis,
+                              judge_leak, judge_logit_growth, judge_qk_sensitivity,
+                              judge_rmsnorm, judge_scale_invariance, judge_warmup)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +45,14 @@ def _save(fig, out, name):
     os.makedirs(out, exist_ok=True)
     write_atomic(os.path.join(out, name), png(fig))
     return name
+
+
+def _judged(numbers, where, judge, *args):
+    """Completeness first: the judge's verdict only on a study whose runs all finished (those
+    of another claim's study are not looked at); else inconclusive, naming the missing runs."""
+    if numbers.get("missing") or not numbers.get("of", 1):
+        return incomplete(numbers["missing"], numbers["of"], where=where)
+    return judge(*args)
 
 
 def _claim_1(scale, out):
@@ -81,8 +90,8 @@ def _claim_2(scale, out):
     lr, warmup = (v for k, v in warmup_overrides(scale, "pre", True)[2:])
     yield ("Post-Norm without warmup at a high learning rate diverges or ends worse; Pre-Norm "
            "does not need the warmup"), _trained(
-        scale, f"lr {lr:g}, warmup 0 vs {warmup} steps, final val loss"), judge_warmup(
-        numbers), numbers
+        scale, f"lr {lr:g}, warmup 0 vs {warmup} steps, final val loss"), _judged(
+        numbers, os.path.join(out, "warmup"), judge_warmup, numbers), numbers
 
 
 def _claim_3(scale, out):
@@ -90,7 +99,8 @@ def _claim_3(scale, out):
     numbers = measure_rmsnorm(scale, out)
     yield ("Zhang & Sennrich 2019: RMSNorm reaches LayerNorm's loss at lower cost"), _trained(
         scale, "Pre-Norm, lr 3e-3; time of the train step and of the norm alone (forward + "
-        "backward), median of alternating repeats"), judge_rmsnorm(numbers), numbers
+        "backward), median of alternating repeats"), _judged(
+        numbers, os.path.join(out, "rmsnorm"), judge_rmsnorm, numbers), numbers
 
 
 def _claim_4(scale, out):
@@ -99,7 +109,8 @@ def _claim_4(scale, out):
     yield ("BatchNorm: training (batch statistics) and evaluation (running averages) differ, "
            "and normalizing a single sample (batch 1, sequence 1) breaks"), (
         f"{_shape(scale)}, pooled BatchNorm trained {scale.steps} steps, one validation batch; "
-        f"the norm alone on one token"), judge_batchnorm(numbers), numbers
+        f"the norm alone on one token"), _judged(
+        numbers, os.path.join(out, "batchnorm"), judge_batchnorm, numbers), numbers
 
 
 def _claim_5(scale, out):
@@ -119,7 +130,8 @@ def _claim_6(scale, out):
         yield ("The residual stream becomes more Gaussian with depth (excess kurtosis per "
                "block)"), _trained(scale, f"{placement.capitalize()}-Norm (the warmup study's "
                                           f"runs with warmup), last logged step"), \
-            judge_kurtosis(numbers["kurtosis"]), numbers
+            _judged(numbers, os.path.join(out, "warmup"), judge_kurtosis,
+                    numbers["kurtosis"]), numbers
 
 
 def _claim_7(scale, out):
@@ -137,7 +149,8 @@ def _claim_8(scale, out):
     from normexp.studies import lr_sensitivity_sweep, measure_lr_sensitivity
     numbers = measure_lr_sensitivity(scale, out)
     sweep = lr_sensitivity_sweep(scale, out)
-    written = write_report(sweep.out_dir)
+    # a report of part of the sweep shows which runs are missing (it has no lr figures then)
+    written = write_report(sweep.out_dir) if len(numbers["missing"]) < numbers["of"] else []
     figures = [os.path.relpath(p, out) for p in written if os.path.basename(p).startswith((
         "loss_vs_lr", "logit_max"))]
     c = sweep.runs[0].cfg
@@ -149,16 +162,17 @@ def _claim_8(scale, out):
                  f"steps on the stdlib corpus, lr {lrs[0]:g}..{lrs[-1]:g} ({len(lrs)}), "
                  f"{len({r.cfg.run.seed for r in sweep.runs})} seeds; the paper's optimizer, "
                  f"z-loss and no biases ({os.path.relpath(sweep.path)}); report: "
-                 f"{os.path.relpath(written[-2], out)}")
+                 f"{os.path.relpath(written[-2], out) if written else 'none, no run finished'}")
         table = [row for row in numbers["table"] if row["model.placement"] == placement]
+        mine = {k: numbers[k].get(placement, v) for k, v in (("sensitivity", {}), ("runs", []))}
         yield ("Wortsman et al. 2023 (Fig. 1): qk-layernorm lowers the learning-rate "
-               "sensitivity at every model size"), setup, judge_qk_sensitivity(
-            numbers["sensitivity"][placement]), {
-            "sensitivity": numbers["sensitivity"][placement], "table": table,
+               "sensitivity at every model size"), setup, _judged(
+            numbers, sweep.out_dir, judge_qk_sensitivity, mine["sensitivity"]), {
+            "sensitivity": mine["sensitivity"], "table": table, "missing": numbers["missing"],
             "figures": figures if placement == sweep.runs[0].cfg.model.placement else []}
         yield ("Wortsman et al. 2023 (sec. 3.1.1): without qk-layernorm the max attention "
-               "logit grows before the loss fails"), setup, judge_logit_growth(
-            numbers["runs"][placement]), {"runs": numbers["runs"][placement]}
+               "logit grows before the loss fails"), setup, _judged(
+            numbers, sweep.out_dir, judge_logit_growth, mine["runs"]), {"runs": mine["runs"]}
 
 
 CLAIMS = {1: _claim_1, 2: _claim_2, 3: _claim_3, 4: _claim_4, 5: _claim_5, 6: _claim_6,

@@ -11,7 +11,8 @@ import re
 import signal
 import sys
 
-from normexp.errors import EXIT_STORAGE, EXIT_USAGE, StorageError, UsageError
+from normexp.errors import (EXIT_BUSY, EXIT_STORAGE, EXIT_USAGE, BusyError, StorageError,
+                            UsageError)
 
 DESCRIPTION = ("Train and compare normalization layers in transformers with nine commands: "
                "train (one run), sweep (every run of a sweep file), compare (runs side by "
@@ -21,12 +22,15 @@ DESCRIPTION = ("Train and compare normalization layers in transformers with nine
 
 # A first argument like this is a forgotten `=`, not a config file name.
 _DOTTED_KEY = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+")
+# An override starts with its key; a path with `=` in it (a sweep's run, `lr=0.001,seed=0/`)
+# does not, since its `=` comes after a `/` or a `,`.
+_OVERRIDE = re.compile(r"[A-Za-z_][\w.]*=")
 
 
 def _split_config_args(args):
     """[CONFIG.yaml] [dotted.key=value ...] -> (path or None, overrides)."""
     path = None
-    if args and "=" not in args[0]:
+    if args and (not _OVERRIDE.match(args[0]) or os.path.isfile(args[0])):
         path, args = args[0], args[1:]
         if (_DOTTED_KEY.fullmatch(path) and not path.lower().endswith((".yaml", ".yml"))
                 and not os.path.exists(path)):
@@ -57,9 +61,10 @@ def cmd_train(ns):
 
 
 def cmd_sweep(ns):
-    if ns.worker:
-        from normexp.workers import pin
+    if ns.worker:  # one of --max-parallel's processes: its parent sends the units
+        from normexp.workers import pin, serve
         pin()
+        return serve()
     from normexp import config as config_lib, sweep as sweep_lib
     sweep = sweep_lib.load(ns.sweep_file, out_dir=ns.out,
                            settings=config_lib.parse_overrides(ns.set))
@@ -67,14 +72,12 @@ def cmd_sweep(ns):
     if ns.dry_run:
         print(sweep_lib.describe(sweep, shard))
         return 0
-    if ns.worker:  # one of --max-parallel's processes: the given units, no bars, no table
-        units = [u for i, u in enumerate(sweep.units()) if str(i) in ns.units.split(",")]
-        return sweep_lib.run_units(sweep, units, progress=False, worker=True)
-    code = sweep_lib.run(sweep, shard=shard, max_parallel=ns.max_parallel)
+    code = sweep_lib.run(sweep, shard=shard, max_parallel=ns.max_parallel, wait=not ns.no_wait)
     from normexp import results
     paths = results.write(results.table(sweep.out_dir), sweep.out_dir)
-    print(f"results: {paths[0]} (normexp results {sweep.out_dir} prints the table)",
-          file=sys.stderr)
+    if code in (0, 1):  # every run of this share is finished
+        print(f"results: {paths[0]} (normexp results {sweep.out_dir} prints the table)",
+              file=sys.stderr)
     return code
 
 
@@ -242,8 +245,9 @@ def parser():
     sw.add_argument("--set", nargs="+", action="extend", default=[], metavar="key=value",
                     help="replace the file's values: a swept key's list (model.d_model=[64,128]), "
                          "seeds=N, or a base key (train.steps=100)")
+    sw.add_argument("--no-wait", action="store_true",
+                    help="exit 75 instead of waiting when another process trains some runs")
     sw.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    sw.add_argument("--units", default="", help=argparse.SUPPRESS)
     sw.set_defaults(func=cmd_sweep)
     cp = add("compare", help="runs side by side: config differences, losses, gradient norms")
     cp.add_argument("runs", nargs="+", metavar="RUN_DIR")
@@ -317,6 +321,9 @@ def main(argv=None):
     except UsageError as e:
         print(f"normexp: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except BusyError as e:  # another process trains the run: nothing was touched
+        print(f"normexp: error: {e}; wait for it to end or stop it", file=sys.stderr)
+        return EXIT_BUSY
     except (StorageError, OSError) as e:  # disk full, read-only, permission denied
         error = StorageError.from_os(e) if isinstance(e, OSError) else e
         print(f"normexp: error: {error}", file=sys.stderr)

@@ -5,6 +5,7 @@ import difflib
 
 EXIT_USAGE = 2     # a usage, config or data error: nothing was written
 EXIT_STORAGE = 74  # the disk refused a write or read (sysexits' EX_IOERR); the run can resume
+EXIT_BUSY = 75     # another live process trains the run now (sysexits' EX_TEMPFAIL): try later
 
 
 class UsageError(Exception):
@@ -18,6 +19,14 @@ class StorageError(Exception):
     def from_os(cls, e):
         where = e.filename or "?"
         return cls(f"{where}: {e.strerror or e} (errno {e.errno})")
+
+
+class BusyError(Exception):
+    """Another live process holds a run's lock (normexp.locks); `lock` is that lock."""
+
+    def __init__(self, message, lock=None):
+        super().__init__(message)
+        self.lock = lock
 
 
 def suggest(name, valid):

@@ -155,10 +155,10 @@ def write_summary(run_dir, summary):
     """summary.json, replaced atomically by process 0."""
     if is_primary():
         write_atomic(os.path.join(run_dir, SUMMARY),
-                     json.dumps(summary, indent=1, default=_to_builtin) + "\n")
+                     json.dumps(summary, indent=1, default=to_builtin) + "\n")
 
 
-def _to_builtin(value):
+def to_builtin(value):
     if isinstance(value, (np.generic, np.ndarray)):
         return value.tolist()
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")

@@ -6,12 +6,13 @@ marked an unfinished run completed). In a job of several processes a signal may 
 of them, and a process that stops alone leaves the others waiting in a collective forever; so
 there the flag is read only at log steps, through a tiny all-gather, and every process takes
 the same decision at the same step.
+
+A sweep (or a sweep's worker) holds one StopRequests across all its runs and hands it to each:
+a signal that lands after a run's last step, while its final evaluation and summary are
+written, is then still there when the sweep decides whether to start the next run.
 """
 
 import signal
-
-import jax
-import numpy as np
 
 
 class StopRequests:
@@ -32,6 +33,8 @@ class StopRequests:
 
     def decide(self, log_step):
         """The signal to stop on at this step, or None: the loop's one reading of the flag."""
+        import jax  # here: a sweep's parent process holds a StopRequests and never starts jax
+        import numpy as np
         if jax.process_count() == 1:
             return self.signum
         if not log_step:

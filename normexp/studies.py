@@ -137,15 +137,29 @@ def _train_cfgs(scale, out, study, overrides):
 
 
 def train_seeds(scale, out, study, overrides):
-    """Train (or reuse) one vectorized group of seeds; returns their summaries."""
+    """Train (or reuse) one vectorized group of seeds; returns their summaries, with run_dir."""
     from normexp.train import run_group
-    return run_group(_train_cfgs(scale, out, study, overrides), resume=True)
+    cfgs = _train_cfgs(scale, out, study, overrides)
+    return [{**s, "run_dir": c.run.dir} for c, s in zip(cfgs, run_group(cfgs, resume=True))]
+
+
+def completeness(runs):
+    """{"missing": names of the runs not finished, "of": how many} of a sweep directory (its
+    sweep.json lists every run, started or not) or a list of run directories. A diverged run is
+    a result; any other (failed too) is missing: a verdict without it could differ."""
+    from normexp.rundir import FINISHED, status
+    from normexp.sweep import read_manifest
+    if isinstance(runs, (str, os.PathLike)):
+        runs = [os.path.join(runs, r["name"]) for r in (read_manifest(runs) or {}).get("runs", [])]
+    return {"missing": [os.path.basename(d) for d in runs if status(d) not in FINISHED],
+            "of": len(runs)}
 
 
 def _final_losses(summaries):
-    from normexp.rundir import COMPLETED
-    return [s["final_val_loss"] if s["status"] == COMPLETED and s["final_val_loss"] is not None
-            else math.inf for s in summaries]
+    """Per run: inf where it diverged (a result), None where it did not finish (missing)."""
+    from normexp.rundir import COMPLETED, FINISHED
+    return [None if s["status"] not in FINISHED else s["final_val_loss"] if s["status"] ==
+            COMPLETED and s["final_val_loss"] is not None else math.inf for s in summaries]
 
 
 def warmup_overrides(scale, placement, warmup):
@@ -156,13 +170,12 @@ def warmup_overrides(scale, placement, warmup):
 
 
 def measure_warmup(scale, out):
-    losses = {}
-    for placement in ("post", "pre"):
-        losses[placement] = {label: _final_losses(train_seeds(
-            scale, out, "warmup", warmup_overrides(scale, placement, label == "warmup")))
-            for label in ("none", "warmup")}
     from normexp import data as data_lib
-    return {"losses": losses, "unigram": data_lib.load_corpus("", 0, 1).unigram_entropy()}
+    runs = {p: {w: train_seeds(scale, out, "warmup", warmup_overrides(scale, p, w == "warmup"))
+                for w in ("none", "warmup")} for p in ("post", "pre")}
+    return {"losses": {p: {w: _final_losses(r) for w, r in by.items()} for p, by in runs.items()},
+            "unigram": data_lib.load_corpus("", 0, 1).unigram_entropy(), **completeness(
+                [r["run_dir"] for by in runs.values() for group in by.values() for r in group])}
 
 
 # -- 3. RMSNorm matches LayerNorm at lower cost (Zhang & Sennrich 2019) -----------------------
@@ -199,10 +212,11 @@ def _time_norm_ops(scale, repeats=7):
 def measure_rmsnorm(scale, out):
     from normexp import data as data_lib
     from normexp.bench import compile_variant, time_alternating
-    losses, cfgs = {}, {}
+    losses, cfgs, dirs = {}, {}, []
     for kind in ("layernorm", "rmsnorm"):
         overrides = [("model.norm.kind", kind), ("optim.lr", 3e-3)]
-        losses[kind] = _final_losses(train_seeds(scale, out, "rmsnorm", overrides))
+        runs = train_seeds(scale, out, "rmsnorm", overrides)
+        losses[kind], dirs = _final_losses(runs), dirs + [r["run_dir"] for r in runs]
         cfgs[kind] = _train_cfgs(scale, out, "rmsnorm", overrides)[0]
     corpus = data_lib.load_corpus("", 0, scale.seq_len)
     batch = data_lib.batch(corpus.train, seed=0, step=0, batch_size=scale.batch_size,
@@ -212,7 +226,7 @@ def measure_rmsnorm(scale, out):
     op = _time_norm_ops(scale)
     return {"losses": losses, "step_ms": step_ms, "op_seconds": op,
             "op_ratio": op["rmsnorm"] / op["layernorm"],
-            "step_ratio": step_ms["rmsnorm"] / step_ms["layernorm"]}
+            "step_ratio": step_ms["rmsnorm"] / step_ms["layernorm"], **completeness(dirs)}
 
 # -- 4. BatchNorm: train and eval differ; one sample of one token has zero variance -----------
 
@@ -227,8 +241,11 @@ def measure_batchnorm(scale, out):
     from normexp.step import init_state, loss_fn
     cfg = _train_cfgs(scale, out, "batchnorm", [("model.norm.kind", "batchnorm"),
                                                  ("optim.lr", 3e-3)])[0]
-    train_seeds(dataclasses.replace(scale, seeds=1), out, "batchnorm",
-                [("model.norm.kind", "batchnorm"), ("optim.lr", 3e-3)])
+    found = completeness([r["run_dir"] for r in train_seeds(
+        dataclasses.replace(scale, seeds=1), out, "batchnorm",
+        [("model.norm.kind", "batchnorm"), ("optim.lr", 3e-3)])])
+    if found["missing"]:  # its last checkpoint is not the trained model
+        return found
     corpus = data_lib.load_corpus("", 0, scale.seq_len)
     graphdef, _, state = init_state(cfg, corpus.vocab_size)
     checkpoints = Checkpoints(os.path.join(cfg.run.dir, "checkpoints"), 1)
@@ -251,7 +268,7 @@ def measure_batchnorm(scale, out):
     return {"train_loss": train_loss, "eval_loss": eval_loss,
             "train_eval_rel": abs(train_loss - eval_loss) / eval_loss,
             "single_variance": variance, "single_spread": spreads["batchnorm"],
-            "layernorm_spread": spreads["layernorm"]}
+            "layernorm_spread": spreads["layernorm"], **found}
 
 # -- 5. BatchNorm and InstanceNorm leak across positions --------------------------------------
 
@@ -283,17 +300,16 @@ def measure_kurtosis(scale, out, placement):
     """Excess kurtosis per block at the last logged step of the warmup study's runs with warmup
     (trained here if they are not there yet), mean over seeds."""
     from normexp.rundir import block_metric, family, read_metrics
-    overrides = warmup_overrides(scale, placement, warmup=True)
-    train_seeds(scale, out, "warmup", overrides)
-    kurtosis = family("act", "kurtosis")
-    per_seed = []
-    for cfg in _train_cfgs(scale, out, "warmup", overrides):
-        records = [r for r in read_metrics(cfg.run.dir) if block_metric(kurtosis, 0) in r]
-        if records:
+    dirs = [r["run_dir"] for r in train_seeds(scale, out, "warmup", warmup_overrides(
+        scale, placement, warmup=True))]
+    found, kurtosis, per_seed = completeness(dirs), family("act", "kurtosis"), []
+    for run_dir in dirs:
+        records = [r for r in read_metrics(run_dir) if block_metric(kurtosis, 0) in r]
+        if records and os.path.basename(run_dir) not in found["missing"]:
             per_seed.append([records[-1].get(block_metric(kurtosis, i), math.nan)
                              for i in range(scale.n_layer)])
-    return {"kurtosis": np.nanmean(np.array(per_seed, dtype=float), axis=0).tolist(),
-            "seeds": len(per_seed)}
+    return {"kurtosis": np.nanmean(np.array(per_seed, dtype=float), axis=0).tolist() if
+            per_seed else [], "seeds": len(per_seed), **found}
 
 
 # -- 7. A norm makes the weights feeding it scale-invariant -----------------------------------
@@ -363,7 +379,10 @@ def measure_lr_sensitivity(scale, out, max_parallel=2):
     from normexp import sweep as sweep_lib
     sweep = lr_sensitivity_sweep(scale, out)
     sweep_lib.run(sweep, max_parallel=max_parallel, progress=False)
-    return lr_sensitivity_numbers(sweep.out_dir)
+    found = completeness(sweep.out_dir)
+    if found["missing"] or not found["of"]:  # part of the lrs or seeds: another number
+        return {"sensitivity": {}, "runs": {}, "table": [], **found}
+    return {**lr_sensitivity_numbers(sweep.out_dir), **found}
 
 
 def lr_sensitivity_numbers(path):

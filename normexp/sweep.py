@@ -4,7 +4,8 @@ A sweep file has `base:` (a config path, relative to the sweep file, or inline c
 axes `grid:` (every combination), `zip:` (lists varied together) and `seeds:`, and optionally
 `out_dir:` and `vectorize: seeds`. Each run is `normexp train` of the base plus its overrides,
 named from them, in `<out_dir>/<name>/`. Finished runs are skipped and interrupted ones resumed;
-a lock per run keeps two processes off the same run; `--shard I/N` takes every N-th unit of work.
+`--shard I/N` takes every N-th unit of work. Who trains which run, and when a sweep is done, is
+normexp.scheduler's; sweep.json (`claim_directory`) pins the runs a sweep directory holds.
 """
 
 import copy
@@ -14,17 +15,13 @@ import itertools
 import json
 import os
 import re
-import signal
-import sys
 
 import yaml
 
 from normexp import config as config_lib
 from normexp import rundir
-from normexp.console import end_line
-from normexp.errors import StorageError, UsageError, suggest
-from normexp.locks import RunLock
-from normexp.rundir import FINISHED, read_json, status, write_atomic
+from normexp.errors import UsageError, suggest
+from normexp.rundir import read_json, write_atomic
 
 KEYS = {"base": "a config file (relative to the sweep file) or inline config keys",
         "grid": "dotted key -> list of values, every combination",
@@ -283,76 +280,84 @@ def read_manifest(sweep_dir):
 
 
 def _manifest(sweep):
-    """sweep.json: what `normexp results` needs to list every run, started or not."""
-    return json.dumps({"sweep_file": os.path.abspath(sweep.path), "axes": list(sweep.axes),
-                       "vectorize": sweep.vectorize,
-                       "settings": {k: v for k, v in sweep.settings},
-                       "runs": [{"name": r.name, "overrides": dict(r.overrides)}
-                                for r in sweep.runs]}, indent=1) + "\n"
+    """sweep.json: every run of the sweep, started or not (for `normexp results`), and what
+    makes them (the keys every run shares) to check a later invocation against."""
+    swept = set(sweep.axes) | {"run.name", "run.out_dir"}
+    base = {k: v for k, v in config_lib.flatten(sweep.runs[0].cfg).items() if k not in swept}
+    return {"sweep_file": os.path.abspath(sweep.path), "axes": list(sweep.axes),
+            "vectorize": sweep.vectorize, "settings": {k: v for k, v in sweep.settings},
+            "base": base,
+            "runs": [{"name": r.name, "overrides": dict(r.overrides)} for r in sweep.runs]}
 
 
-def run(sweep, *, shard=(1, 1), max_parallel=1, progress=True):
-    """Train this shard's unfinished runs; returns the exit code (0, 1 if a run failed)."""
+def _changes(old, new):
+    """What differs between two manifests' runs: added and removed runs, base keys."""
+    before, after = [r["name"] for r in old["runs"]], [r["name"] for r in new["runs"]]
+    changes = []
+    for what, names in (("added", [n for n in after if n not in before]),
+                        ("removed", [n for n in before if n not in after])):
+        if names:
+            changes.append(f"{len(names)} run(s) {what} ({', '.join(names[:3])}"
+                           f"{', ...' if len(names) > 3 else ''})")
+    overrides = {r["name"]: r["overrides"] for r in old["runs"]}
+    moved = [r["name"] for r in new["runs"] if r["name"] in overrides
+             and overrides[r["name"]] != r["overrides"]]
+    if moved:
+        changes.append(f"{len(moved)} run(s) with other values ({', '.join(moved[:3])})")
+    a, b = old.get("base", {}), new["base"]  # keys both know: a newer normexp adds keys
+    differ = [k for k in a if k in b and a[k] != b[k]]
+    if differ:
+        changes.append(f"the base config differs in {', '.join(differ[:6])}")
+    return changes
+
+
+def claim_directory(sweep):
+    """Write sweep.json, or check the one there: a sweep directory holds one sweep's runs.
+
+    Shards, workers and reruns all take their runs from the manifest that the first of them
+    wrote (in its order), so a sweep file edited in between never makes a process train a run
+    outside it or leave one of it behind: the edit is refused here, naming what changed.
+    Returns the sweep with its runs in the manifest's order."""
     os.makedirs(sweep.out_dir, exist_ok=True)
-    write_atomic(os.path.join(sweep.out_dir, MANIFEST), _manifest(sweep))
-    units = shard_units(sweep, shard)
-    if max_parallel > 1:
-        from normexp.workers import run_workers
-        return run_workers(sweep, units, max_parallel, progress)
-    return run_units(sweep, units, progress)
+    path = os.path.join(sweep.out_dir, MANIFEST)
+    mine = json.loads(json.dumps(_manifest(sweep), default=str))  # as JSON reads it back
+    if not create_once(path, json.dumps(mine, indent=1) + "\n"):
+        theirs = read_json(path)
+        if theirs is None:
+            raise UsageError(f"{path}: unreadable; remove it to start this sweep afresh")
+        changes = _changes(theirs, mine)
+        if changes:
+            raise UsageError(
+                f"{path}: {sweep.path} no longer gives the runs this sweep directory was made "
+                f"for: {'; '.join(changes)}. Run the edited file into a new directory "
+                f"(--out), or remove {path} to make it this directory's sweep (finished runs "
+                f"of the same name are kept)")
+        order = {r["name"]: i for i, r in enumerate(theirs["runs"])}
+        sweep = dataclasses.replace(sweep, runs=tuple(sorted(sweep.runs,
+                                                             key=lambda r: order[r.name])))
+    return sweep
 
 
-def _bar(total, initial, progress):
-    from tqdm import tqdm
-    return tqdm(total=total, initial=initial, desc="sweep", unit="run", disable=not progress,
-                dynamic_ncols=True, file=sys.stderr, position=0)
-
-
-def _done(units):
-    return sum(status(r.cfg.run.dir) in FINISHED for u in units for r in u)
-
-
-def run_units(sweep, units, progress, worker=False):
-    """Train unit after unit in this process, skipping finished and locked runs (silently in
-    a worker: its siblings hold them)."""
-    from normexp.train import run_group
-    total = sum(len(u) for u in units)
-    bar = _bar(total, _done(units), progress)
-    failed = False
+def create_once(path, text):
+    """Write `path` whole unless it exists; False if it did (one writer wins a race)."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    write_atomic(tmp, text)
     try:
-        for unit in units:
-            todo = [r for r in unit if status(r.cfg.run.dir) not in FINISHED]
-            if not todo:
-                continue
-            locks = [RunLock(sweep.out_dir, r.name) for r in todo]
-            taken = [lock for lock in locks if lock.acquire()]
-            try:
-                if len(taken) < len(locks):
-                    busy = next(lock for lock in locks if lock not in taken)
-                    if not worker:
-                        bar.write(f"{busy.path}: held by {busy.holder()}; skipping "
-                                  f"{', '.join(r.name for r in todo)}", file=sys.stderr)
-                    continue
-                for lock in taken:
-                    if lock.stale:
-                        bar.write(f"{lock.path}: taking over from {lock.stale} (not running)",
-                                  file=sys.stderr)
-                try:
-                    summaries = run_group([r.cfg for r in todo], resume=True)
-                except (UsageError, StorageError):  # the next run would fail the same way
-                    raise
-                except Exception as e:  # a crashed run is recorded; the sweep goes on
-                    summaries = [rundir.record_failure(r.cfg.run.dir, e) for r in todo]
-                    failed = True
-            finally:
-                for lock in taken:
-                    lock.release()
-            for r, s in zip(todo, summaries):
-                bar.write(end_line(s, r.name))
-            bar.update(_done(units) - bar.n)
-            if any(s["status"] == rundir.INTERRUPTED for s in summaries):
-                return 128 + signal.Signals[summaries[0].get("signal", "SIGINT")].value
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
     finally:
-        bar.close()
-    return 1 if failed else 0
+        os.unlink(tmp)
 
+
+def run(sweep, *, shard=(1, 1), max_parallel=1, progress=True, wait=True):
+    """Train this shard's runs until each is finished; returns the exit code (0; 1 if a run
+    failed; 75 if runs are held by another process and not `wait`; 128 + signal on a stop).
+    The rules are normexp.scheduler's."""
+    from normexp import scheduler
+    from normexp.stop import StopRequests
+    sweep = claim_directory(sweep)
+    with StopRequests() as stop:
+        return scheduler.run(sweep, shard_units(sweep, shard), max_parallel=max_parallel,
+                             progress=progress, wait=wait, stop=stop)

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from normexp import allocator, budget, hardware, rundir
+from normexp import allocator, budget, hardware, locks, rundir
 from normexp import config as config_lib
 from normexp import data as data_lib
 from normexp.checkpoint import Checkpoints, resume_step
@@ -121,6 +121,11 @@ class Member:
         self.dir = rundir.prepare(cfg, resume=resume, overwrite=overwrite, missing_ok=missing_ok)
         self.summary = rundir.read_summary(self.dir) or None if resume else None
         self.finished = bool(self.summary) and self.summary.get("status") in FINISHED
+        # what ended the earlier attempts (interrupted, failed, a worker killed): kept
+        self.history = list((self.summary or {}).get("history", []))
+        if self.summary and not self.finished:
+            self.history.append({k: self.summary[k] for k in ("status", "steps", "signal",
+                                                              "error") if k in self.summary})
         self.status = None  # set when the run stops: diverged, interrupted, completed
         self.best = self.last_val = None
         self.last_step = None
@@ -129,6 +134,8 @@ class Member:
     def start(self, summary, start_step):
         """Mark the run running and open its writers at `start_step`."""
         self.summary = {**summary, "run_dir": os.path.abspath(self.dir)}
+        if self.history:
+            self.summary["history"] = self.history
         self.write_summary()
         self.tracker = Tracker(self.dir, start_step=start_step,
                                tensorboard=self.cfg.log.tensorboard, enabled=is_primary(),
@@ -167,7 +174,7 @@ class Member:
                 raise
 
 
-def run_group(cfgs, *, resume=False, overwrite=False, missing_ok=True):
+def run_group(cfgs, *, resume=False, overwrite=False, missing_ok=True, stop=None, locked=False):
     """Train runs that differ only in seed and lr; one run trains alone, several vectorized.
 
     Returns their summaries in order. Finished runs (completed or diverged) are not retrained
@@ -175,6 +182,10 @@ def run_group(cfgs, *, resume=False, overwrite=False, missing_ok=True):
     that does not exist yet starts, unless `missing_ok` is false). A config that cannot fit in
     memory is refused before anything is written. A failing disk ends the runs as `failed` (in
     summary.json if it can still be written) and raises StorageError; they resume cleanly.
+
+    The runs' locks are held throughout (`locked`: the caller holds them already); a run that
+    another live process trains is refused (BusyError). `stop`: the caller's StopRequests, for
+    a sweep that must still see a signal that lands after the last step.
     """
     check_group(cfgs)
     cfg = cfgs[0]
@@ -186,7 +197,10 @@ def run_group(cfgs, *, resume=False, overwrite=False, missing_ok=True):
     if cfg.train.compile_cache:
         enable_compile_cache(cfg.train.compile_cache)
     members = []
-    with StopRequests() as stop:
+    held = [] if locked or not is_primary() else locks.take_all([c.run.dir for c in cfgs])
+    with contextlib.ExitStack() as scope:
+        scope.callback(locks.release_all, held)
+        stop = stop or scope.enter_context(StopRequests())
         try:
             for c in cfgs:
                 members.append(Member(c, resume=resume, overwrite=overwrite,

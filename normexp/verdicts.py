@@ -3,9 +3,11 @@
 
 Each rule is stated in the verdict it returns and was fixed before the study ran; a test feeds
 every judge numbers on both sides of its rule, so nothing in a verdict is written by hand.
+Incomplete numbers (an arm, a seed or a value missing) get "inconclusive: N of M runs missing".
 """
 
 import dataclasses
+import itertools
 import math
 
 import numpy as np
@@ -43,10 +45,65 @@ def _geomean(values):
     return float(np.exp(np.mean(np.log(values))))
 
 
+# -- incomplete input: no verdict on part of a study -----------------------------------------
+
+def incomplete(missing, total, what="runs", where=None):
+    """INCONCLUSIVE for a study that lacks `missing` (labels) of its `total` runs: the rest
+    could give another verdict than the whole, so none is given."""
+    at, more = f" in {where}" if where else "", len(missing) - 4
+    figure = (f"inconclusive: {len(missing)} of {total} {what} missing{at} ("
+              f"{', '.join(map(str, missing[:4]))}{f' and {more} more' if more > 0 else ''})"
+              if total else f"inconclusive: no {what} to judge{at}")
+    return Verdict(INCONCLUSIVE, figure, "a verdict needs all of its study's numbers, as one "
+                   "on part of them could differ; `normexp claims` again trains the missing runs "
+                   "and reuses the finished ones")
+
+
+def _absent(value):
+    """None or NaN (no number), or a collection that is empty or holds one."""
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (list, tuple)):
+        return not value or any(map(_absent, value))
+    return value is None or isinstance(value, (float, np.floating)) and math.isnan(value)
+
+
+def _leaves(tree, path=()):
+    if not isinstance(tree, (dict, list, tuple)):
+        return [(path, tree)]
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree)
+    return [leaf for key, sub in items for leaf in _leaves(sub, path + (key,))]
+
+
+def _missing_runs(tree, *arms):
+    """INCONCLUSIVE if `tree` lacks runs, else None. tree: {arm: ... {arm: per-seed values (a
+    list, or a dict by seed)}}. It should fill the grid of every level's keys: `arms[i]` where
+    given (what the judge compares), else every key some branch has, seeds included; so a
+    missing arm, a missing seed and a value that is None or NaN each count."""
+    leaves = dict(_leaves(tree))
+    levels = [list(arms[i]) if i < len(arms) and arms[i] else
+              list(dict.fromkeys(p[i] for p in leaves if len(p) > i))
+              for i in range(max([len(arms), *map(len, leaves)]))]
+    grid = list(itertools.product(*levels)) if levels else []
+    gaps = [cell for cell in grid if _absent(leaves.get(cell))]
+    if gaps or not grid:
+        return incomplete([" ".join(map(str, c[:-1])) + f" seed {c[-1]}" if len(c) > len(arms)
+                           else " ".join(map(str, c)) for c in gaps], len(grid))
+    return None
+
+
+def _missing_values(numbers, keys, what="measurements"):
+    """INCONCLUSIVE if a measurement the judge reads is absent (see `_absent`), else None."""
+    gaps = [k for k in keys if _absent(numbers.get(k))]
+    return incomplete(gaps, len(keys), what) if gaps or not keys else None
+
+
 # -- 1. gradient norm vs depth at initialisation (Xiong et al. 2020) --------------------------
 
 def judge_init_gradients(ratios):
     """ratios: {"pre": [last/first per seed], "post": [...]}."""
+    if missing := _missing_runs(ratios, ("pre", "post")):
+        return missing
     post, pre = ratios["post"], ratios["pre"]
     figure = (f"last/first block gradient norm, geometric mean over {len(post)} seeds: Post-Norm "
               f"{_geomean(post):.2f} [{min(post):.2f}-{max(post):.2f}], Pre-Norm "
@@ -75,6 +132,8 @@ def depth_slopes(last):
 
 def judge_depth_slope(last):
     """last: {"pre": {L: [last block's ||E[grad W2]|| per seed]}, "post": {...}}."""
+    if missing := _missing_runs(last, ("pre", "post")):
+        return missing
     slopes = depth_slopes(last)
     pre, post = slopes["pre"], slopes["post"]
     depths = sorted(int(L) for L in last["pre"])
@@ -102,7 +161,10 @@ def _failed(loss, unigram):
 
 def judge_warmup(numbers):
     """numbers: losses {"pre"|"post": {"warmup"|"none": [final val loss per seed, inf if
-    diverged]}} and unigram (the corpus's unigram entropy, nats)."""
+    diverged, None if it did not finish]}} and unigram (the corpus's unigram entropy, nats)."""
+    if missing := _missing_runs(numbers.get("losses"), ("pre", "post"), ("none", "warmup")) \
+            or _missing_values(numbers, ("unigram",)):
+        return missing
     losses, unigram = numbers["losses"], numbers["unigram"]
     fails = {p: {w: sum(_failed(v, unigram) for v in losses[p][w]) for w in losses[p]}
              for p in losses}
@@ -134,6 +196,9 @@ def judge_warmup(numbers):
 
 def judge_rmsnorm(numbers):
     """numbers: losses {layernorm, rmsnorm: [per seed]}, op_ratio and step_ratio (rms / ln)."""
+    if missing := _missing_runs(numbers.get("losses"), ("layernorm", "rmsnorm")) or \
+            _missing_values(numbers, ("op_ratio", "step_ratio")):
+        return missing
     losses, op, step = numbers["losses"], numbers["op_ratio"], numbers["step_ratio"]
     noise = _noise(losses["layernorm"], losses["rmsnorm"])
     gap = _mean_finite(losses["rmsnorm"]) - _mean_finite(losses["layernorm"])
@@ -156,6 +221,9 @@ def judge_batchnorm(numbers):
     single_variance (BatchNorm's batch variance on one token), single_spread (max output
     difference of BatchNorm for two different single tokens), layernorm_spread (the same for
     LayerNorm, the contrast)."""
+    if missing := _missing_values(numbers, ("train_eval_rel", "single_variance",
+                                            "single_spread", "layernorm_spread")):
+        return missing
     rel, var, spread = numbers["train_eval_rel"], numbers["single_variance"], numbers[
         "single_spread"]
     figure = (f"loss with batch statistics vs running averages differs by {100 * rel:.2f}%; "
@@ -175,6 +243,8 @@ def judge_batchnorm(numbers):
 
 def judge_leak(leaks):
     """leaks: {norm kind: max relative change of earlier positions' logits}."""
+    if missing := _missing_values(leaks, ("layernorm", "rmsnorm", "batchnorm", "instancenorm")):
+        return missing
     figure = ", ".join(f"{k} {v:.1e}" for k, v in leaks.items())
     rule = (f"supported if batchnorm and instancenorm change earlier logits by > {LEAK} "
             f"(relative) and layernorm and rmsnorm by exactly 0; not supported if either "
@@ -197,6 +267,8 @@ def _spearman(a, b):
 
 def judge_kurtosis(kurtosis):
     """kurtosis: excess kurtosis per block (first to last) of one placement's trained models."""
+    if missing := _missing_values(dict(enumerate(kurtosis)), range(len(kurtosis)), "blocks"):
+        return missing
     k = np.abs(np.asarray(kurtosis, float))
     rho = _spearman(np.arange(len(k)), k)
     figure = (f"|excess kurtosis| first block {k[0]:.2f}, last {k[-1]:.2f}; Spearman rho "
@@ -216,6 +288,8 @@ def judge_scale_invariance(numbers):
     """numbers: output_change {c: max rel logit change when the q/k weights are scaled by c},
     grad_scaling {c: ||grad at c|| * c / ||grad at 1||}, control_change (scaling the MLP's
     input weights, not followed by a norm)."""
+    if missing := _missing_values(numbers, ("output_change", "grad_scaling", "control_change")):
+        return missing
     changes = numbers["output_change"]
     out = max(changes.values())
     grad = max(abs(v - 1) for v in numbers["grad_scaling"].values())
@@ -239,13 +313,12 @@ def judge_scale_invariance(numbers):
 def judge_qk_sensitivity(by_width):
     """by_width: {width: {"off": {seed: LR sensitivity}, "per_head": {seed: ...}}} of one
     placement; LR sensitivity = E_lr[min(loss(lr), loss_0) - loss*] over the swept lrs. Seeds
-    are paired by name; one that only one side has is left out."""
+    are paired by name; one that a side lacks makes the data incomplete."""
+    if missing := _missing_runs(by_width, None, ("off", "per_head")):
+        return missing
     widths = sorted(by_width, key=int)
-    pairs = {w: [(by_width[w]["off"][s], by_width[w]["per_head"][s]) for s in sorted(
-        set(by_width[w]["off"]) & set(by_width[w]["per_head"]))] for w in widths}
-    if not all(pairs.values()):
-        return Verdict(INCONCLUSIVE, "no seed was run both with and without qk-norm at "
-                       "some width", "needs the same seeds with and without qk-norm")
+    pairs = {w: [(by_width[w]["off"][s], by_width[w]["per_head"][s])
+                 for s in sorted(by_width[w]["off"])] for w in widths}
     gains = {w: [off - on for off, on in pairs[w]] for w in widths}
     figure = "LR sensitivity without -> with qk-norm (each seed's, mean) [gain min, max]: " + \
         ", ".join(f"width {w}: {np.mean([p[0] for p in pairs[w]]):.3f} -> "
@@ -288,6 +361,12 @@ def judge_logit_growth(runs):
     """runs: one placement's runs, each {width, qk_norm, lr, seed, loss (final, clipped at
     loss_0), diverged, steps, train_loss and logit_max (max over blocks) at the logged steps}."""
     off = [r for r in runs if r["qk_norm"] == "off"]
+    grid = {}  # a failing run is timed against its seed's run at its width's best lr
+    for r in off:
+        grid.setdefault(f"width {r['width']}", {}).setdefault(f"lr {r['lr']:g}", {})[
+            r["seed"]] = r["loss"]
+    if missing := _missing_runs(grid):
+        return missing
     if not all(r["logit_max"] and math.isfinite(r["logit_max"][0]) for r in off):
         return Verdict(INCONCLUSIVE, "the max attention logit was not logged at step 0 of "
                        "every run (log.attention)", "needs the attention logits")

@@ -1,9 +1,9 @@
 import json
 import os
 
-from normexp import claims
+from normexp import claims, workers
 from normexp.verdicts import INCONCLUSIVE, NOT_SUPPORTED, SUPPORTED
-from normexp.studies import SCALES
+from normexp.studies import SCALES, lr_sensitivity_sweep
 
 from conftest import normexp
 
@@ -12,7 +12,7 @@ VERDICTS = {SUPPORTED, NOT_SUPPORTED, INCONCLUSIVE}
 
 # --- every claim measured on a tiny setup -------------------------------------------------
 
-def test_every_claim_runs_on_a_tiny_setup_and_writes_its_table(tmp_path):
+def test_every_claim_runs_on_a_tiny_setup_and_writes_its_table(tmp_path, monkeypatch):
     out = str(tmp_path / "claims")
     results = claims.run_claims(SCALES["tiny"], out, echo=lambda line: None)
     assert [r.number for r in results] == [1, 1, 1, 2, 3, 4, 5, 6, 6, 7, 8, 8, 8, 8]
@@ -49,6 +49,32 @@ def test_every_claim_runs_on_a_tiny_setup_and_writes_its_table(tmp_path):
     # the training studies are ordinary runs: a second invocation reuses them
     again = claims.run_claims(SCALES["tiny"], out, only=[2], echo=lambda line: None)
     assert again[0].numbers == by_number[2].numbers
+    # a run of the sweep that failed and was not retried: no verdict on the others, and the
+    # report, of the runs that finished, says which one
+    sweep_dir = os.path.join(out, "lr_sensitivity")
+    names = [r["name"] for r in json.load(open(os.path.join(sweep_dir, "sweep.json")))["runs"]]
+    summary = os.path.join(sweep_dir, names[0], "summary.json")
+    json.dump({**json.load(open(summary)), "status": "failed"}, open(summary, "w"))
+    monkeypatch.setattr(workers, "run_workers", lambda *args: 0)  # as if it were not retried
+    partial = claims.run_claims(SCALES["tiny"], out, only=[8], echo=lambda line: None)
+    assert [r.verdict.figure for r in partial] == [
+        f"inconclusive: 1 of {len(names)} runs missing in {sweep_dir} ({names[0]})"] * 4
+    assert "1 failed" in open(os.path.join(sweep_dir, "report", "report.md")).read()
+
+
+def test_claims_check_a_sweep_that_trained_nothing_before_judging_it(tmp_path, monkeypatch):
+    """`normexp claims --quick` once ended in a traceback (KeyError: 'off') when claim 8's
+    sweep exited 0 with runs untrained: now each of its verdicts is inconclusive and says why."""
+    monkeypatch.setattr(workers, "run_workers", lambda *args: 0)
+    out = str(tmp_path / "claims")
+    results = claims.run_claims(SCALES["tiny"], out, only=[8], echo=lambda line: None)
+    names = [r.name for r in lr_sensitivity_sweep(SCALES["tiny"], out).runs]
+    sweep_dir = os.path.join(out, "lr_sensitivity")
+    missing = f"inconclusive: {len(names)} of {len(names)} runs missing in {sweep_dir}"
+    assert [r.verdict.verdict for r in results] == [INCONCLUSIVE] * 4
+    assert all(r.verdict.figure.startswith(missing + f" ({names[0]}, ") for r in results)
+    assert results[0].numbers["missing"] == names
+    assert missing in open(os.path.join(out, "claims.md")).read()
 
 
 def test_claims_command_runs_one_claim_and_rejects_bad_numbers(tmp_path):

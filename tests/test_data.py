@@ -4,7 +4,6 @@ import os
 import pickle
 import sys
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -324,18 +323,27 @@ def _closed_prefetcher():
 
 
 def test_prefetcher_close_never_waits_for_work_it_has_not_started():
-    started, release = threading.Event(), threading.Event()
+    started, release, calls = threading.Event(), threading.Event(), []
 
     def slow(step):
+        calls.append(step)
         started.set()
-        release.wait(5)  # the one in progress finishes; the queued ones must not start
+        release.wait(10)  # bounds the test only if close failed to cancel the queued ones
         return step
 
     prefetch = data.Prefetcher(slow, start=0, put=lambda x: x, depth=3)
-    started.wait(5)
-    threading.Timer(0.2, release.set).start()
-    t0 = time.perf_counter()
+    assert started.wait(60)
+    queued = list(prefetch.pending)[1:]  # steps 1 and 2, behind the one in progress
+    cancelled = []
+
+    def on_done(future):  # the one in progress finishes once close has cancelled the others
+        cancelled.append(future.cancelled())
+        if len(cancelled) == len(queued):
+            release.set()
+
+    for future in queued:
+        future.add_done_callback(on_done)
     prefetch.close()
-    assert time.perf_counter() - t0 < 3  # one sample, not three
+    assert calls == [0] and cancelled == [True, True]  # one sample, not three
     with pytest.raises(RuntimeError, match="closed"):
         next(prefetch)

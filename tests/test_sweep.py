@@ -222,20 +222,22 @@ def test_vectorized_seeds_and_lrs_equal_runs_trained_one_by_one(tmp_path):
     assert np.isnan(diverged["final_val_loss"])
 
 
-def test_a_locked_run_is_skipped_and_a_dead_holders_lock_is_taken_over(tmp_path, capsys):
+def test_a_run_held_elsewhere_is_named_and_a_dead_holders_lock_is_taken_over(tmp_path,
+                                                                              capsys):
     sweep = sweep_lib.load(write_sweep(tmp_path, grid={"optim.lr": [1e-3, 2e-3]},
                                        base=tiny_base("train.steps=4")))
     busy, stale = sweep.runs
     held = RunLock(sweep.out_dir, busy.name)
     assert held.acquire()  # another open file description: as good as another process
-    os.makedirs(os.path.join(sweep.out_dir, ".locks"), exist_ok=True)
     with open(RunLock(sweep.out_dir, stale.name).path, "w") as f:
         json.dump({"host": "gone", "pid": 999999, "since": "yesterday"}, f)  # a killed holder
     try:
-        assert sweep_lib.run(sweep, progress=False) == 0
+        assert sweep_lib.run(sweep, progress=False, wait=False) == 75
         err = capsys.readouterr().err
-        assert f"held by {held.holder()}; skipping {busy.name}" in err
+        assert f"{busy.name}: held by {held.holder()}; not waiting (--no-wait)" in err
         assert "taking over from gone pid 999999 since yesterday (not running)" in err
+        assert err.strip().splitlines()[-1].startswith(
+            f"sweep: 1 of 2 runs finished (1 completed); 1 not: {busy.name}; `normexp sweep")
         assert rundir.status(busy.cfg.run.dir) == "pending"
         assert rundir.status(stale.cfg.run.dir) == "completed"
         assert list(results_lib.table(sweep.out_dir)["status"]) == ["pending", "completed"]

@@ -333,20 +333,49 @@ def mounted(target, *options):
         subprocess.run(["umount", "-l", str(target)], capture_output=True)
 
 
+FILLER = '''
+import errno, os, sys
+from normexp import checkpoint, cli
+fill_after, filler, headroom = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+record = checkpoint.Checkpoints._record
+def record_then_fill(self, step):
+    record(self, step)
+    if step == fill_after:  # the disk is full from here on, whatever the checkpoints weigh
+        with open(filler, "wb", buffering=0) as f:
+            try:
+                while True:
+                    f.write(bytes(1 << 16))
+            except OSError as e:
+                if e.errno != errno.ENOSPC:
+                    raise
+            f.truncate(f.seek(0, os.SEEK_END) - headroom)  # room left for the failure record
+checkpoint.Checkpoints._record = record_then_fill
+sys.exit(cli.main(sys.argv[4:]))
+'''
+
+
 def test_a_full_disk_fails_the_run_and_it_resumes_once_there_is_room(tmp_path, reference_run):
-    args = ["log.every=1"]
-    with mounted(tmp_path / "disk", "-t", "tmpfs", "-o", "size=1500k", "tmpfs") as disk:
-        run_dir = disk / "run"  # room for two checkpoints (steps 4 and 8), not for step 12
-        failed = normexp("train", *tiny_args(run_dir), *args)
+    """The disk fills up once checkpoint 8 is recorded, leaving 64 kB (room for the rest of
+    the metrics and the summary, not for a checkpoint of ~480 kB): the save of step 12 fails."""
+    filler_script = tmp_path / "filler.py"
+    filler_script.write_text(FILLER)
+    with mounted(tmp_path / "disk", "-t", "tmpfs", "-o", "size=4m", "tmpfs") as disk:
+        run_dir, filler = disk / "run", disk / "filler"
+        import subprocess
+        failed = subprocess.run([sys.executable, str(filler_script), "8", str(filler),
+                                 str(64 << 10), "train", *tiny_args(run_dir), "log.every=1",
+                                 "train.async_checkpoints=off"],  # the fill in this thread
+                                capture_output=True, text=True, timeout=300)
         assert_storage_error(failed, "No space left on device (errno 28)")
         summary = json.loads((run_dir / "summary.json").read_text())
         assert summary["status"] == "failed" and "No space left" in summary["error"]
-        assert sorted(os.listdir(run_dir / "checkpoints"))[:2] == ["4", "8"]
-        import subprocess
-        subprocess.run(["mount", "-o", "remount,size=20m", str(disk)], check=True)
+        assert sorted(os.listdir(run_dir / "checkpoints")) == ["4", "8"]  # 12's partial removed
+        assert train_records(run_dir)[-1]["step"] == 11  # it failed at the save after step 11
+        os.remove(filler)
         resumed = normexp("train", str(run_dir / "config.yaml"), "--resume")
         assert resumed.returncode == 0, resumed.stderr
         assert train_records(run_dir) == reference_run
+        assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
 
 
 def test_a_read_only_directory_is_one_line_and_nothing_is_lost(tmp_path):

@@ -1,5 +1,7 @@
 import os
 
+import pytest
+
 from normexp import sweep as sweep_lib
 from normexp import workers
 
@@ -24,56 +26,49 @@ def test_a_worker_pins_itself_to_the_cores_its_parent_chose(monkeypatch):
     assert pinned == [{2, 3}]
 
 
+class Started(Exception):
+    pass
+
+
+def started_slots(monkeypatch, sweep, k):
+    """The environments run_workers would start its workers with."""
+    from normexp import scheduler
+    from normexp.stop import StopRequests
+
+    def record(slots, args):
+        raise Started(slots)
+
+    monkeypatch.setattr(workers, "Pool", record)
+    share = scheduler.Share(sweep.units())
+    with pytest.raises(Started) as started:
+        workers.run_workers(sweep, share, k, scheduler.View(share, False), StopRequests(),
+                            wait=True)
+    return started.value.args[0]
+
+
 def test_no_more_workers_than_units_with_work(tmp_path, monkeypatch):
     sweep = sweep_lib.load(write_sweep(tmp_path, grid={"optim.lr": [1e-3, 2e-3]}, seeds=2,
                                        vectorize="seeds"))
-    started = []
-
-    class Child:
-        returncode = 0
-
-        def __init__(self, args, env):
-            started.append(env["NORMEXP_CORES"])
-
-        def poll(self):
-            return 0
-
-    monkeypatch.setattr(workers.subprocess, "Popen", Child)
-    assert workers.run_workers(sweep, sweep.units(), 2, progress=False) == 0
-    assert len(started) == 1  # one vectorized group: a second worker would only hold a core
+    # one vectorized group: a second worker would only hold a core
+    assert len(started_slots(monkeypatch, sweep, 2)) == 1
     plain = sweep_lib.load(write_sweep(tmp_path, "p", grid={"optim.lr": [1e-3, 2e-3]},
                                        out_dir=str(tmp_path / "p")))
-    started.clear()
-    workers.run_workers(plain, plain.units(), 2, progress=False)
-    assert len(started) == 2
-
-
-def test_workers_get_the_sweeps_settings_and_their_cores(tmp_path, monkeypatch):
-    path = write_sweep(tmp_path, grid={"optim.lr": [1e-3, 2e-3]})
-    sweep = sweep_lib.load(path, settings=[("optim.lr", [1e-3, 3e-3]), ("model.qk_norm",
-                                                                         "per_head")])
-    calls = []
-
-    class Child:
-        returncode = 0
-
-        def __init__(self, args, env):
-            calls.append((args, env["NORMEXP_CORES"]))
-
-        def poll(self):
-            return 0
-
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
-    monkeypatch.setattr(workers.subprocess, "Popen", Child)
-    workers.run_workers(sweep, sweep.units(), 2, progress=False)
-    assert [cores for _, cores in calls] == ["0", "1"]
-    args = calls[0][0]
-    assert "--set=optim.lr=[0.001, 0.003]" in args and "--set=model.qk_norm=per_head" in args
-    # what the worker loads from those arguments is the parent's sweep
-    from normexp.config import parse_overrides
-    again = sweep_lib.load(path, settings=parse_overrides(
-        [a.removeprefix("--set=") for a in args if a.startswith("--set=")]))
-    assert [r.cfg for r in again.runs] == [r.cfg for r in sweep.runs]
+    assert [e["NORMEXP_CORES"] for e in started_slots(monkeypatch, plain, 2)] == ["0", "1"]
+
+
+def test_a_worker_gets_the_parents_configs_not_the_sweep_file(tmp_path):
+    path = write_sweep(tmp_path, grid={"optim.lr": [1e-3, 2e-3]}, seeds=3, vectorize="seeds")
+    sweep = sweep_lib.load(path, settings=[("optim.lr", [1e-3, 3e-3]),
+                                           ("model.qk_norm", "per_head")])
+    for unit in sweep.units():
+        line = workers.encode([r.cfg for r in unit])
+        assert line.endswith("\n") and "\n" not in line[:-1]
+        assert workers.decode(line) == [r.cfg for r in unit]
+    with open(path, "w") as f:  # an edit after the parent loaded it changes nothing
+        f.write("grid: {optim.lr: [0.5]}\n")
+    unit = sweep.units()[0]
+    assert workers.decode(workers.encode([r.cfg for r in unit])) == [r.cfg for r in unit]
 
 
 def test_each_worker_gets_its_share_of_the_gpus():
@@ -108,20 +103,8 @@ def test_visible_gpus_from_the_environment_or_the_device_files(monkeypatch):
 def test_eight_workers_on_an_eight_gpu_host_get_one_gpu_each(tmp_path, monkeypatch):
     sweep = sweep_lib.load(write_sweep(tmp_path, grid={"optim.lr": [1e-3, 2e-3, 3e-3, 4e-3]},
                                        seeds=2))
-    envs = []
-
-    class Child:
-        returncode = 0
-
-        def __init__(self, args, env):
-            envs.append(env)
-
-        def poll(self):
-            return 0
-
-    monkeypatch.setattr(workers.subprocess, "Popen", Child)
     monkeypatch.setattr(workers, "visible_gpus", lambda: [str(i) for i in range(8)])
     monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION", raising=False)
-    assert workers.run_workers(sweep, sweep.units(), 8, progress=False) == 0
+    envs = started_slots(monkeypatch, sweep, 8)
     assert [e["CUDA_VISIBLE_DEVICES"] for e in envs] == [str(i) for i in range(8)]
     assert not any("XLA_PYTHON_CLIENT_MEM_FRACTION" in e for e in envs)
