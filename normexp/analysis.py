@@ -17,7 +17,6 @@ import pandas as pd
 
 from normexp import rundir
 from normexp.errors import UsageError
-from normexp.locks import RunLock
 from normexp.sweep import read_manifest
 
 SUMMARY_COLUMNS = ("status", "steps", "diverged_step", "final_val_loss", "best_val_loss",
@@ -64,16 +63,6 @@ def _name(run_dir, dirs):
     return run_dir
 
 
-def _status(run_dir, summary, sweep_dir):
-    if not os.path.isdir(run_dir):
-        return rundir.PENDING
-    status = summary.get("status") or rundir.STARTED
-    if sweep_dir and status in (rundir.RUNNING, rundir.STARTED) and not RunLock(
-            sweep_dir, os.path.basename(run_dir)).held():
-        return rundir.STOPPED  # its process is gone: the next sweep resumes it
-    return status
-
-
 def load_runs(path, pending=False):
     """One row per run: run, run_dir, the summary figures, max_grad_norm, initial_loss (the
     validation loss at initialisation, step 0; the training loss of step 0 where no
@@ -81,19 +70,17 @@ def load_runs(path, pending=False):
 
     With `pending`, a sweep's runs are listed as the sweep sees them: those that have not
     started are rows too (status `pending`, their swept values set and the other config keys
-    missing), and one still marked running whose process no longer holds its lock is
-    `stopped` (probing the lock can make a sweep starting that run just then skip it, so a
-    plain read leaves the locks alone).
+    missing). A run still marked running whose process no longer holds its lock is `stopped`
+    (rundir.status).
     """
     entries = _entries(path, pending)
     dirs = [d for d, _, _ in entries]
     rows = []
-    for d, sweep_dir, overrides in entries:
-        sweep_dir = sweep_dir if pending else None
+    for d, _, overrides in entries:
         summary = rundir.read_summary(d)
         row = {"run": _name(d, dirs), "run_dir": os.path.abspath(d)}
         row.update({k: summary.get(k) for k in SUMMARY_COLUMNS})
-        row["status"] = _status(d, summary, sweep_dir)
+        row["status"] = rundir.status(d, probe=True)
         records = rundir.read_metrics(d)
         grad_norms = [r["grad_norm"] for r in records if r.get("grad_norm") is not None]
         row["max_grad_norm"] = max(grad_norms, default=None)

@@ -103,9 +103,11 @@ def cmd_ls(ns):
 
 def cmd_results(ns):
     from normexp import results
+    from normexp.report import status_line
     table = results.table(ns.sweep_dir)
     print(results.to_text(table))
     paths = results.write(table, ns.sweep_dir)
+    print(status_line(table), file=sys.stderr)
     print(f"wrote {', '.join(paths)}", file=sys.stderr)
     return 0
 

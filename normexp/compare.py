@@ -135,7 +135,7 @@ def listing(path, now=None):
         vals = [r["val_loss"] for r in records if r.get("val_loss") is not None]
         latest = max(os.path.getmtime(os.path.join(d, f)) for f in os.listdir(d))
         rows.append({"run": os.path.relpath(d, path) if d != path else os.path.basename(d),
-                     "status": summary.get("status") or rundir.STARTED,
+                     "status": rundir.status(d, probe=True),
                      "steps": _steps({"steps": summary.get("steps"),
                                       "train.steps": config.get("train.steps")}),
                      "val_loss": (summary["final_val_loss"] if summary.get("final_val_loss")

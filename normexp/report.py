@@ -10,7 +10,7 @@ import os
 from normexp import plots
 from normexp.analysis import TABLE, load_metrics, load_runs, lr_sensitivity
 from normexp.errors import UsageError
-from normexp.rundir import DIVERGED, FINISHED, family, write_atomic
+from normexp.rundir import DIVERGED, FINISHED, PENDING, family, write_atomic
 MAX_HEATMAPS = 8
 
 
@@ -140,13 +140,14 @@ def table(runs):
     return header, rows
 
 
-def _status_line(runs):
+def status_line(runs):
+    """'8 runs: 5 completed, 3 pending': every run, those not started or not finished too."""
     counts = runs["status"].value_counts()
     return f"{len(runs)} runs: " + ", ".join(f"{n} {status}" for status, n in counts.items())
 
 
-def markdown(title, runs, made, header, rows):
-    lines = [f"# {title}", "", _status_line(runs), ""]
+def markdown(title, counts, made, header, rows):
+    lines = [f"# {title}", "", counts, ""]
     for name, heading, caption, _ in made:
         lines += [f"## {heading}", "", f"![{heading}]({name})", "", caption, ""]
     lines += ["## Runs", "", "| " + " | ".join(header) + " |",
@@ -155,12 +156,12 @@ def markdown(title, runs, made, header, rows):
     return "\n".join(lines) + "\n"
 
 
-def to_html(title, runs, made, images, header, rows):
+def to_html(title, counts, made, images, header, rows):
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
              "</title><style>body{font-family:sans-serif;max-width:980px;margin:2em auto}"
              "table{border-collapse:collapse;font-size:small}td,th{border:1px solid #ccc;"
              "padding:2px 6px}img{max-width:100%}</style></head><body>",
-             f"<h1>{html.escape(title)}</h1><p>{html.escape(_status_line(runs))}</p>"]
+             f"<h1>{html.escape(title)}</h1><p>{html.escape(counts)}</p>"]
     for name, heading, caption, _ in made:
         data = base64.b64encode(images[name]).decode()  # the PNG
         parts.append(f"<h2>{html.escape(heading)}</h2><img alt='{html.escape(heading)}' "
@@ -175,9 +176,10 @@ def to_html(title, runs, made, images, header, rows):
 def write_report(path, out_dir=None, dpi=DPI, format="png"):
     """Write report.md, report.html and the figures for the runs at `path` (PNGs at `dpi`, and
     each figure also as PDF or SVG with that `format`); returns the paths."""
-    runs = load_runs(path)
+    every = load_runs(path, pending=True)  # a sweep's runs not started yet are counted too
+    runs = every[every["status"] != PENDING]
     if runs.empty:
-        raise UsageError(f"{path}: no runs to report on yet")
+        raise UsageError(f"{path}: no runs to report on yet ({status_line(every)})")
     metrics = load_metrics(path)
     out_dir = out_dir or default_out(path)
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
@@ -194,8 +196,9 @@ def write_report(path, out_dir=None, dpi=DPI, format="png"):
     for name, content in images.items():
         written.append(os.path.join(out_dir, name))
         write_atomic(written[-1], content)
-    for name, content in (("report.md", markdown(title, runs, made, header, rows)),
-                          ("report.html", to_html(title, runs, made, images, header, rows))):
+    counts = status_line(every)
+    for name, content in (("report.md", markdown(title, counts, made, header, rows)),
+                          ("report.html", to_html(title, counts, made, images, header, rows))):
         written.append(os.path.join(out_dir, name))
         write_atomic(written[-1], content)
     return written

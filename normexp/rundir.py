@@ -27,6 +27,7 @@ import numpy as np
 
 from normexp import config as config_lib
 from normexp.errors import UsageError
+from normexp.locks import RunLock
 from normexp.parallel import barrier, is_primary
 
 CONFIG, SUMMARY, METRICS = "config.yaml", "summary.json", "metrics.jsonl"
@@ -41,7 +42,7 @@ FAILED = "failed"  # an error ended it (`error` says which); --resume retries it
 # Read off the directory by whoever lists runs:
 PENDING = "pending"  # a sweep's run with no directory yet
 STARTED = "started"  # a directory without a summary.json yet
-STOPPED = "stopped"  # a sweep's run still `running` whose process no longer holds its lock
+STOPPED = "stopped"  # still `running` on disk, but no live process holds its lock
 STATUSES = (RUNNING, COMPLETED, DIVERGED, INTERRUPTED, FAILED, PENDING, STARTED, STOPPED)
 FINISHED = (COMPLETED, DIVERGED)  # never trained again
 
@@ -179,11 +180,17 @@ def is_run(path):
     return os.path.isfile(os.path.join(path, CONFIG))
 
 
-def status(run_dir):
-    """What summary.json says, or PENDING (no directory) or STARTED (no summary yet)."""
+def status(run_dir, probe=False):
+    """What summary.json says, or PENDING (no directory) or STARTED (no summary yet). With
+    `probe`, a run marked running (or started) whose lock no live process holds is STOPPED:
+    its process is gone, and the next sweep or `--resume` continues it. (The probe never
+    takes the lock, so it cannot keep a sweep from taking the run.)"""
     if not os.path.isdir(run_dir):
         return PENDING
-    return read_summary(run_dir).get("status") or STARTED
+    found = read_summary(run_dir).get("status") or STARTED
+    if probe and found in (RUNNING, STARTED) and not RunLock.of(run_dir).held():
+        return STOPPED
+    return found
 
 
 def record_failure(run_dir, error):

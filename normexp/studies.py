@@ -378,7 +378,8 @@ def measure_lr_sensitivity(scale, out, max_parallel=2):
     """Run the sweep (two processes, one core each: see `workers.worker_cores`) and read it."""
     from normexp import sweep as sweep_lib
     sweep = lr_sensitivity_sweep(scale, out)
-    sweep_lib.run(sweep, max_parallel=max_parallel, progress=False)
+    if sweep_lib.run(sweep, max_parallel=max_parallel, progress=False) > 128:
+        raise KeyboardInterrupt  # a stop request: the claims stop too (the runs resume)
     found = completeness(sweep.out_dir)
     if found["missing"] or not found["of"]:  # part of the lrs or seeds: another number
         return {"sensitivity": {}, "runs": {}, "table": [], **found}

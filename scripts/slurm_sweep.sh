@@ -6,12 +6,14 @@
 # Task k of an array of N runs `normexp sweep SWEEP.yaml --shard k/N`; the shards partition the
 # sweep's runs, and any arguments after the sweep file are passed on (e.g. --max-parallel 2).
 # What the tasks need:
-#   - the sweep's out_dir on a filesystem every node sees, with flock (NFS does; Lustre needs
-#     the flock mount option): run directories, locks, the shared compile cache and the table;
+#   - the sweep's out_dir on a filesystem every node sees, with POSIX file locks (NFS has
+#     them; Lustre needs the flock mount option): run directories, locks, sweep.json, the
+#     shared compile cache and the table;
 #   - the environment made by `make test` or `make demo` (.venv), or NORMEXP=/path/to/normexp;
 #   - nothing else: no coordinator, no jax.distributed (each task trains its own runs). A rerun
 #     of the same array skips finished runs and resumes interrupted ones; a task killed by the
-#     scheduler leaves a lock that the next task takes over.
+#     scheduler leaves a lock that the next task takes over. A task exits 0 only when every run
+#     of its shard is finished; one whose runs another task still trains waits for it.
 # On GPU nodes add e.g. `#SBATCH --gpus-per-task=1`; with --max-parallel K the task's GPUs are
 # divided among its K workers (one each when K equals their count; workers that share one GPU
 # each take their part of its memory). See README, Accelerators.

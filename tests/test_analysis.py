@@ -48,7 +48,14 @@ def test_loaders_read_a_run_in_progress_and_skip_a_truncated_line(study, tmp_pat
     os.remove(run_dir / "summary.json")
     text = (run_dir / "metrics.jsonl").read_text()
     (run_dir / "metrics.jsonl").write_text(text + text.splitlines()[1][:25])  # killed writer
-    runs = analysis.load_runs(str(run_dir))
+    from normexp.locks import RunLock
+    assert analysis.load_runs(str(run_dir)).iloc[0]["status"] == "stopped"  # nobody trains it
+    lock = RunLock.of(str(run_dir))
+    assert lock.acquire()  # as its process would
+    try:
+        runs = analysis.load_runs(str(run_dir))
+    finally:
+        lock.release()
     assert runs.iloc[0]["status"] == "started" and np.isnan(runs.iloc[0]["final_val_loss"])
     metrics = analysis.load_metrics(str(run_dir))
     assert metrics["step"].max() == json.loads(text.splitlines()[-1])["step"]
@@ -72,7 +79,8 @@ def test_pending_lists_a_sweeps_runs_as_the_sweep_sees_them(study, tmp_path):
             for n, lr in (("done", 3e-3), ("dead", 3e-3), ("later", 1e-2))]
     (sweep_dir / "sweep.json").write_text(json.dumps({"axes": ["optim.lr"], "runs": runs}))
     plain = analysis.load_runs(str(sweep_dir))
-    assert list(plain["status"]) == ["completed", "running"]  # as written; no lock is probed
+    # its process is gone (no live lock holder), and a probe never takes the lock
+    assert list(plain["status"]) == ["completed", "stopped"]
     seen = analysis.load_runs(str(sweep_dir), pending=True)
     assert list(seen["run"]) == ["done", "dead", "later"]
     assert list(seen["status"]) == ["completed", "stopped", "pending"]

@@ -1,5 +1,6 @@
 import argparse
 import importlib.metadata
+import json
 import os
 
 import pytest
@@ -96,3 +97,15 @@ def test_an_existing_file_with_a_dotted_name_is_a_config(tmp_path, monkeypatch):
     (tmp_path / "post.ln").write_text(yaml.safe_dump({"model": {"n_layr": 2}}))
     with pytest.raises(UsageError, match="model.n_layr: unknown key"):
         cli._load(["post.ln"])
+
+
+def test_a_sweep_runs_config_path_with_equals_signs_is_a_config(study):
+    run = study.runs[0]
+    path = os.path.join(run.cfg.run.dir, "config.yaml")
+    assert "=" in path
+    assert cli._split_config_args([path, "train.steps=3"]) == (path, ["train.steps=3"])
+    assert cli._split_config_args(["model.n_layer=2"]) == (None, ["model.n_layer=2"])
+    done = normexp("train", path, "--resume")  # the README's resume command
+    assert done.returncode == 0, done.stderr
+    status = json.load(open(os.path.join(run.cfg.run.dir, "summary.json")))["status"]
+    assert f": {status}" in done.stdout and "nothing to do" in done.stderr

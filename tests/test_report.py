@@ -49,3 +49,17 @@ def test_no_divergence_map_where_the_swept_keys_vary_together(study):
     assert "divergence_map.png" not in names and "loss.png" in names
     assert "divergence_map.png" in [name for name, *_ in figures(
         runs, analysis.load_metrics(study.out_dir))]
+
+
+def test_an_unfinished_sweep_is_reported_with_its_pending_runs_counted(tmp_path, capsys):
+    from conftest import tiny_base, write_sweep
+    from normexp import cli
+    from normexp import sweep as sweep_lib
+    sweep = sweep_lib.load(write_sweep(tmp_path, grid={"optim.lr": [1e-3, 2e-3]},
+                                       base=tiny_base("train.steps=2")))
+    assert sweep_lib.run(sweep, shard=(1, 2), progress=False) == 0  # the first run only
+    assert cli.main(["report", sweep.out_dir, "--out", str(tmp_path / "report")]) == 0
+    assert "2 runs: 1 completed, 1 pending" in (tmp_path / "report" / "report.md").read_text()
+    capsys.readouterr()
+    assert cli.main(["results", sweep.out_dir]) == 0
+    assert "2 runs: 1 completed, 1 pending" in capsys.readouterr().err
