@@ -69,8 +69,8 @@ def cmd_sweep(ns):
     sweep = sweep_lib.load(ns.sweep_file, out_dir=ns.out,
                            settings=config_lib.parse_overrides(ns.set))
     shard = sweep_lib.parse_shard(ns.shard) if ns.shard else (1, 1)
-    if ns.dry_run:
-        print(sweep_lib.describe(sweep, shard))
+    if ns.dry_run:  # as the sweep would run: a directory's sweep.json is checked, not written
+        print(sweep_lib.describe(sweep_lib.claim_directory(sweep, write=False), shard))
         return 0
     code = sweep_lib.run(sweep, shard=shard, max_parallel=ns.max_parallel, wait=not ns.no_wait)
     from normexp import results

@@ -18,7 +18,7 @@ import socket
 import struct
 import time
 
-from normexp.errors import BusyError, UsageError
+from normexp.errors import BusyError, StorageError, UsageError
 
 _OFD = hasattr(fcntl, "F_OFD_SETLK")
 # struct flock in the native layout: l_type, l_whence, l_start, l_len, l_pid (then padding,
@@ -135,7 +135,13 @@ def take_all(run_dirs):
     taken = []
     for run_dir in sorted(run_dirs):
         lock = RunLock.of(run_dir)
-        if not lock.acquire():
+        try:
+            acquired = lock.acquire()
+        except OSError as e:  # a read-only or full disk: named by the run it stops
+            release_all(taken)
+            raise StorageError(f"{run_dir}: {e.strerror} (errno {e.errno}), writing its lock "
+                               f"{lock.path}") from None
+        if not acquired:
             release_all(taken)
             raise BusyError(f"{run_dir}: being trained by {lock.holder()} (its lock "
                             f"{lock.path} is held)", lock)

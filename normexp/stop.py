@@ -18,14 +18,16 @@ import signal
 class StopRequests:
     def __init__(self):
         self.signum = None
+        self.second_acts = True
 
     def __enter__(self):
         self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
         return self
 
     def _handle(self, signum, frame):
-        self.signum = signum
-        signal.signal(signum, self.previous[signum])  # a second signal acts at once
+        self.signum = self.signum or signum
+        if self.second_acts:  # a second Ctrl-C acts at once
+            signal.signal(signum, self.previous[signum])
 
     def __exit__(self, *exc):
         for s, handler in self.previous.items():

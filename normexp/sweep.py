@@ -311,17 +311,21 @@ def _changes(old, new):
     return changes
 
 
-def claim_directory(sweep):
+def claim_directory(sweep, write=True):
     """Write sweep.json, or check the one there: a sweep directory holds one sweep's runs.
 
     Shards, workers and reruns all take their runs from the manifest that the first of them
     wrote (in its order), so a sweep file edited in between never makes a process train a run
     outside it or leave one of it behind: the edit is refused here, naming what changed.
-    Returns the sweep with its runs in the manifest's order."""
-    os.makedirs(sweep.out_dir, exist_ok=True)
+    Returns the sweep with its runs in the manifest's order (without `write`, as for a dry
+    run, only checks a manifest that is there)."""
     path = os.path.join(sweep.out_dir, MANIFEST)
     mine = json.loads(json.dumps(_manifest(sweep), default=str))  # as JSON reads it back
-    if not create_once(path, json.dumps(mine, indent=1) + "\n"):
+    if not write and not os.path.exists(path):
+        return sweep
+    if write:
+        os.makedirs(sweep.out_dir, exist_ok=True)
+    if not write or not create_once(path, json.dumps(mine, indent=1) + "\n"):
         theirs = read_json(path)
         if theirs is None:
             raise UsageError(f"{path}: unreadable; remove it to start this sweep afresh")

@@ -303,10 +303,17 @@ def serve():
     reports = os.fdopen(int(os.environ["NORMEXP_REPORT_FD"]), "w")
 
     def answer(report):
-        reports.write(json.dumps(report, default=to_builtin) + "\n")
-        reports.flush()
+        try:
+            reports.write(json.dumps(report, default=to_builtin) + "\n")
+            reports.flush()
+        except BrokenPipeError:  # the parent is gone: the runs' own records say it all
+            pass
 
     with StopRequests() as stop:
+        # A worker always stops cleanly (checkpoint, `interrupted`), however many stop
+        # signals reach it: its parent's, the terminal's, and the kernel's each time the
+        # process it was handed to on its parent's death ends in turn.
+        stop.second_acts = False
         die_with_parent()
         for line in sys.stdin:
             if stop.signum:

