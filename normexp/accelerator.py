@@ -134,7 +134,7 @@ def measure(cfg, vocab, *, steps, repeats, matmul, devices=None):
 def vectorized_seeds(quick, *, steps, repeats):
     """Runs per hour of 8 seeds as one vmapped group against 8 runs one after another."""
     from normexp import sweep as sweep_lib
-    from normexp.train import Group
+    from normexp.lanes import Group
     cfg = sweep_lib.load(PLACEMENT_WARMUP).runs[0].cfg
     if quick:
         cfg = bench.replace(cfg, "model", n_layer=2)

@@ -12,6 +12,8 @@ import os
 
 import numpy as np
 
+from normexp.completeness import completeness, final_losses
+
 
 @dataclasses.dataclass(frozen=True)
 class Scale:
@@ -143,25 +145,6 @@ def train_seeds(scale, out, study, overrides):
     return [{**s, "run_dir": c.run.dir} for c, s in zip(cfgs, run_group(cfgs, resume=True))]
 
 
-def completeness(runs):
-    """{"missing": names of the runs not finished, "of": how many} of a sweep directory (its
-    sweep.json lists every run, started or not) or a list of run directories. A diverged run is
-    a result; any other (failed too) is missing: a verdict without it could differ."""
-    from normexp.rundir import FINISHED, status
-    from normexp.sweep import read_manifest
-    if isinstance(runs, (str, os.PathLike)):
-        runs = [os.path.join(runs, r["name"]) for r in (read_manifest(runs) or {}).get("runs", [])]
-    return {"missing": [os.path.basename(d) for d in runs if status(d) not in FINISHED],
-            "of": len(runs)}
-
-
-def _final_losses(summaries):
-    """Per run: inf where it diverged (a result), None where it did not finish (missing)."""
-    from normexp.rundir import COMPLETED, FINISHED
-    return [None if s["status"] not in FINISHED else s["final_val_loss"] if s["status"] ==
-            COMPLETED and s["final_val_loss"] is not None else math.inf for s in summaries]
-
-
 def warmup_overrides(scale, placement, warmup):
     """The warmup study's setup: a high learning rate, with or without warmup."""
     return [("model.placement", placement), ("model.final_norm", placement == "pre"),
@@ -173,7 +156,7 @@ def measure_warmup(scale, out):
     from normexp import data as data_lib
     runs = {p: {w: train_seeds(scale, out, "warmup", warmup_overrides(scale, p, w == "warmup"))
                 for w in ("none", "warmup")} for p in ("post", "pre")}
-    return {"losses": {p: {w: _final_losses(r) for w, r in by.items()} for p, by in runs.items()},
+    return {"losses": {p: {w: final_losses(r) for w, r in by.items()} for p, by in runs.items()},
             "unigram": data_lib.load_corpus("", 0, 1).unigram_entropy(), **completeness(
                 [r["run_dir"] for by in runs.values() for group in by.values() for r in group])}
 
@@ -216,7 +199,7 @@ def measure_rmsnorm(scale, out):
     for kind in ("layernorm", "rmsnorm"):
         overrides = [("model.norm.kind", kind), ("optim.lr", 3e-3)]
         runs = train_seeds(scale, out, "rmsnorm", overrides)
-        losses[kind], dirs = _final_losses(runs), dirs + [r["run_dir"] for r in runs]
+        losses[kind], dirs = final_losses(runs), dirs + [r["run_dir"] for r in runs]
         cfgs[kind] = _train_cfgs(scale, out, "rmsnorm", overrides)[0]
     corpus = data_lib.load_corpus("", 0, scale.seq_len)
     batch = data_lib.batch(corpus.train, seed=0, step=0, batch_size=scale.batch_size,

@@ -9,7 +9,7 @@ stop, checkpoint, and at the end finish.
 Why the group path is isolated rather than a single run being a group of one: a single run
 then compiles exactly the step in normexp.step, with no run axis of size one, so what a user
 reads is what runs and its numbers do not depend on how XLA treats a vmap of one. Everything
-that differs for a group is in its `Lanes` (`Single`, `Group`): how states stack, how batches
+that differs for a group is in its lanes (normexp.lanes: `Single`, `Group`): how states stack, how batches
 join and how fetched values split per run. The loop never asks which it has.
 """
 
@@ -20,8 +20,6 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from normexp import allocator, budget, hardware, locks, rundir
@@ -29,6 +27,7 @@ from normexp import config as config_lib
 from normexp import data as data_lib
 from normexp.checkpoint import Checkpoints, resume_step
 from normexp.console import Console
+from normexp.lanes import Group, Single
 from normexp.errors import StorageError, UsageError
 from normexp.metrics import per_block
 from normexp.model import norm_report
@@ -49,48 +48,6 @@ def enable_compile_cache(directory):
     # when this process (a notebook, a sweep) has compiled before.
     from jax.experimental.compilation_cache import compilation_cache
     compilation_cache.reset_cache()
-
-
-class Single:
-    """One run: states, batches and fetched values are the run's own."""
-    vectorized = False
-
-    def stack(self, trees):
-        return trees[0]
-
-    def join(self, pairs):  # one (inputs, targets) per run -> the step's arguments
-        return pairs[0]
-
-    def row(self, tree, i):
-        return tree
-
-    def rows(self, tree):  # fetched host values -> one tree per run
-        return [tree]
-
-
-_take = jax.jit(lambda tree, i: jax.tree.map(lambda leaf: leaf[i], tree))
-
-
-class Group:
-    """Several runs: every leaf has a leading run axis."""
-    vectorized = True
-
-    def __init__(self, count):
-        self.count = count
-
-    def stack(self, trees):
-        return jax.tree.map(lambda *leaves: jnp.stack(leaves), *trees)
-
-    def join(self, pairs):
-        return tuple(np.stack(x) for x in zip(*pairs))
-
-    def row(self, tree, i):
-        if any(isinstance(leaf, jax.Array) for leaf in jax.tree.leaves(tree)):
-            return _take(tree, i)  # one dispatch, not one per leaf (checkpoints of 21 runs)
-        return jax.tree.map(lambda leaf: leaf[i], tree)
-
-    def rows(self, tree):
-        return [self.row(tree, i) for i in range(self.count)]
 
 
 def run(cfg, *, resume=False, overwrite=False, missing_ok=True):

@@ -7,10 +7,11 @@ Incomplete numbers (an arm, a seed or a value missing) get "inconclusive: N of M
 """
 
 import dataclasses
-import itertools
 import math
 
 import numpy as np
+
+from normexp.completeness import grid_gaps, value_gaps
 
 SUPPORTED, NOT_SUPPORTED, INCONCLUSIVE = "supported", "not supported", "inconclusive"
 GROWS, FLAT = 1.5, 1.25  # last/first gradient-norm ratios for "grows" and "flat or falling"
@@ -59,42 +60,15 @@ def incomplete(missing, total, what="runs", where=None):
                    "and reuses the finished ones")
 
 
-def _absent(value):
-    """None or NaN (no number), or a collection that is empty or holds one."""
-    if isinstance(value, dict):
-        value = list(value.values())
-    if isinstance(value, (list, tuple)):
-        return not value or any(map(_absent, value))
-    return value is None or isinstance(value, (float, np.floating)) and math.isnan(value)
-
-
-def _leaves(tree, path=()):
-    if not isinstance(tree, (dict, list, tuple)):
-        return [(path, tree)]
-    items = tree.items() if isinstance(tree, dict) else enumerate(tree)
-    return [leaf for key, sub in items for leaf in _leaves(sub, path + (key,))]
-
-
 def _missing_runs(tree, *arms):
-    """INCONCLUSIVE if `tree` lacks runs, else None. tree: {arm: ... {arm: per-seed values (a
-    list, or a dict by seed)}}. It should fill the grid of every level's keys: `arms[i]` where
-    given (what the judge compares), else every key some branch has, seeds included; so a
-    missing arm, a missing seed and a value that is None or NaN each count."""
-    leaves = dict(_leaves(tree))
-    levels = [list(arms[i]) if i < len(arms) and arms[i] else
-              list(dict.fromkeys(p[i] for p in leaves if len(p) > i))
-              for i in range(max([len(arms), *map(len, leaves)]))]
-    grid = list(itertools.product(*levels)) if levels else []
-    gaps = [cell for cell in grid if _absent(leaves.get(cell))]
-    if gaps or not grid:
-        return incomplete([" ".join(map(str, c[:-1])) + f" seed {c[-1]}" if len(c) > len(arms)
-                           else " ".join(map(str, c)) for c in gaps], len(grid))
-    return None
+    """INCONCLUSIVE if `tree` lacks runs (completeness.grid_gaps), else None."""
+    gaps, total = grid_gaps(tree, *arms)
+    return incomplete(gaps, total) if gaps or not total else None
 
 
 def _missing_values(numbers, keys, what="measurements"):
-    """INCONCLUSIVE if a measurement the judge reads is absent (see `_absent`), else None."""
-    gaps = [k for k in keys if _absent(numbers.get(k))]
+    """INCONCLUSIVE if a measurement the judge reads is absent, else None."""
+    gaps = value_gaps(numbers, keys)
     return incomplete(gaps, len(keys), what) if gaps or not keys else None
 
 
