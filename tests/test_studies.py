@@ -3,7 +3,6 @@ size (the verdicts that need a larger scale are checked in test_claims)."""
 
 import math
 
-from normexp import studies
 from normexp.studies import SCALES, measure_expected_gradients, \
     measure_init_gradients, measure_leak, measure_scale_invariance
 
