@@ -105,8 +105,10 @@ class Worker:
         self.unit = unit
         return True
 
-    def stop(self, signum=signal.SIGTERM):
-        if self.proc.poll() is None:
+    def stop(self, signum):
+        """Stop now (signum: the run checkpoints, `interrupted`) or, with None, after the
+        current unit."""
+        if signum and self.proc.poll() is None:
             self.proc.send_signal(signum)
         self.finish()
 
@@ -270,9 +272,7 @@ class Pool:
     def stop(self, signum):
         """Every worker stops (signum) or ends after its current unit (None)."""
         for w in self.workers:
-            if signum and w.proc.poll() is None:
-                w.proc.send_signal(signum)
-            w.finish()
+            w.stop(signum)
 
     def close(self, signum):
         self.stop(signum)
