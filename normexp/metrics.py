@@ -116,10 +116,16 @@ def attention_stats(q_BxTxHxK, k_BxTxHxK):
     - `logit_max`: the largest pre-softmax logit q.k / sqrt(K) over heads and (causal)
       positions, and `logit_max_head` per head: growing logits precede divergence (Dehghani et
       al. 2023; Wortsman et al. 2023);
-    - `entropy`: the attention distributions' mean entropy in nats, `entropy_min` the mean
-      entropy of the most collapsed head (entropy collapse, Zhai et al. 2023);
+    - `entropy`: the attention distributions' entropy in nats, averaged over batch, heads and
+      all T query positions; `entropy_min` the same mean of the most collapsed head (entropy
+      collapse, Zhai et al. 2023). Under the causal mask query i (0-based) attends to i + 1
+      keys, so its entropy is at most ln(i + 1) (query 0's is always 0), and uniform causal
+      attention gives mean_i ln(i + 1) = ln(T!) / T (about ln T - 1), not ln T;
     - `q_norm`, `k_norm`: mean per-head query and key L2 norms (logits grow through them);
-    - `sink`: the mean attention mass on position 0 (attention sinks, Xiao et al. 2024).
+    - `sink`: the attention mass on key 0, averaged over batch, heads and all T query
+      positions, query 0 included: its only key is key 0, so its term is always 1 and `sink`
+      is at least 1/T; uniform causal attention gives mean_i 1 / (i + 1) (attention sinks,
+      Xiao et al. 2024).
     """
     q = jax.lax.stop_gradient(q_BxTxHxK).astype(jnp.float32)
     k = jax.lax.stop_gradient(k_BxTxHxK).astype(jnp.float32)
@@ -171,8 +177,10 @@ def output_logit_stats(logits_NxV):
 
 
 def grad_rms(grads):
-    """RMS of the gradient entries of each block ([L]) and of all of them: where it nears
-    AdamW's eps, the update stops following the gradient's scale."""
+    """RMS of the gradient entries of each block ([L]) and of all of them (embeddings and
+    final norm included): where it nears AdamW's eps, the update stops following the
+    gradient's scale. The train step passes the raw gradient of the loss it minimises (z-loss
+    included), before `optim.clip_norm` clips it (the clipping is inside the optimizer)."""
     sums = group_sums_of_squares(grads)
     leaves = jax.tree_util.tree_flatten_with_path(grads)[0]
     in_block = sum(leaf.size // leaf.shape[0] for path, leaf in leaves

@@ -7,6 +7,8 @@ import io
 import math
 import os
 
+import numpy as np
+
 from normexp import plots
 from normexp.analysis import TABLE, load_metrics, load_runs, lr_sensitivity
 from normexp.errors import UsageError
@@ -19,7 +21,6 @@ def default_out(path):
 
 
 DPI = 110
-FORMATS = ("png", "pdf", "svg")
 
 
 def png(fig, dpi=DPI, format="png"):
@@ -88,7 +89,7 @@ def figures(runs, metrics):
 def _lr_figures(runs, metrics, keys, lr="optim.lr"):
     """For a learning-rate sweep whose runs all finished: final loss vs lr per setup with its
     LR sensitivity (Wortsman et al. 2023, Fig. 1), and the max attention logit over training at
-    the highest lr, where it was logged (what grows before such runs fail)."""
+    the highest lr, where it was logged, its caption giving the measured values."""
     if lr not in keys or runs[lr].nunique() < 3 or runs["initial_loss"].isna().any() or not \
             runs["status"].isin(FINISHED).all():
         return []
@@ -124,10 +125,34 @@ def _lr_figures(runs, metrics, keys, lr="optim.lr"):
         where = f"{lr}={top[lr].iloc[0]:g}" + (f", {line}={top[line].iloc[0]}" if line else "")
         fig.axes[0].set(yscale="log", ylabel="max attention logit (max over blocks)",
                         title=f"Max attention logit{suffix} ({where})")
+        lines = "; ".join(f"{label}: {text}" for label, text in
+                          _curve_summary(peak, top, [panel] if panel else None, "logit_max"))
         out.append((f"logit_max_{i:02d}.png", f"Max attention logit over training{suffix}",
-                    f"At {where}: the largest pre-softmax attention logit of any block, mean "
-                    "over seeds with their range. Without qk-norm it grows until softmax "
-                    "saturates (Dehghani et al. 2023, Wortsman et al. 2023).", fig))
+                    f"At {where}: the largest pre-softmax attention logit of any block (the "
+                    "quantity of Wortsman et al. 2023), mean over seeds with their range. "
+                    f"Measured, as the mean over seeds: {lines}.", fig))
+    return out
+
+
+def _curve_summary(metrics, runs, by, metric):
+    """[(label, text)] for each line plots.loss_curves(metrics, runs, by, metric) draws: the
+    mean over the setup's runs (the plotted line) at its first logged step, at its peak and at
+    its last step, so that a caption states what was measured rather than what was expected."""
+    values = metrics[metrics["metric"] == metric].pivot_table(
+        index="step", columns="run", values="value", dropna=False)
+    out = []
+    for label, names in plots.setups(runs, by):
+        present = [n for n in names if n in values.columns]
+        if not present:
+            continue
+        mean = values[present].replace([np.inf, -np.inf], np.nan).mean(axis=1).dropna()
+        if mean.empty:
+            out.append((label, "no finite value logged"))
+            continue
+        first, top, last = mean.index[0], mean.idxmax(), mean.index[-1]
+        out.append((label, f"{mean[first]:.4g} at step {first} (the first logged), peak "
+                           f"{mean[top]:.4g} at step {top}, {mean[last]:.4g} at step {last} "
+                           "(the last)"))
     return out
 
 

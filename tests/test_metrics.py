@@ -186,3 +186,33 @@ def test_expected_gradient_is_the_norm_of_the_mean_gradient(tiny):
                    if k.startswith("blocks/"))
     np.testing.assert_allclose(np.asarray(metrics["grad_norm/block"]), np.sqrt(block_sq),
                                rtol=1e-5)
+
+
+def test_attention_entropy_and_sink_bounds_under_the_causal_mask():
+    """What the docs state: query i sees i + 1 keys, so its entropy is at most ln(i + 1) and
+    uniform attention (q = 0) averages to mean_i ln(i + 1), not ln T; `sink` averages key 0's
+    mass over every query, query 0's (always 1) included."""
+    from normexp.metrics import attention_stats
+    i = np.arange(T)
+    k = jax.random.normal(jax.random.key(1), (2, T, 2, 8))
+    uniform = attention_stats(jnp.zeros((2, T, 2, 8)), k)
+    assert float(uniform["entropy"]) == pytest.approx(np.mean(np.log(i + 1)), rel=1e-5)
+    assert float(uniform["entropy_min"]) == pytest.approx(np.mean(np.log(i + 1)), rel=1e-5)
+    assert float(uniform["entropy"]) < np.log(T) - 0.5
+    assert float(uniform["sink"]) == pytest.approx(np.mean(1 / (i + 1)), rel=1e-5)
+    # any attention: query 0 puts all its mass on key 0, so sink >= 1/T
+    q = 10 * jax.random.normal(jax.random.key(2), (2, T, 2, 8))
+    assert float(attention_stats(q, k)["sink"]) >= 1 / T
+    assert float(attention_stats(q, k)["entropy"]) <= np.mean(np.log(i + 1)) + 1e-6
+
+
+def test_grad_rms_is_taken_before_clipping(tiny):
+    """A clip far below the gradient norm: the logged RMS is the raw gradient's."""
+    from test_step import one_step
+    cfg = tiny("optim.clip_norm=0.001", "model.n_layer=2", "optim.warmup_steps=0")
+    metrics, grads, _, _ = one_step(cfg, attention=True, log=(1, 10))
+    every = np.concatenate([v.ravel() for v in grads.values()])
+    assert np.linalg.norm(every) > 100 * 0.001  # clipping would have scaled it down 100x+
+    assert metrics["grad_rms"] == pytest.approx(np.sqrt(np.mean(every ** 2)), rel=1e-4)
+    block = np.concatenate([v.ravel() for p, v in grads.items() if p[:2] == ("blocks", 1)])
+    assert metrics["grad_rms/block_01"] == pytest.approx(np.sqrt(np.mean(block ** 2)), rel=1e-4)

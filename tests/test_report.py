@@ -63,3 +63,42 @@ def test_an_unfinished_sweep_is_reported_with_its_pending_runs_counted(tmp_path,
     capsys.readouterr()
     assert cli.main(["results", sweep.out_dir]) == 0
     assert "2 runs: 1 completed, 1 pending" in capsys.readouterr().err
+
+
+def _lr_sweep(logit):
+    """A finished lr sweep (3 lrs x qk_norm x 2 seeds) as analysis.load_runs /
+    analysis.load_metrics frames: 2 blocks whose max attention logit is logit(qk_norm, step,
+    seed, block) at steps 0, 10, 20."""
+    import pandas as pd
+    runs, rows = [], []
+    for lr in (1e-3, 1e-2, 1e-1):
+        for qk in (False, True):
+            for seed in (0, 1):
+                name = f"lr={lr:g},qk={qk},seed={seed}"
+                runs.append({"run": name, "status": "completed", "final_val_loss": 3.0 + lr,
+                             "initial_loss": 4.2, "optim.lr": lr, "model.qk_norm": qk,
+                             "run.seed": seed})
+                rows += [(name, step, f"attn/block_{b:02d}/logit_max",
+                          logit(qk, step, seed, b), float(b), "attn/block/logit_max")
+                         for step in (0, 10, 20) for b in (0, 1)]
+    metrics = pd.DataFrame(rows, columns=["run", "step", "metric", "value", "layer", "family"])
+    return pd.DataFrame(runs).set_index("run", drop=False), metrics
+
+
+def test_the_logit_caption_states_what_was_measured_not_what_was_expected():
+    from normexp.report import figures
+    # a max logit that falls over training without qk-norm (block 1 is the larger one)
+    runs, metrics = _lr_sweep(lambda qk, step, seed, b: (2.0 if qk else 8.0) - step / 10
+                              + seed + b)
+    (caption,) = [c for name, _, c, _ in figures(runs, metrics) if name == "logit_max_00.png"]
+    assert "grow" not in caption and "saturat" not in caption
+    assert "At optim.lr=0.1:" in caption and "mean over seeds" in caption
+    # seed mean of the max over blocks: (8 + 1 + 9 + 1) / 2 = 9.5 at step 0, 7.5 at step 20
+    assert ("qk_norm=False: 9.5 at step 0 (the first logged), peak 9.5 at step 0, 7.5 at step "
+            "20 (the last)") in caption
+    assert "qk_norm=True: 3.5 at step 0 (the first logged), peak 3.5 at step 0" in caption
+    # and one that does grow is reported with its numbers, still without a claim of why
+    runs, metrics = _lr_sweep(lambda qk, step, seed, b: 1.0 + (0 if qk else step) + b)
+    (caption,) = [c for name, _, c, _ in figures(runs, metrics) if name == "logit_max_00.png"]
+    assert "qk_norm=False: 2 at step 0 (the first logged), peak 22 at step 20" in caption
+    assert "qk_norm=True: 2 at step 0 (the first logged), peak 2 at step 0" in caption
