@@ -14,10 +14,10 @@ import os
 from normexp import plots
 from normexp.report import png
 from normexp.rundir import write_atomic
+from normexp.lr_verdicts import judge_logit_growth, judge_qk_sensitivity
 from normexp.verdicts import (Verdict, depth_slopes, incomplete, judge_batchnorm,
                               judge_depth_slope, judge_init_gradients, judge_kurtosis,
-                              judge_leak, judge_logit_growth, judge_qk_sensitivity,
-                              judge_rmsnorm, judge_scale_invariance, judge_warmup)
+                              judge_leak, judge_rmsnorm, judge_scale_invariance, judge_warmup)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,12 +85,12 @@ def _claim_1(scale, out):
 
 
 def _claim_2(scale, out):
-    from normexp.studies import measure_warmup, warmup_overrides
+    from normexp.studies import measure_warmup, warmup_overrides, warmup_scale
     numbers = measure_warmup(scale, out)
     lr, warmup = (v for k, v in warmup_overrides(scale, "pre", True)[2:])
     yield ("Post-Norm without warmup at a high learning rate diverges or ends worse; Pre-Norm "
            "does not need the warmup"), _trained(
-        scale, f"lr {lr:g}, warmup 0 vs {warmup} steps, final val loss"), _judged(
+        warmup_scale(scale), f"lr {lr:g}, warmup 0 vs {warmup} steps, final val loss"), _judged(
         numbers, os.path.join(out, "warmup"), judge_warmup, numbers), numbers
 
 
@@ -124,14 +124,13 @@ def _claim_5(scale, out):
 
 
 def _claim_6(scale, out):
-    from normexp.studies import measure_kurtosis
+    from normexp.studies import measure_kurtosis, warmup_scale
     for placement in ("pre", "post"):
         numbers = measure_kurtosis(scale, out, placement)
         yield ("The residual stream becomes more Gaussian with depth (excess kurtosis per "
-               "block)"), _trained(scale, f"{placement.capitalize()}-Norm (the warmup study's "
-                                          f"runs with warmup), last logged step"), \
-            _judged(numbers, os.path.join(out, "warmup"), judge_kurtosis,
-                    numbers["kurtosis"]), numbers
+               "block)"), _trained(warmup_scale(scale), f"{placement.capitalize()}-Norm (the "
+                                   f"warmup study's runs with warmup), last logged step"), \
+            _judged(numbers, os.path.join(out, "warmup"), judge_kurtosis, numbers), numbers
 
 
 def _claim_7(scale, out):
@@ -146,7 +145,7 @@ def _claim_7(scale, out):
 
 def _claim_8(scale, out):
     from normexp.report import write_report
-    from normexp.studies import lr_sensitivity_sweep, measure_lr_sensitivity
+    from normexp.lr_study import lr_sensitivity_sweep, measure_lr_sensitivity
     numbers = measure_lr_sensitivity(scale, out)
     sweep = lr_sensitivity_sweep(scale, out)
     # a report of part of the sweep shows which runs are missing (it has no lr figures then)

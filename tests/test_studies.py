@@ -3,8 +3,10 @@ size (the verdicts that need a larger scale are checked in test_claims)."""
 
 import math
 
-from normexp.studies import SCALES, measure_expected_gradients, \
+from normexp import norms, verdicts
+from normexp.studies import SCALES, measure_batchnorm, measure_expected_gradients, \
     measure_init_gradients, measure_leak, measure_scale_invariance
+from normexp.verdicts import INCONCLUSIVE, NOT_SUPPORTED, SUPPORTED
 
 TINY = SCALES["tiny"]
 
@@ -40,3 +42,23 @@ def test_expected_gradients_have_a_profile_per_depth_and_the_last_block_per_seed
             assert numbers["last_w2"][placement][L] == [w[-1] for w in rows["w2"]]
             for expected, per_batch in zip(rows["w2"], rows["w2_per_batch"]):
                 assert all(0 < e <= p for e, p in zip(expected, per_batch))  # ||E g|| <= E||g||
+
+
+def test_claim_4s_one_token_half_is_measured_through_the_trained_batchnorm(tmp_path,
+                                                                           monkeypatch):
+    """It was the variance of one input row, 0 whatever BatchNorm did: now the trained model's
+    logits for batches of one token, so a BatchNorm that handled one row differently shows."""
+    numbers = measure_batchnorm(TINY, str(tmp_path))
+    assert numbers["single_train_spread"] == 0.0 and numbers["single_eval_spread"] > 1e-3
+    assert math.isfinite(numbers["single_train_loss"])
+    assert verdicts.judge_batchnorm(numbers).verdict in (SUPPORTED, INCONCLUSIVE)
+    call = norms.BatchNorm.__call__
+
+    def running_averages_for_one_row(self, x):  # what a framework might do at batch one
+        if x.shape[0] == 1:
+            self.stats.use_running_average = True
+        return call(self, x)
+    monkeypatch.setattr(norms.BatchNorm, "__call__", running_averages_for_one_row)
+    fallback = measure_batchnorm(TINY, str(tmp_path))  # the same trained run, reused
+    assert fallback["single_train_spread"] > 1e-3
+    assert verdicts.judge_batchnorm(fallback).verdict == NOT_SUPPORTED
