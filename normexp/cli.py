@@ -122,8 +122,8 @@ def cmd_report(ns):
 
 def cmd_claims(ns):
     from normexp.claims import run_claims
-    from normexp.studies import SCALES
-    scale = SCALES["quick" if ns.quick else "full"]
+    from normexp.studies import SCALES, resized
+    scale = resized(SCALES["quick" if ns.quick else "full"], ns.scale)
     out = ns.out or os.path.join("claims", scale.name)
     only = [int(n) for n in ns.only.split(",")] if ns.only else None
     results = run_claims(scale, out, only=only, echo=lambda line: print(line, file=sys.stderr))
@@ -275,10 +275,13 @@ def parser():
     cl.add_argument("--quick", action="store_true",
                     help="CPU-sized studies (minutes on 2 cores); default: the full studies, "
                          "meant for an accelerator")
-    cl.add_argument("--out", help="where runs and claims.md go (default: claims/quick or "
-                                  "claims/full)")
+    cl.add_argument("--out", help="where runs and claims.md go (default: claims/<scale>, "
+                                  "e.g. claims/quick or claims/quick-init_width=512)")
     cl.add_argument("--only", type=_claim_numbers, metavar="N[,N...]",
                     help="only these claims (numbers as in claims.md)")
+    cl.add_argument("--scale", action="append", default=[], metavar="FIELD=VALUE",
+                    help="change one size of the studies (a field of studies.Scale, e.g. "
+                         "init_width=512 or depths=6,8,10); the default --out then names it")
     cl.set_defaults(func=cmd_claims)
     pr = add("prepare", help="tokenize text, JSONL or Parquet into train.bin/val.bin/meta.json")
     pr.add_argument("paths", nargs="+", metavar="INPUT... OUT_DIR",

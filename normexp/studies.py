@@ -54,6 +54,35 @@ SCALES = {
                   depths=(6, 8, 10, 12, 14, 20, 32), grad_batches=16),
 }
 
+def resized(scale, settings):
+    """`scale` with some sizes changed, from "field=value" strings (`normexp claims --scale`):
+    an int field, or `depths` as comma-separated ints. Its name records them, so that its runs
+    go to their own directory and its table says what changed."""
+    from normexp.errors import UsageError
+    fields = {f.name: f for f in dataclasses.fields(Scale) if f.name not in ("name",
+                                                                              "lr_sweep")}
+    changes = {}
+    for text in settings:
+        key, sep, value = text.partition("=")
+        if not sep or key not in fields:
+            raise UsageError(f"--scale {text}: expected FIELD=VALUE with FIELD one of "
+                             f"{', '.join(fields)}")
+        try:
+            numbers = tuple(int(v) for v in value.split(","))
+        except ValueError:
+            numbers = ()
+        if not numbers or min(numbers) < 1 or key != "depths" and len(numbers) > 1:
+            wanted = "positive integers separated by commas" if key == "depths" else \
+                "a positive integer"
+            raise UsageError(f"--scale {text}: {key} takes {wanted}")
+        changes[key] = numbers if key == "depths" else numbers[0]
+    if not changes:
+        return scale
+    name = scale.name + "".join(f"-{k}={v if isinstance(v, int) else ','.join(map(str, v))}"
+                                for k, v in changes.items())
+    return dataclasses.replace(scale, name=name, **changes)
+
+
 # -- 1. gradient norm vs depth at initialisation (Xiong et al. 2020) --------------------------
 
 def _init_cfg(scale, layers, placement, init, seed, *more):

@@ -1,5 +1,7 @@
 import json
 import os
+import re
+import subprocess
 
 from normexp import claims, workers
 from normexp.verdicts import INCONCLUSIVE, NOT_SUPPORTED, SUPPORTED
@@ -85,3 +87,30 @@ def test_claims_command_runs_one_claim_and_rejects_bad_numbers(tmp_path):
     assert (tmp_path / "claims.md").exists()
     bad = normexp("claims", "--only", "9")
     assert bad.returncode == 2 and "expected claim numbers from 1 to 8" in bad.stderr
+    # one size changed (how README's width-512 figure is made): its own directory and title
+    resized = normexp("claims", "--quick", "--only", "5", "--scale", "d_model=32", cwd=tmp_path)
+    assert resized.returncode == 0, resized.stderr
+    table = (tmp_path / "claims" / "quick-d_model=32" / "claims.md").read_text()
+    assert table.startswith("# Claims checked by normexp (quick-d_model=32 scale)")
+    assert "32 wide" in table
+    for setting, message in (("init_widht=512", "--scale init_widht=512: expected FIELD=VALUE "
+                                                "with FIELD one of n_layer, d_model"),
+                             ("depths=6,x", "--scale depths=6,x: depths takes positive "
+                                            "integers separated by commas"),
+                             ("seeds=0", "--scale seeds=0: seeds takes a positive integer")):
+        bad = normexp("claims", "--quick", "--scale", setting, cwd=tmp_path)
+        assert bad.returncode == 2 and message in bad.stderr, bad.stderr
+        assert "Traceback" not in bad.stderr
+
+
+def test_every_readme_figure_is_made_by_the_figures_script():
+    """The README's figures were redrawn by hand once; now scripts/figures.sh makes each from
+    runs it trains, and nothing else is in docs/figures or shown from it."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = open(os.path.join(root, "scripts", "figures.sh")).read()
+    made = set(re.findall(r'"\$dest/([\w.-]+\.png)"', script))
+    shown = set(re.findall(r"\(docs/figures/([\w.-]+\.png)\)",
+                           open(os.path.join(root, "README.md")).read()))
+    assert made and made == shown == set(os.listdir(os.path.join(root, "docs", "figures")))
+    assert subprocess.run(["bash", "-n", os.path.join(root, "scripts", "figures.sh")]
+                          ).returncode == 0
