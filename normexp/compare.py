@@ -8,9 +8,8 @@ import time
 import numpy as np
 import pandas as pd
 
-from normexp import analysis, rundir
+from normexp import analysis, results, rundir
 from normexp.errors import UsageError
-from normexp.results import to_text
 
 SIDE_BY_SIDE = ("status", "steps", "final_val_loss", "best_val_loss", "tokens_per_s")
 
@@ -22,16 +21,14 @@ def _steps(row):
 
 
 def table(runs):
-    """The config keys that differ, then the summary figures: one column per run."""
+    """The config keys that differ, then the summary figures: results' table turned on its
+    side, one column per run, steps as done of planned."""
     keys = analysis.varying_keys(runs)
-    rows = {key: runs[key] for key in keys}
-    for name in SIDE_BY_SIDE:
-        rows[name] = runs.apply(_steps, axis=1) if name == "steps" else runs[name]
-    rows["tokens_per_s"] = [f"{v:,.0f}" if v == v else "-" for v in runs["tokens_per_s"]]
-    frame = pd.DataFrame(rows).T
-    frame.columns = list(runs["run"])
-    frame.insert(0, "", list(frame.index))
-    return frame, keys
+    shown = results.frame(runs, keys, SIDE_BY_SIDE)
+    shown["steps"] = runs.apply(_steps, axis=1).to_numpy()
+    side = results.cells(shown).set_index("run").T
+    side.insert(0, "", list(side.index))
+    return side, keys
 
 
 def profiles(metrics):
@@ -56,7 +53,7 @@ def compare(paths, out_dir=None):
     frame, keys = table(runs)
     lines = [f"{len(runs)} runs; " + (f"they differ in {', '.join(keys)}" if keys
                                        else "their configs are equal")]
-    lines.append(to_text(frame))
+    lines.append(results.to_text(frame))
     metrics = analysis.load_metrics(list(paths))
     found = profiles(metrics)
     found = {run: found[run] for run in runs["run"] if run in found}  # in the order given
@@ -79,7 +76,7 @@ def compare(paths, out_dir=None):
 
 
 def _value(values, i):
-    return f"{values[i]:.4g}" if i < len(values) and np.isfinite(values[i]) else "-"
+    return results.cell(float(values[i])) if i < len(values) and np.isfinite(values[i]) else "-"
 
 
 def _figure(metrics, runs, found, out_dir):

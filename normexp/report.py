@@ -4,13 +4,12 @@ embedded) and PNG figures, written atomically into one directory."""
 import base64
 import html
 import io
-import math
 import os
 
 import numpy as np
 
-from normexp import plots
-from normexp.analysis import TABLE, load_metrics, load_runs, lr_sensitivity
+from normexp import plots, results
+from normexp.analysis import load_metrics, load_runs, lr_sensitivity
 from normexp.errors import UsageError
 from normexp.rundir import DIVERGED, FINISHED, PENDING, family, write_atomic
 MAX_HEATMAPS = 8
@@ -28,14 +27,6 @@ def png(fig, dpi=DPI, format="png"):
     buffer = io.BytesIO()
     fig.savefig(buffer, format=format, dpi=dpi)
     return buffer.getvalue()
-
-
-def _cell(value):
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
 
 
 def figures(runs, metrics):
@@ -156,13 +147,10 @@ def _curve_summary(metrics, runs, by, metric):
     return out
 
 
-def table(runs):
-    """The runs table as (header, rows of text)."""
+def _table_keys(runs):
+    """The keys the runs table shows: those the figures group by, then the seed."""
     keys = [k for k in plots.setup_keys(runs) + ["run.seed"] if k in runs.columns]
-    keys = list(dict.fromkeys(k for k in keys if runs[k].astype(str).nunique() > 1))
-    header = ["run", *keys, *TABLE]
-    rows = [[_cell(row[c]) for c in header] for _, row in runs.iterrows()]
-    return header, rows
+    return list(dict.fromkeys(k for k in keys if runs[k].astype(str).nunique() > 1))
 
 
 def status_line(runs):
@@ -215,7 +203,7 @@ def write_report(path, out_dir=None, dpi=DPI, format="png"):
     if format != "png":  # vector versions beside the PNGs the pages show
         images.update({name[:-len(".png")] + f".{format}": png(fig, dpi, format)
                        for name, _, _, fig in made})
-    header, rows = table(runs)
+    header, rows = results.rows(results.frame(runs, _table_keys(runs)))
     title = f"normexp report: {os.path.basename(os.path.normpath(str(path)))}"
     written = []
     for name, content in images.items():

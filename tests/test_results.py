@@ -5,6 +5,7 @@ import sys
 import pandas as pd
 import pytest
 
+from normexp import analysis
 from normexp import config as config_lib
 from normexp import results as results_lib
 from normexp import sweep as sweep_lib
@@ -56,3 +57,44 @@ def test_results_of_a_plain_directory_of_runs_finds_the_keys_that_differ(tmp_pat
     assert list(table.columns[:3]) == ["run", "optim.lr", "status"]
     assert table[["run", "optim.lr", "status"]].values.tolist() == [
         ["1e-3", 0.001, "completed"], ["2e-3", 0.002, "completed"]]
+
+
+def test_a_value_prints_alike_wherever_it_is_missing_or_large():
+    runs = pd.DataFrame({"run": ["a", "b"], "optim.lr": [3e-3, 1e-2],
+                         "status": ["completed", "running"], "diverged_step": [float("nan")] * 2,
+                         "final_val_loss": [2.90412, float("nan")], "best_val_loss": [2.9, None],
+                         "max_grad_norm": [1e31, float("inf")],
+                         "tokens_per_s": [123456.7, float("nan")],
+                         "steps": [10000.0, float("nan")]})  # as load_runs reads them: floats
+    header, rows = results_lib.rows(results_lib.frame(runs, ["optim.lr"]))
+    assert header == ["run", "optim.lr", "status", "diverged_step", "final_val_loss",
+                      "best_val_loss", "max_grad_norm", "tokens_per_s", "steps"]
+    # a count is a whole number, not 1e+04; throughput keeps its digits, not 1.235e+05
+    assert rows == [["a", "0.003", "completed", "-", "2.904", "2.9", "1e+31", "123,457", "10000"],
+                    ["b", "0.01", "running", "-", "-", "-", "inf", "-", "-"]]
+    assert [results_lib.cell(v) for v in (None, pd.NA, float("nan"), True, 7)] == [
+        "-", "-", "-", "True", "7"]
+
+
+def test_a_run_reads_the_same_in_results_report_and_compare(study, tmp_path, monkeypatch):
+    from normexp import compare, report
+    lines = results_lib.to_text(results_lib.table(study.out_dir)).splitlines()
+    shown = {line.split()[0]: dict(zip(lines[0].split(), line.split())) for line in lines[1:]}
+    assert len(shown) == 8 and {r["final_val_loss"] for r in shown.values()} >= {"-"}
+    monkeypatch.setattr(report, "figures", lambda runs, metrics: [])  # only its table matters
+    report.write_report(study.out_dir, str(tmp_path / "report"))
+    md = (tmp_path / "report" / "report.md").read_text().splitlines()
+    table = md[md.index("## Runs") + 2:]
+    header, rows = table[0][2:-2].split(" | "), [line[2:-2].split(" | ") for line in table[2:]]
+    assert len(rows) == 8 and {"optim.lr", "run.seed", "steps"} <= set(header)
+    for row in rows:
+        assert {c: shown[row[0]][c] for c in header} == dict(zip(header, row))
+    runs = analysis.load_runs(study.out_dir)
+    paths = sorted(runs.loc[(runs["optim.lr"] == 3e-3) & (runs["run.seed"] == 0), "run_dir"])
+    lines = compare.compare(paths)[0].splitlines()
+    side = {line.split()[0]: line.split()[1:] for line in lines[2:] if line.strip()}
+    for i, name in enumerate(lines[1].split()):  # one column per run
+        for c in ("model.placement", "status", "final_val_loss", "best_val_loss",
+                  "tokens_per_s"):
+            assert side[c][i] == shown[name][c], (name, c)
+        assert side["steps"][i] == shown[name]["steps"] + "/12"  # done of planned
