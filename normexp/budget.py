@@ -24,7 +24,10 @@ inputs plus one block's activations or the logits, whichever is larger.
 import os
 import re
 
+import jax
+
 from normexp import hardware
+from normexp.config import flatten
 from normexp.errors import UsageError
 
 F32 = 4
@@ -59,7 +62,6 @@ def estimate(values, runs=1, devices=1, *, attention):
 
 def device_memory():
     """(bytes, what) of one device: an accelerator's own memory, or the host's for CPU."""
-    import jax
     device = jax.devices()[0]
     stats = device.memory_stats() if device.platform != "cpu" else None
     if stats and stats.get("bytes_limit"):
@@ -84,7 +86,6 @@ def attention(cfg, device=None):
 def check(cfg, vocab, runs=1, devices=1, memory=None, device=None):
     """Raise UsageError naming the key to lower when the run cannot fit in `memory`, a pair
     (bytes, what) that defaults to one device's; `device` picks the attention kernel."""
-    from normexp.config import flatten
     values = {**flatten(cfg), "data.vocab_size": vocab}
     kernel = attention(cfg, device)  # kept for the what-ifs below: a default may not run it
     parts = estimate(values, runs, devices, attention=kernel)
@@ -105,7 +106,6 @@ def check(cfg, vocab, runs=1, devices=1, memory=None, device=None):
 def devices_needed(cfg, vocab, runs, available, memory=None, device=None):
     """The fewest of `available` devices that hold the runs by the estimate and split the
     batch evenly: a vectorized group fills one device before another is used."""
-    from normexp.config import flatten
     values = {**flatten(cfg), "data.vocab_size": vocab}
     kernel = attention(cfg, device)
     limit, _ = memory or device_memory()

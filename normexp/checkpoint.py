@@ -97,8 +97,8 @@ class Checkpoints:
         # orbax keeps every step: `_record` deletes the old ones once a newer one is recorded
         options = ocp.CheckpointManagerOptions(max_to_keep=None, create=True,
                                                enable_async_checkpointing=background)
-        if background and not isinstance(sys.stderr, _ClosedLoopNoiseDropped):
-            sys.stderr = _ClosedLoopNoiseDropped(sys.stderr)
+        if background and isinstance(sys.stderr, StderrFilter):  # installed by the process
+            sys.stderr.saving_in_background()
         self.manager = ocp.CheckpointManager(self.directory, options=options)
         self.damaged = {}
         for name in os.listdir(self.directory):
@@ -244,8 +244,9 @@ def _writer_noise_held():
     When a write fails, orbax's writer threads, asyncio and tensorstore's callbacks print
     hundreds of traceback lines for the one failure (some after the save has raised, into an
     event loop orbax has closed), while the failure itself reaches the caller as an exception
-    and is reported there in one line. So after a failure fd 2 is left to them, pointed at
-    /dev/null, and Python's stderr goes to the real one through a filter for those tracebacks.
+    and is reported there in one line. So after a failure, in a process that installed a
+    `StderrFilter`, fd 2 is left to them, pointed at /dev/null, and the filter (Python's
+    stderr) writes to the real one, without those tracebacks (see `_quiet_failed_writers`).
     """
     sys.stderr.flush()
     real = os.dup(2)
@@ -265,30 +266,69 @@ def _writer_noise_held():
 
 
 def _quiet_failed_writers(real):
-    """After a failed save: fd 2 to /dev/null for orbax's threads, Python's stderr to `real`
-    (a duplicate of the real fd 2) through a filter for their tracebacks."""
+    """After a failed save, in a process that installed a `StderrFilter`: fd 2 to /dev/null for
+    orbax's threads, the filter's output to `real` (a duplicate of the real fd 2) and rid of
+    their tracebacks. In any other process (a notebook's, a script's) fd 2 is given back and
+    nothing else is changed: the failure still reaches the caller as an exception."""
+    if not isinstance(sys.stderr, StderrFilter):
+        os.dup2(real, 2)
+        os.close(real)
+        return
     quiet = os.open(os.devnull, os.O_WRONLY)
     os.dup2(quiet, 2)
     os.close(quiet)
-    sys.stderr = _ClosedLoopTracebacksDropped(os.fdopen(real, "w", buffering=1))
+    sys.stderr.writers_failed(real)
     logging.getLogger("asyncio").setLevel(logging.CRITICAL)  # unretrieved futures
     warnings.filterwarnings("ignore", "coroutine .* was never awaited", RuntimeWarning)
 
 
-class _ClosedLoopNoiseDropped:
-    """sys.stderr while saves run in the background: orbax's writer threads print a traceback
-    ending in "RuntimeError: Event loop is closed" for every write still in flight when one
-    fails, before the failure reaches `Checkpoints.wait`. Those are dropped; every other line
-    passes on, and a progress bar's unfinished line passes at once."""
+class StderrFilter:
+    """sys.stderr of a process that may save checkpoints in the background, installed once
+    where such a process is set up (`normexp.cli.main`, for the commands that train), never by
+    a save. It passes everything on until then; `Checkpoints` tells it what happens:
+
+    - `saving_in_background` (a `Checkpoints` with background saves opens): orbax's writer
+      threads print a traceback ending in "RuntimeError: Event loop is closed" for every write
+      still in flight when one fails, before the failure reaches `Checkpoints.wait`. Those are
+      dropped; every other line passes on, and a progress bar's unfinished line passes at once.
+    - `writers_failed` (a save failed): fd 2 now goes to /dev/null, and the filter writes to
+      the real one instead, dropping the lines of the tracebacks that orbax's threads go on
+      printing (frames, headers, "RuntimeError: Event loop is closed"), line by line, since
+      several threads print at once and their writes interleave, and passing on every other
+      line, the run's one-line error among them.
+    """
 
     FRAMES = ("  File ", "    self._check_closed()",
               "    raise RuntimeError('Event loop is closed')")
+    NOISE = ("Traceback (most recent call last)", " ", "RuntimeError: Event loop is closed")
 
     def __init__(self, stream):
         self.stream, self.partial, self.held, self.lock = stream, "", [], threading.Lock()
+        self.background = self.failed = False
+
+    def saving_in_background(self):
+        self.background = True
+
+    def writers_failed(self, real):
+        """From now on write to `real` (a file descriptor), dropping every traceback line."""
+        with self.lock:
+            if self.failed:  # fd 2 already went to /dev/null, and `real` with it
+                os.close(real)
+                return
+            self.stream = os.fdopen(real, "w", buffering=1)
+            self.partial, self.held, self.failed = "", [], True
 
     def write(self, text):
+        if not (self.background or self.failed):
+            self.stream.write(text)
+            return len(text)
         with self.lock:
+            if self.failed:
+                *lines, self.partial = (self.partial + text).split("\n")
+                for line in lines:
+                    if not line.startswith(self.NOISE):
+                        self.stream.write(line + "\n")
+                return len(text)
             if "\n" not in text and not self.partial and not self.held:
                 self.stream.write(text)
                 return len(text)
@@ -313,32 +353,6 @@ class _ClosedLoopNoiseDropped:
         for line in self.held:
             self.stream.write(line + "\n")
         self.held = []
-
-    def flush(self):
-        self.stream.flush()
-
-    def __getattr__(self, name):
-        return getattr(self.stream, name)
-
-
-class _ClosedLoopTracebacksDropped:
-    """A text stream for a process whose save failed: it drops the lines of the tracebacks that
-    orbax's threads go on printing (frames, headers, "RuntimeError: Event loop is closed"), line
-    by line, since several threads print at once and their writes interleave, and passes on
-    every other line, the run's one-line error among them."""
-
-    NOISE = ("Traceback (most recent call last)", " ", "RuntimeError: Event loop is closed")
-
-    def __init__(self, stream):
-        self.stream, self.partial, self.lock = stream, "", threading.Lock()
-
-    def write(self, text):
-        with self.lock:
-            *lines, self.partial = (self.partial + text).split("\n")
-            for line in lines:
-                if not line.startswith(self.NOISE):
-                    self.stream.write(line + "\n")
-        return len(text)
 
     def flush(self):
         self.stream.flush()

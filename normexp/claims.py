@@ -12,9 +12,14 @@ import json
 import os
 
 from normexp import plots
-from normexp.report import png
-from normexp.rundir import write_atomic
+from normexp.lr_study import lr_sensitivity_sweep, measure_lr_sensitivity
 from normexp.lr_verdicts import judge_logit_growth, judge_qk_sensitivity
+from normexp.report import png, write_report
+from normexp.rundir import write_atomic
+from normexp.studies import (measure_batchnorm, measure_expected_gradients,
+                             measure_init_gradients, measure_kurtosis, measure_leak,
+                             measure_rmsnorm, measure_scale_invariance, measure_warmup,
+                             warmup_overrides, warmup_scale)
 from normexp.verdicts import (Verdict, depth_slopes, incomplete, judge_batchnorm,
                               judge_depth_slope, judge_init_gradients, judge_kurtosis,
                               judge_leak, judge_rmsnorm, judge_scale_invariance, judge_warmup)
@@ -56,7 +61,6 @@ def _judged(numbers, where, judge, *args):
 
 
 def _claim_1(scale, out):
-    from normexp.studies import measure_expected_gradients, measure_init_gradients
     numbers = measure_expected_gradients(scale)
     depth = max(L for L in scale.depths if L <= 12)
     ratios = {p: [w2[-1] / w2[0] for w2 in numbers["profiles"][p][depth]["w2"]]
@@ -85,7 +89,6 @@ def _claim_1(scale, out):
 
 
 def _claim_2(scale, out):
-    from normexp.studies import measure_warmup, warmup_overrides, warmup_scale
     numbers = measure_warmup(scale, out)
     lr, warmup = (v for k, v in warmup_overrides(scale, "pre", True)[2:])
     yield ("Post-Norm without warmup at a high learning rate diverges or ends worse; Pre-Norm "
@@ -95,7 +98,6 @@ def _claim_2(scale, out):
 
 
 def _claim_3(scale, out):
-    from normexp.studies import measure_rmsnorm
     numbers = measure_rmsnorm(scale, out)
     yield ("Zhang & Sennrich 2019: RMSNorm reaches LayerNorm's loss at lower cost"), _trained(
         scale, "Pre-Norm, lr 3e-3; time of the train step and of the norm alone (forward + "
@@ -104,7 +106,6 @@ def _claim_3(scale, out):
 
 
 def _claim_4(scale, out):
-    from normexp.studies import measure_batchnorm
     numbers = measure_batchnorm(scale, out)
     yield ("BatchNorm: training (batch statistics) and evaluation (running averages) differ, "
            "and normalizing a single sample (batch 1, sequence 1) breaks"), (
@@ -114,7 +115,6 @@ def _claim_4(scale, out):
 
 
 def _claim_5(scale, out):
-    from normexp.studies import measure_leak
     numbers = measure_leak(scale)
     yield ("BatchNorm and InstanceNorm leak information across positions in a causal language "
            "model; LayerNorm and RMSNorm do not"), (
@@ -124,7 +124,6 @@ def _claim_5(scale, out):
 
 
 def _claim_6(scale, out):
-    from normexp.studies import measure_kurtosis, warmup_scale
     for placement in ("pre", "post"):
         numbers = measure_kurtosis(scale, out, placement)
         yield ("The residual stream becomes more Gaussian with depth (excess kurtosis per "
@@ -134,7 +133,6 @@ def _claim_6(scale, out):
 
 
 def _claim_7(scale, out):
-    from normexp.studies import measure_scale_invariance
     numbers = measure_scale_invariance(scale)
     yield ("A norm makes the weights feeding it scale-invariant, so weight decay changes only "
            "their effective learning rate"), (
@@ -144,8 +142,6 @@ def _claim_7(scale, out):
 
 
 def _claim_8(scale, out):
-    from normexp.report import write_report
-    from normexp.lr_study import lr_sensitivity_sweep, measure_lr_sensitivity
     numbers = measure_lr_sensitivity(scale, out)
     sweep = lr_sensitivity_sweep(scale, out)
     # a report of part of the sweep shows which runs are missing (it has no lr figures then)

@@ -20,6 +20,11 @@ DESCRIPTION = ("Train and compare normalization layers in transformers with nine
                "(figures and tables of runs), claims (published claims about norms, tested), "
                "prepare (tokenize your own corpus) and bench (compile and step times).")
 
+# The commands that train, in this process or in the --worker processes they start (`sweep
+# --worker`: `normexp.workers`), and so may save checkpoints in the background: their process
+# gets the stderr filter that a failed background save needs (`checkpoint.StderrFilter`).
+TRAINING = ("train", "sweep", "claims")
+
 # A first argument like this is a forgotten `=`, not a config file name.
 _DOTTED_KEY = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+")
 # An override starts with its key; a path with `=` in it (a sweep's run, `lr=0.001,seed=0/`)
@@ -28,19 +33,22 @@ _OVERRIDE = re.compile(r"[A-Za-z_][\w.]*=")
 
 
 def _split_config_args(args):
-    """[CONFIG.yaml] [dotted.key=value ...] -> (path or None, overrides)."""
-    path = None
-    if args and (not _OVERRIDE.match(args[0]) or os.path.isfile(args[0])):
-        path, args = args[0], args[1:]
-        if (_DOTTED_KEY.fullmatch(path) and not path.lower().endswith((".yaml", ".yml"))
-                and not os.path.exists(path)):
-            raise UsageError(f"{path!r}: expected dotted.key=value (e.g. model.n_layer=8); "
-                             f"a config file ends in .yaml")
+    """[CONFIG.yaml] [dotted.key=value ...] -> (path or None, overrides). The config file may
+    stand anywhere among the overrides, which apply over it in their order."""
+    path, overrides = None, []
     for arg in args:
-        if "=" not in arg:
-            raise UsageError(f"{arg!r}: expected dotted.key=value after the config file "
+        if _OVERRIDE.match(arg) and not os.path.isfile(arg):
+            overrides.append(arg)
+            continue
+        if (_DOTTED_KEY.fullmatch(arg) and not arg.lower().endswith((".yaml", ".yml"))
+                and not os.path.exists(arg)):
+            raise UsageError(f"{arg!r}: expected dotted.key=value (e.g. model.n_layer=8); "
+                             f"a config file ends in .yaml")
+        if path is not None:
+            raise UsageError(f"{arg!r}: expected dotted.key=value beside the config file "
                              f"(only one CONFIG.yaml may be given)")
-    return path, list(args)
+        path = arg
+    return path, overrides
 
 
 def _load(args):
@@ -206,6 +214,33 @@ def _positive(text):
     return value
 
 
+class _Parser(argparse.ArgumentParser):
+    """An error is one line on stderr (exit 2), as every other usage error is, pointing to the
+    --help that lists the options (argparse's own usage line before it was the top level's for
+    an unknown option, whatever the command)."""
+
+    def error(self, message):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class _CommandParser(_Parser):
+    """A command's parser: options and positionals mix in any order, so `train CONFIG
+    --overwrite key=value` is `train --overwrite CONFIG key=value` (argparse's intermixed
+    parsing; with a `--` among the arguments its plain parsing, which treats `--` right)."""
+
+    _intermixing = False
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = sys.argv[1:] if args is None else list(args)
+        if self._intermixing or "--" in args:  # the intermixed parse's own two passes
+            return super().parse_known_args(args, namespace)
+        self._intermixing = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._intermixing = False
+
+
 class _Version(argparse.Action):
     """--version, looked up only when asked for: the metadata scan costs every other command."""
 
@@ -226,14 +261,16 @@ class _Version(argparse.Action):
 def parser():
     # allow_abbrev=False everywhere: a prefix such as --o would otherwise mean --overwrite and
     # delete a run, and any later option sharing the prefix would change what it means.
-    p = argparse.ArgumentParser(prog="normexp", description=DESCRIPTION, allow_abbrev=False,
-                                epilog="`normexp COMMAND --help` lists a command's options.")
+    p = _Parser(prog="normexp", description=DESCRIPTION, allow_abbrev=False,
+                epilog="`normexp COMMAND --help` lists a command's options.")
     p.add_argument("--version", action=_Version)
-    sub = p.add_subparsers(dest="command", required=True, title="commands", metavar="COMMAND")
+    sub = p.add_subparsers(dest="command", required=True, title="commands", metavar="COMMAND",
+                           parser_class=_CommandParser)
     add = functools.partial(sub.add_parser, allow_abbrev=False)
     t = add("train", help="train one run")
     t.add_argument("config", nargs="*", metavar="[CONFIG.yaml] [key=value]",
-                   help="a YAML config (default: built-in defaults) then dotted overrides")
+                   help="a YAML config (default: built-in defaults) and dotted overrides, "
+                        "applied over it in their order")
     t.add_argument("--resume", action="store_true", help="continue an existing run directory")
     t.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     t.set_defaults(func=cmd_train)
@@ -317,7 +354,15 @@ def main(argv=None):
     if argv is None:  # run as a program: pick the allocator before jax is imported
         from normexp.allocator import reexec_with_fast_allocator
         reexec_with_fast_allocator()
-    ns = parser().parse_args(argv)
+    top = parser()
+    ns, unknown = top.parse_known_args(argv)
+    if unknown:  # named by the command's parser, whose --help lists its options
+        (sub,) = [a for a in top._actions if isinstance(a, argparse._SubParsersAction)]
+        sub.choices[ns.command].error(f"unrecognized arguments: {' '.join(unknown)}")
+    if ns.command in TRAINING:  # every process that may save in the background comes here
+        from normexp.checkpoint import StderrFilter
+        if not isinstance(sys.stderr, StderrFilter):
+            sys.stderr = StderrFilter(sys.stderr)
     try:
         if ns.command == "train":
             from normexp.parallel import initialize_distributed

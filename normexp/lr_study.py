@@ -8,7 +8,10 @@ import os
 
 import numpy as np
 
+from normexp import analysis
+from normexp import sweep as sweep_lib
 from normexp.completeness import completeness
+from normexp.rundir import block_metric, family, read_metrics
 
 LR_SWEEP = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
                         "sweeps", "lr_sensitivity.yaml")
@@ -17,14 +20,12 @@ SETUP = ("model.placement", "model.d_model", "model.qk_norm")
 
 def lr_sensitivity_sweep(scale, out):
     """The shipped sweep file at this scale, its runs under `<out>/lr_sensitivity`."""
-    from normexp import sweep as sweep_lib
     return sweep_lib.load(LR_SWEEP, os.path.join(out, "lr_sensitivity"),
                           settings=(("seeds", scale.seeds), *scale.lr_sweep))
 
 
 def measure_lr_sensitivity(scale, out, max_parallel=2):
     """Run the sweep (two processes, one core each: see `workers.worker_cores`) and read it."""
-    from normexp import sweep as sweep_lib
     sweep = lr_sensitivity_sweep(scale, out)
     if sweep_lib.run(sweep, max_parallel=max_parallel, progress=False) > 128:
         raise KeyboardInterrupt  # a stop request: the claims stop too (the runs resume)
@@ -40,8 +41,6 @@ def lr_sensitivity_numbers(path):
     max attention logit (max over blocks) at the logged steps, for the judge of logit growth.
     Returns {"sensitivity": {placement: {width: {qk_norm: {seed: value}}}}, "runs": {placement:
     [run]}, "table": the seed-averaged `analysis.lr_sensitivity` rows}."""
-    from normexp import analysis
-    from normexp.rundir import block_metric, family, read_metrics
     runs = analysis.load_runs(path)
     sensitivity, trajectories = {}, {}
     per_seed = analysis.lr_sensitivity(runs, by=[*SETUP, "run.seed"])

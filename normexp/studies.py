@@ -10,10 +10,25 @@ import dataclasses
 import functools
 import math
 import os
+import time
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
+from normexp import config as config_lib
+from normexp import data as data_lib
+from normexp.bench import compile_variant, time_alternating
+from normexp.checkpoint import Checkpoints
 from normexp.completeness import completeness, final_losses
+from normexp.errors import UsageError
+from normexp.metrics import gradient_expectation, path_names
+from normexp.model import evaluation_view
+from normexp.norms import make_norm
+from normexp.rundir import block_metric, family, read_metrics
+from normexp.step import init_state, loss_fn, make_grad_step, make_train_step
+from normexp.train import run_group
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +73,6 @@ def resized(scale, settings):
     """`scale` with some sizes changed, from "field=value" strings (`normexp claims --scale`):
     an int field, or `depths` as comma-separated ints. Its name records them, so that its runs
     go to their own directory and its table says what changed."""
-    from normexp.errors import UsageError
     fields = {f.name: f for f in dataclasses.fields(Scale) if f.name not in ("name",
                                                                               "lr_sweep")}
     changes = {}
@@ -87,7 +101,6 @@ def resized(scale, settings):
 
 def _init_cfg(scale, layers, placement, init, seed, *more):
     """Claim 1's models: 4 heads, `init`, the final norm only under Pre-LN."""
-    from normexp import config as config_lib
     return config_lib.build({}, [
         ("model.n_layer", layers), ("model.d_model", scale.init_width), ("model.n_head", 4),
         ("model.placement", placement), ("model.init", init),
@@ -97,10 +110,6 @@ def _init_cfg(scale, layers, placement, init, seed, *more):
 
 def measure_init_gradients(scale, init):
     """Per-block gradient norms of the first train step (before any update), per seed."""
-    import jax
-    from normexp import data as data_lib
-    from normexp.rundir import family
-    from normexp.step import init_state, make_train_step
     corpus = data_lib.load_corpus("", 0, scale.seq_len)
     ratios, profiles = {}, {}
     for placement in ("pre", "post"):
@@ -123,9 +132,6 @@ def measure_expected_gradients(scale):
     each depth in `scale.depths`, per seed; Xavier init and ReLU as in the paper, the final
     norm only under Pre-LN. Returns {"profiles": {placement: {L: {"w1": [seed][block],
     "w2": ..., "w2_per_batch": ...}}}, "last_w2": {placement: {L: [seed]}}}."""
-    from normexp import data as data_lib
-    from normexp.metrics import gradient_expectation
-    from normexp.step import init_state, make_grad_step
     corpus = data_lib.load_corpus("", 0, scale.seq_len)
     profiles, last = {}, {}
     for placement in ("pre", "post"):
@@ -153,7 +159,6 @@ def measure_expected_gradients(scale):
 # -- 2. Post-Norm needs warmup, Pre-Norm does not --------------------------------------------
 
 def _train_cfgs(scale, out, study, overrides):
-    from normexp import config as config_lib
     cfgs = []
     for seed in range(scale.seeds):
         name = ",".join(f"{k.split('.')[-1]}={v}" for k, v in overrides) + f",seed={seed}"
@@ -171,7 +176,6 @@ def _train_cfgs(scale, out, study, overrides):
 
 def train_seeds(scale, out, study, overrides):
     """Train (or reuse) one vectorized group of seeds; returns their summaries, with run_dir."""
-    from normexp.train import run_group
     cfgs = _train_cfgs(scale, out, study, overrides)
     return [{**s, "run_dir": c.run.dir} for c, s in zip(cfgs, run_group(cfgs, resume=True))]
 
@@ -193,7 +197,6 @@ def warmup_scale(scale):
 
 
 def measure_warmup(scale, out):
-    from normexp import data as data_lib
     runs = {p: {w: train_seeds(warmup_scale(scale), out, "warmup", warmup_overrides(
         scale, p, w == "warmup")) for w in ("none", "warmup")} for p in ("post", "pre")}
     return {"losses": {p: {w: final_losses(r) for w, r in by.items()} for p, by in runs.items()},
@@ -205,12 +208,6 @@ def measure_warmup(scale, out):
 
 def _time_norm_ops(scale, repeats=7):
     """Median time of forward + backward of each norm alone on [N, C] rows, alternating."""
-    import time
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-    from normexp import config as config_lib
-    from normexp.norms import make_norm
     n, c = 4 * scale.batch_size * scale.seq_len, 4 * scale.d_model
     x = jax.random.normal(jax.random.key(0), (n, c))
     fns, times = {}, {}
@@ -233,8 +230,6 @@ def _time_norm_ops(scale, repeats=7):
 
 
 def measure_rmsnorm(scale, out):
-    from normexp import data as data_lib
-    from normexp.bench import compile_variant, time_alternating
     losses, cfgs, dirs = {}, {}, []
     for kind in ("layernorm", "rmsnorm"):
         overrides = [("model.norm.kind", kind), ("optim.lr", 3e-3)]
@@ -257,13 +252,6 @@ def measure_batchnorm(scale, out):
     """A trained BatchNorm model: its loss with batch statistics and with running averages on a
     validation batch; and on batches of one token (each of that batch's first tokens alone,
     [1, 1]), how much its logits differ between tokens and its loss, in both modes."""
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-    from normexp import data as data_lib
-    from normexp.checkpoint import Checkpoints
-    from normexp.model import evaluation_view
-    from normexp.step import init_state, loss_fn
     overrides = [("model.norm.kind", "batchnorm"), ("optim.lr", 3e-3)]
     scale = dataclasses.replace(scale, seeds=1)
     cfg = _train_cfgs(scale, out, "batchnorm", overrides)[0]
@@ -305,11 +293,6 @@ def measure_batchnorm(scale, out):
 
 def measure_leak(scale):
     """Change the tokens after position t; how much do the logits at positions <= t move?"""
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-    from normexp import config as config_lib
-    from normexp.step import init_state
     T, t = scale.seq_len, scale.seq_len // 2
     x = jax.random.randint(jax.random.key(0), (scale.batch_size, T), 0, 256)
     changed = x.at[:, t + 1:].set((x[:, t + 1:] + 101) % 256)
@@ -331,8 +314,6 @@ def measure_kurtosis(scale, out, placement):
     """Excess kurtosis per block at the last logged step of the warmup study's runs with warmup
     (trained here if they are not there yet), mean over seeds; with their final losses, for the
     judge to refuse runs that did not train."""
-    from normexp import data as data_lib
-    from normexp.rundir import block_metric, family, read_metrics
     runs = train_seeds(warmup_scale(scale), out, "warmup", warmup_overrides(
         scale, placement, warmup=True))
     dirs = [r["run_dir"] for r in runs]
@@ -352,12 +333,6 @@ def measure_kurtosis(scale, out, placement):
 def measure_scale_invariance(scale, factors=(0.5, 2.0, 10.0)):
     """A Pre-Norm model with per-head QK-norm: q = N(W_q x + b_q) is invariant to (W_q, b_q) ->
     c (W_q, b_q), and so is k; the MLP's input projection is the control."""
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-    from normexp import config as config_lib, data as data_lib
-    from normexp.metrics import path_names
-    from normexp.step import init_state, loss_fn
     C = scale.d_model
     cfg = config_lib.build({}, [("model.n_layer", scale.n_layer), ("model.d_model", C),
                                 ("model.n_head", 2), ("model.qk_norm", "per_head"),

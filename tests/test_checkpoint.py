@@ -1,3 +1,4 @@
+import io
 import os
 import shutil
 import subprocess
@@ -7,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from normexp.checkpoint import RECORD, Checkpoints, damage
+from normexp import cli
+from normexp.checkpoint import RECORD, Checkpoints, StderrFilter, damage
 
 from conftest import TINY, normexp
 from test_train import KILLER, train_records
@@ -127,3 +129,108 @@ def test_no_intact_checkpoint_is_an_error_and_nothing_is_moved(killed_run, tmp_p
     assert resumed.stderr.count("\n") == 1 and "no intact checkpoint" in resumed.stderr
     assert sorted(os.listdir(broken / "checkpoints")) == ["4", "8"]
     assert not os.path.exists(broken / "checkpoints_damaged")
+
+
+# --- the stderr filter a failed background save needs: installed where the process is set up --
+
+NOISE = ("Traceback (most recent call last):\n"
+         '  File "/orbax/async.py", line 7, in _write\n'
+         "    self._check_closed()\n"
+         '  File "/asyncio/base_events.py", line 520, in _check_closed\n'
+         "    raise RuntimeError('Event loop is closed')\n"
+         "RuntimeError: Event loop is closed\n")
+OTHER = ("Traceback (most recent call last):\n"
+         '  File "/normexp/train.py", line 3, in run\n'
+         "ValueError: a real error\n")
+
+
+def test_the_filter_passes_everything_until_background_saves_start():
+    stream = io.StringIO()
+    stderr = StderrFilter(stream)
+    for text in ("step 3", "\rstep 4", "\n", NOISE, OTHER):
+        stderr.write(text)
+    assert stream.getvalue() == "step 3\rstep 4\n" + NOISE + OTHER
+
+
+def test_with_background_saves_it_drops_the_closed_loop_tracebacks_only():
+    stream = io.StringIO()
+    stderr = StderrFilter(stream)
+    stderr.saving_in_background()
+    stderr.write("\r 40%|####")  # a progress bar's unfinished line passes at once
+    assert stream.getvalue() == "\r 40%|####"
+    for line in (NOISE + "a warning\n" + NOISE + OTHER).splitlines(keepends=True):
+        stderr.write(line)
+    stderr.write("half a li")
+    stderr.write("ne\n")
+    assert stream.getvalue() == "\r 40%|####" + "a warning\n" + OTHER + "half a line\n"
+
+
+def test_after_a_failed_save_it_writes_to_the_real_fd_without_any_traceback():
+    read, write = os.pipe()
+    stream = io.StringIO()
+    stderr = StderrFilter(stream)
+    stderr.saving_in_background()
+    stderr.write("before\n")
+    stderr.writers_failed(write)
+    for text in (NOISE, OTHER, "normexp: error: /r/c: File too large (errno 27)\n"):
+        stderr.write(text)
+    stderr.writers_failed(os.dup(read))  # a second failure: fd 2 already went to /dev/null
+    stderr.write("after\n")
+    stderr.stream.close()
+    with os.fdopen(read) as f:  # line by line: the exception's own line is not a traceback's
+        assert f.read() == ("ValueError: a real error\n"
+                            "normexp: error: /r/c: File too large (errno 27)\nafter\n")
+    assert stream.getvalue() == "before\n"
+
+
+@pytest.mark.parametrize("command, installed", [("train", True), ("sweep", True),
+                                                 ("claims", True), ("ls", False)])
+def test_the_filter_is_installed_by_the_commands_that_train(tmp_path, monkeypatch, command,
+                                                            installed):
+    monkeypatch.setattr(sys, "stderr", io.StringIO())  # and back after the test
+    monkeypatch.chdir(tmp_path)
+    args = {"train": ["model.n_layer"], "sweep": ["missing.yaml"],
+            "claims": ["--only", "1", "--scale", "x=1"], "ls": ["."]}[command]
+    cli.main([command, *args])  # each stops at once, most with a usage error
+    assert isinstance(sys.stderr, StderrFilter) is installed
+    if installed:  # once per process, passing on what the command said
+        cli.main([command, *args])
+        assert not isinstance(sys.stderr.stream, StderrFilter)
+        assert "error" in sys.stderr.stream.getvalue()
+
+
+def test_checkpoints_never_replace_sys_stderr(tmp_path, monkeypatch):
+    stream = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stream)
+    Checkpoints(str(tmp_path / "a"), 1, background=True).close()
+    assert sys.stderr is stream  # a library caller's stderr is its own
+    stderr = StderrFilter(stream)
+    monkeypatch.setattr(sys, "stderr", stderr)
+    Checkpoints(str(tmp_path / "b"), 1, background=False).close()
+    assert sys.stderr is stderr and not stderr.background
+    Checkpoints(str(tmp_path / "c"), 1, background=True).close()
+    assert sys.stderr is stderr and stderr.background  # the process's filter, told
+
+
+FAILING_SAVE = '''
+import resource, signal, sys
+import jax.numpy as jnp
+from normexp.checkpoint import Checkpoints
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
+stderr = sys.stderr
+checkpoints = Checkpoints(sys.argv[1], 1, background=True)
+resource.setrlimit(resource.RLIMIT_FSIZE, (1000, 1000))
+try:
+    checkpoints.save(1, {"w": jnp.ones(100_000)})
+    checkpoints.wait()
+except OSError as e:
+    print("failed:", e.strerror, file=sys.stderr)
+print("same stderr:", sys.stderr is stderr, file=sys.stderr)
+'''
+
+
+def test_a_failed_background_save_leaves_a_library_callers_stderr_alone(tmp_path):
+    done = subprocess.run([sys.executable, "-c", FAILING_SAVE, str(tmp_path / "c")],
+                          capture_output=True, text=True, timeout=120)
+    lines = done.stderr.splitlines()
+    assert "failed: File too large" in lines and "same stderr: True" in lines, done.stderr

@@ -109,3 +109,51 @@ def test_a_sweep_runs_config_path_with_equals_signs_is_a_config(study):
     assert done.returncode == 0, done.stderr
     status = json.load(open(os.path.join(run.cfg.run.dir, "summary.json")))["status"]
     assert f": {status}" in done.stdout and "nothing to do" in done.stderr
+
+
+def test_options_and_overrides_mix_in_any_order(tmp_path):
+    config, run_dir = _existing_run(tmp_path)
+    done = normexp("train", config, "--overwrite", "train.steps=3", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 3
+    assert not (run_dir / "keep").exists()
+    again = normexp("train", "train.steps=3", "--resume", config, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert "nothing to do" in again.stderr
+
+
+def test_a_bad_option_among_overrides_is_one_line_and_touches_nothing(tmp_path):
+    config, run_dir = _existing_run(tmp_path)
+    result = normexp("train", config, "--overwrit", "train.steps=3", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.startswith("normexp train: error: unrecognized arguments: --overwrit")
+    assert "normexp train --help" in result.stderr
+    assert sorted(os.listdir(run_dir)) == ["config.yaml", "keep"]
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["train", "c.yaml", "--overwrite", "a.b=1"], {"config": ["c.yaml", "a.b=1"],
+                                                   "overwrite": True}),
+    (["train", "a.b=1", "--resume", "c.yaml"], {"config": ["a.b=1", "c.yaml"], "resume": True}),
+    (["sweep", "--set", "a.b=1", "--dry-run", "s.yaml"], {"sweep_file": "s.yaml",
+                                                          "set": ["a.b=1"], "dry_run": True}),
+    (["sweep", "--dry-run", "s.yaml", "--set", "a.b=1", "seeds=2", "--shard", "1/2"],
+     {"sweep_file": "s.yaml", "set": ["a.b=1", "seeds=2"], "shard": "1/2"}),
+    (["report", "r1", "--out", "o", "r2"], {"path": ["r1", "r2"], "out": "o"}),
+    (["compare", "r1", "--out", "o", "r2"], {"runs": ["r1", "r2"], "out": "o"}),
+    (["prepare", "in.txt", "--tokenizer", "bpe:300", "out"], {"paths": ["in.txt", "out"]}),
+    (["bench", "c.yaml", "--quick", "a.b=1"], {"config": ["c.yaml", "a.b=1"], "quick": True}),
+])
+def test_every_command_takes_options_between_its_positionals(args, expected):
+    ns = cli.parser().parse_args(args)
+    assert {k: getattr(ns, k) for k in expected} == expected
+
+
+def test_the_config_file_may_follow_its_overrides(tmp_path):
+    assert cli._split_config_args(["a.b=1", "c.yaml", "d.e=2"]) == ("c.yaml", ["a.b=1", "d.e=2"])
+    with pytest.raises(UsageError, match="'d.yaml': expected dotted.key=value beside the config "
+                                         r"file \(only one CONFIG.yaml may be given\)"):
+        cli._split_config_args(["a.b=1", "c.yaml", "d.yaml"])
+    with pytest.raises(UsageError, match="'model.n_layer': expected dotted.key=value"):
+        cli._split_config_args(["c.yaml", "model.n_layer"])
