@@ -22,27 +22,6 @@ def test_default_yaml_is_the_built_in_default():
     assert load(os.path.join(ROOT, "configs", "default.yaml")) == Config()
 
 
-def test_overrides_are_parsed_to_the_field_type():
-    cfg = load(None, ["optim.lr=3e-3", "model.n_layer=8", "optim.clip_norm=0",
-                      "log.grad_norms=false", "run.name=123", "model.norm.kind=rmsnorm"])
-    assert cfg.optim.lr == 0.003 and isinstance(cfg.optim.lr, float)
-    assert cfg.model.n_layer == 8 and cfg.optim.clip_norm == 0.0
-    assert cfg.log.grad_norms is False and cfg.run.name == "123"
-    assert cfg.model.norm.kind == "rmsnorm"
-
-
-def test_an_older_spelling_reads_as_its_value(tmp_path):
-    """model.qk_norm was a bool: run directories and sweep files from then still load."""
-    assert load(None, ["model.qk_norm=true"]).model.qk_norm == "per_head"
-    assert load(None, ["model.qk_norm=False"]).model.qk_norm == "off"
-    path = tmp_path / "old.yaml"
-    path.write_text("model:\n  qk_norm: true\n")
-    assert load(str(path)).model.qk_norm == "per_head"
-    with pytest.raises(UsageError, match="model.qk_norm: must be one of off, per_head, shared, "
-                                         "got 'yes please'"):
-        load(None, ["model.qk_norm=yes please"])
-
-
 def test_config_is_frozen():
     cfg = load()
     with pytest.raises(AttributeError):
