@@ -229,7 +229,9 @@ class GPT(nnx.Module):
     """Token + learned position embeddings (optionally normalized), n_layer blocks, optional
     final norm, tied head."""
 
-    def __init__(self, cfg, *, vocab_size, max_len, remat=None, rngs):
+    def __init__(self, cfg, *, vocab_size, max_len, kernels, remat=None, rngs):
+        """kernels: what normexp.hardware chose for the device, `model_choices`'s
+        {"attention": Choice, "custom_grads": Choice}, resolved once by the caller."""
         std, L, C = cfg.init_std, cfg.n_layer, cfg.d_model
         place = PLACEMENTS[cfg.placement]
         # GPT-2's 1/sqrt(2L) residual init; DeepNet replaces it with its own gain (in Block)
@@ -243,7 +245,6 @@ class GPT(nnx.Module):
         # remat only saves memory between the iterations of a real loop
         shallow = L <= AUTO_UNROLL_MAX and remat is None
         self.unroll = cfg.scan_unroll or (L if shallow else 1)
-        kernels = hardware.model_choices(cfg, max_len)  # attention kernel, custom gradients
         attention, custom_grad = kernels["attention"].value, kernels["custom_grads"].value
         weight_norm = cfg.weight_norm or NORMS[cfg.norm.kind].weight_normalized_kernels
 
@@ -374,6 +375,9 @@ def evaluation_view(model):
     return nnx.view(model, use_running_average=True, raise_if_not_found=False)
 
 
-def make_model(cfg, *, vocab_size, max_len, seed, remat=None):
+def make_model(cfg, *, vocab_size, max_len, seed, remat=None, kernels=None):
+    """kernels: the hardware choices a run made (`hardware.model_choices`); by default this
+    device's, resolved here."""
     return GPT(cfg, vocab_size=vocab_size, max_len=max_len, remat=remat,
+               kernels=kernels or hardware.model_choices(cfg, max_len),
                rngs=nnx.Rngs(params=seed))

@@ -32,10 +32,12 @@ def loss_fn(logits_NxV, targets_BxT):
         logits_NxV.astype(jnp.float32), targets_N).mean()
 
 
-def init_state(cfg, vocab_size):
-    """(graphdef, optimizer, state) for a fresh run."""
+def init_state(cfg, vocab_size, kernels=None):
+    """(graphdef, optimizer, state) for a fresh run; kernels: the run's hardware choices
+    (default: this device's, see `model.make_model`)."""
     model = make_model(cfg.model, vocab_size=vocab_size, max_len=cfg.data.seq_len,
-                       seed=cfg.run.seed, remat=cfg.train.remat_policy if cfg.train.remat else None)
+                       seed=cfg.run.seed, remat=cfg.train.remat_policy if cfg.train.remat else None,
+                       kernels=kernels)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     tx = make_optimizer(cfg.optim, cfg.train.steps)
     state = {"params": params, "rest": rest, "opt": tx.init(params),

@@ -201,7 +201,7 @@ def _train(members, corpus, stop, chosen, *, resume):
     B, T = cfg.train.batch_size, cfg.data.seq_len
     states = []
     for m in members:
-        graphdef, tx, state = init_state(m.cfg, corpus.vocab_size)
+        graphdef, tx, state = init_state(m.cfg, corpus.vocab_size, kernels=chosen)
         m.checkpoints = Checkpoints(os.path.join(m.dir, "checkpoints"),
                                     cfg.train.keep_checkpoints, primary=is_primary(),
                                     background=chosen["async_checkpoints"].value)
