@@ -194,9 +194,10 @@ def status(run_dir, probe=False):
 
 
 def record_failure(run_dir, error):
-    """Mark a run whose training raised `failed` in its summary.json (if it is a run yet)."""
-    summary = {"status": FAILED, "error": f"{type(error).__name__}: {error}",
-               "run_dir": os.path.abspath(run_dir)}
+    """Mark a run whose training raised `failed` in its summary.json (if it is a run yet),
+    keeping what the summary already said (its steps, the `history` of earlier attempts)."""
+    summary = {**(read_summary(run_dir) if is_run(run_dir) else {}), "status": FAILED,
+               "error": f"{type(error).__name__}: {error}", "run_dir": os.path.abspath(run_dir)}
     if is_run(run_dir):
         write_summary(run_dir, summary)
     return summary

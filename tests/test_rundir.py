@@ -92,6 +92,13 @@ def test_status_reads_the_directory_and_a_failure_is_recorded_in_the_summary(tmp
     assert summary["error"] == "ValueError: boom"
     assert rundir.read_config(run_dir)["run.name"] == "x"
     assert set(rundir.FINISHED) < set(rundir.STATUSES)
+    # a run that had trained and been resumed before: its steps and history are kept
+    earlier = [{"status": "interrupted", "steps": 4, "signal": "SIGTERM"}]
+    rundir.write_summary(run_dir, {"status": "running", "steps": 4, "history": earlier})
+    rundir.record_failure(run_dir, RuntimeError("worker died"))
+    assert rundir.read_summary(run_dir) == {"status": "failed", "steps": 4, "history": earlier,
+                                            "error": "RuntimeError: worker died",
+                                            "run_dir": os.path.abspath(run_dir)}
 
 
 def test_metrics_lines_write_nan_as_null_and_a_truncated_line_is_skipped(tmp_path):
