@@ -3,10 +3,13 @@ import os
 import re
 import subprocess
 
+import pytest
+
 from normexp import claims, workers
-from normexp.verdicts import INCONCLUSIVE, NOT_SUPPORTED, SUPPORTED
+from normexp.errors import UsageError
 from normexp.lr_study import lr_sensitivity_sweep
-from normexp.studies import SCALES
+from normexp.studies import SCALES, resized
+from normexp.verdicts import INCONCLUSIVE, NOT_SUPPORTED, SUPPORTED
 
 from conftest import normexp
 
@@ -80,27 +83,36 @@ def test_claims_check_a_sweep_that_trained_nothing_before_judging_it(tmp_path, m
     assert missing in open(os.path.join(out, "claims.md")).read()
 
 
-def test_claims_command_runs_one_claim_and_rejects_bad_numbers(tmp_path):
-    done = normexp("claims", "--quick", "--only", "5", "--out", str(tmp_path))
+def test_claims_command_runs_one_claim_at_a_changed_size_and_rejects_bad_numbers(tmp_path):
+    # one size changed (how README's width-512 figure is made): its own directory and title
+    done = normexp("claims", "--quick", "--only", "5", "--scale", "d_model=32", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert "verdict:  SUPPORTED" in done.stdout
-    assert (tmp_path / "claims.md").exists()
-    bad = normexp("claims", "--only", "9")
-    assert bad.returncode == 2 and "expected claim numbers from 1 to 8" in bad.stderr
-    # one size changed (how README's width-512 figure is made): its own directory and title
-    resized = normexp("claims", "--quick", "--only", "5", "--scale", "d_model=32", cwd=tmp_path)
-    assert resized.returncode == 0, resized.stderr
     table = (tmp_path / "claims" / "quick-d_model=32" / "claims.md").read_text()
     assert table.startswith("# Claims checked by normexp (quick-d_model=32 scale)")
     assert "32 wide" in table
+    bad = normexp("claims", "--only", "9")
+    assert bad.returncode == 2 and "expected claim numbers from 1 to 8" in bad.stderr
+    bad = normexp("claims", "--quick", "--scale", "init_widht=512", cwd=tmp_path)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1, bad.stderr
+    assert "--scale init_widht=512: expected FIELD=VALUE with FIELD one of n_layer, d_model" \
+        in bad.stderr
+
+
+def test_a_bad_scale_setting_names_the_field_and_what_it_takes():
     for setting, message in (("init_widht=512", "--scale init_widht=512: expected FIELD=VALUE "
                                                 "with FIELD one of n_layer, d_model"),
+                             ("seq_len", "--scale seq_len: expected FIELD=VALUE"),
                              ("depths=6,x", "--scale depths=6,x: depths takes positive "
                                             "integers separated by commas"),
-                             ("seeds=0", "--scale seeds=0: seeds takes a positive integer")):
-        bad = normexp("claims", "--quick", "--scale", setting, cwd=tmp_path)
-        assert bad.returncode == 2 and message in bad.stderr, bad.stderr
-        assert "Traceback" not in bad.stderr
+                             ("seeds=0", "--scale seeds=0: seeds takes a positive integer"),
+                             ("seeds=2,3", "--scale seeds=2,3: seeds takes a positive integer")):
+        with pytest.raises(UsageError, match=re.escape(message)):
+            resized(SCALES["quick"], [setting])
+    assert resized(SCALES["quick"], []) is SCALES["quick"]
+    wider = resized(SCALES["quick"], ["init_width=512", "depths=6,8"])
+    assert (wider.name, wider.init_width, wider.depths) == ("quick-init_width=512-depths=6,8",
+                                                            512, (6, 8))
 
 
 def test_every_readme_figure_is_made_by_the_figures_script():

@@ -3,17 +3,13 @@ import os
 import nbformat
 from nbclient import NotebookClient
 
-from normexp import sweep as sweep_lib
-
-from conftest import ROOT, write_sweep
+from conftest import ROOT
 
 
-def test_the_analysis_notebook_executes_on_a_tiny_sweep(tmp_path, monkeypatch):
-    sweep = sweep_lib.load(write_sweep(tmp_path, grid={"model.placement": ["pre", "post"],
-                                                       "optim.lr": [3e-3, 1e30]},
-                                       seeds=2, vectorize="seeds"))
-    assert sweep_lib.run(sweep, progress=False) == 0
-    monkeypatch.setenv("NORMEXP_SWEEP", sweep.out_dir)
+def test_the_analysis_notebook_executes_on_a_tiny_sweep(study, tmp_path, monkeypatch):
+    """On the session's finished sweep (conftest.study), which it only reads."""
+    before = sorted(os.walk(study.out_dir))
+    monkeypatch.setenv("NORMEXP_SWEEP", study.out_dir)
     notebook = nbformat.read(os.path.join(ROOT, "notebooks", "analysis.ipynb"), as_version=4)
     NotebookClient(notebook, timeout=300, kernel_name="python3",
                    resources={"metadata": {"path": str(tmp_path)}}).execute()
@@ -23,3 +19,4 @@ def test_the_analysis_notebook_executes_on_a_tiny_sweep(tmp_path, monkeypatch):
     assert len(images) == 7  # 2 loss curves, 2 gradient profiles, 2 heatmaps, 1 divergence map
     printed = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
     assert "8 runs in" in printed and "['model.placement', 'optim.lr']" in printed
+    assert sorted(os.walk(study.out_dir)) == before  # other tests read the same sweep
