@@ -21,7 +21,7 @@ import signal
 import sys
 import time
 
-from normexp import rundir
+from normexp import rundir, workers  # workers imports only the standard library at its top
 from normexp.console import end_line
 from normexp.errors import EXIT_BUSY, BusyError, StorageError, UsageError
 from normexp.locks import RunLock, release_all, take_all
@@ -146,8 +146,7 @@ def run(sweep, units, *, max_parallel=1, progress=True, wait=True, stop):
     view = View(share, progress)
     try:
         if max_parallel > 1:
-            from normexp.workers import run_workers
-            return run_workers(sweep, share, max_parallel, view, stop, wait)
+            return workers.run_workers(sweep, share, max_parallel, view, stop, wait)
         return _in_process(sweep, share, view, stop, wait)
     finally:
         view.close()
