@@ -27,11 +27,11 @@ SLOW_FIRST = (
     "test_scheduler.py::test_a_killed_worker_is_named_and_its_run_taken_over",  # 37
     "test_claims.py::test_claims_command_runs_one_claim_at_a_changed_size",  # 22
     "test_train.py::test_killed_and_resumed_run_equals_the_uninterrupted_one",  # 5 x 23-26
-    "test_checkpoint.py::test_a_damaged_latest_checkpoint_is_set_aside",  # 6 x < 16 (below the 25 slowest)
+    "test_checkpoint.py::test_a_damaged_latest_checkpoint_is_set_aside",  # 6 x < 16
     "test_scheduler.py::test_sigterm_to_the_parent_stops_every_worker",  # 17
     "test_rundir.py::test_existing_run_dir_is_never_replaced_silently",  # 28
     "test_accelerator.py::test_quick_check_produces_every_field_on_two_host_devices",  # 30
-    "test_notebook.py::test_the_analysis_notebook_executes_on_a_tiny_sweep",  # < 16 (below the 25 slowest)
+    "test_notebook.py::test_the_analysis_notebook_executes_on_a_tiny_sweep",  # < 16
 )
 
 
