@@ -17,6 +17,7 @@ import pandas as pd
 
 from normexp import rundir
 from normexp.errors import UsageError
+from normexp.metric_names import GRAD_NORM, LOSS, VAL_LOSS, parse_metric
 from normexp.sweep import read_manifest
 
 SUMMARY_COLUMNS = ("status", "steps", "diverged_step", "final_val_loss", "best_val_loss",
@@ -79,13 +80,13 @@ def load_runs(path, pending=False):
     for d, _, overrides in entries:
         summary = rundir.read_summary(d)
         row = {"run": _name(d, dirs), "run_dir": os.path.abspath(d)}
-        row.update({k: summary.get(k) for k in SUMMARY_COLUMNS})
+        row.update({k: getattr(summary, k) if summary else None for k in SUMMARY_COLUMNS})
         row["status"] = rundir.status(d, probe=True)
         records = rundir.read_metrics(d)
-        grad_norms = [r["grad_norm"] for r in records if r.get("grad_norm") is not None]
+        grad_norms = [r[GRAD_NORM] for r in records if r.get(GRAD_NORM) is not None]
         row["max_grad_norm"] = max(grad_norms, default=None)
         first = next((r for r in records if r.get("step") == 0), {})
-        row["initial_loss"] = first.get("val_loss", first.get("loss"))
+        row["initial_loss"] = first.get(VAL_LOSS, first.get(LOSS))
         row.update(rundir.read_config(d) if rundir.is_run(d) else overrides)
         rows.append(row)
     columns = ["run", "run_dir", *SUMMARY_COLUMNS, "max_grad_norm", "initial_loss"]
@@ -119,7 +120,7 @@ def load_metrics(path):
                              "layer": pd.Series(dtype=float), "family": pd.Series(dtype=str)})
     out = pd.concat(frames, ignore_index=True)
     out["value"] = pd.to_numeric(out["value"], errors="coerce").astype(float)  # null: NaN
-    parsed = {name: rundir.parse_metric(name) for name in out["metric"].unique()}
+    parsed = {name: parse_metric(name) for name in out["metric"].unique()}
     out["layer"] = pd.to_numeric(out["metric"].map(lambda name: parsed[name][1]))
     out["family"] = out["metric"].map(lambda name: parsed[name][0])
     return out.sort_values(["run", "metric", "step"], kind="stable").reset_index(drop=True)

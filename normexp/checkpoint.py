@@ -303,7 +303,10 @@ class StderrFilter:
     NOISE = ("Traceback (most recent call last)", " ", "RuntimeError: Event loop is closed")
 
     def __init__(self, stream):
-        self.stream, self.partial, self.held, self.lock = stream, "", [], threading.Lock()
+        # per thread: the line it has begun and the traceback lines held back, since several
+        # threads print at once and their writes interleave
+        self.stream, self.partial, self.held, self.lock = stream, {}, {}, threading.Lock()
+        self.dropped = set()  # the threads whose last line ended a dropped traceback
         self.background = self.failed = False
 
     def saving_in_background(self):
@@ -316,43 +319,49 @@ class StderrFilter:
                 os.close(real)
                 return
             self.stream = os.fdopen(real, "w", buffering=1)
-            self.partial, self.held, self.failed = "", [], True
+            self.partial, self.held, self.failed = {}, {}, True
 
     def write(self, text):
         if not (self.background or self.failed):
             self.stream.write(text)
             return len(text)
         with self.lock:
+            me = threading.get_ident()
             if self.failed:
-                *lines, self.partial = (self.partial + text).split("\n")
-                for line in lines:
-                    if not line.startswith(self.NOISE):
+                *lines, self.partial[me] = (self.partial.get(me, "") + text).split("\n")
+                for line in lines:  # and the blank lines some print after a traceback
+                    if line and not line.startswith(self.NOISE):
                         self.stream.write(line + "\n")
                 return len(text)
-            if "\n" not in text and not self.partial and not self.held:
+            if "\n" not in text and not self.partial.get(me) and not self.held.get(me):
                 self.stream.write(text)
                 return len(text)
-            *lines, self.partial = (self.partial + text).split("\n")
+            *lines, self.partial[me] = (self.partial.get(me, "") + text).split("\n")
             for line in lines:
-                self._line(line)
+                self._line(me, line)
         return len(text)
 
-    def _line(self, line):
+    def _line(self, me, line):
+        held = self.held.get(me)
         if line.startswith("Traceback (most recent call last)"):
-            self._release()
-            self.held = [line]
-        elif self.held and line.startswith(self.FRAMES):
-            self.held.append(line)
-        elif self.held and line == "RuntimeError: Event loop is closed":
-            self.held = []
+            self._release(me)
+            self.held[me] = [line]
+            self.dropped.discard(me)
+        elif held and line.startswith(self.FRAMES):
+            held.append(line)
+        elif held and line == "RuntimeError: Event loop is closed":
+            self.held[me] = []
+            self.dropped.add(me)
+        elif line == "" and me in self.dropped:  # print() of a traceback ends in a blank line
+            self.dropped.discard(me)
         else:
-            self._release()
+            self.dropped.discard(me)
+            self._release(me)
             self.stream.write(line + "\n")
 
-    def _release(self):
-        for line in self.held:
+    def _release(self, me):
+        for line in self.held.pop(me, None) or []:
             self.stream.write(line + "\n")
-        self.held = []
 
     def flush(self):
         self.stream.flush()

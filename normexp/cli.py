@@ -63,8 +63,8 @@ def cmd_train(ns):
     from normexp.console import end_line
     summary = run(cfg, resume=ns.resume, overwrite=ns.overwrite, missing_ok=False)
     print(end_line(summary))
-    if summary["status"] == INTERRUPTED:
-        return 128 + signal.Signals[summary["signal"]].value
+    if summary.status == INTERRUPTED:
+        return 128 + signal.Signals[summary.signal].value
     return 0
 
 

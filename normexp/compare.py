@@ -10,6 +10,7 @@ import pandas as pd
 
 from normexp import analysis, results, rundir
 from normexp.errors import UsageError
+from normexp.metric_names import GRAD_NORM, VAL_LOSS, family
 
 SIDE_BY_SIDE = ("status", "steps", "final_val_loss", "best_val_loss", "tokens_per_s")
 
@@ -33,7 +34,7 @@ def table(runs):
 
 def profiles(metrics):
     """{run: (per-block gradient norms at the first logged step, at the last)}."""
-    rows = metrics[metrics["family"] == rundir.family("grad_norm")]
+    rows = metrics[metrics["family"] == family(GRAD_NORM)]
     out = {}
     for run, own in rows.groupby("run", sort=False):
         steps = sorted(own["step"].unique())
@@ -128,14 +129,13 @@ def listing(path, now=None):
     rows = []
     for d in find_runs(path):
         summary, config = rundir.read_summary(d), rundir.read_config(d)
+        done, final = (summary.steps, summary.final_val_loss) if summary else (None, None)
         records = rundir.read_metrics(d)
-        vals = [r["val_loss"] for r in records if r.get("val_loss") is not None]
+        vals = [r[VAL_LOSS] for r in records if r.get(VAL_LOSS) is not None]
         latest = max(os.path.getmtime(os.path.join(d, f)) for f in os.listdir(d))
         rows.append({"run": os.path.relpath(d, path) if d != path else os.path.basename(d),
                      "status": rundir.status(d, probe=True),
-                     "steps": _steps({"steps": summary.get("steps"),
-                                      "train.steps": config.get("train.steps")}),
-                     "val_loss": (summary["final_val_loss"] if summary.get("final_val_loss")
-                                  is not None else vals[-1] if vals else None),
+                     "steps": _steps({"steps": done, "train.steps": config.get("train.steps")}),
+                     "val_loss": final if final is not None else vals[-1] if vals else None,
                      "age": _age(now - latest)})
     return pd.DataFrame(rows, columns=["run", "status", "steps", "val_loss", "age"])

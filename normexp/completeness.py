@@ -26,8 +26,8 @@ def completeness(runs):
 def final_losses(summaries):
     """Per run: inf where it diverged (a result), None where it did not finish (missing)."""
     from normexp.rundir import COMPLETED, FINISHED
-    return [None if s["status"] not in FINISHED else s["final_val_loss"] if s["status"] ==
-            COMPLETED and s["final_val_loss"] is not None else math.inf for s in summaries]
+    return [None if s.status not in FINISHED else s.final_val_loss if s.status == COMPLETED
+            and s.final_val_loss is not None else math.inf for s in summaries]
 
 
 def absent(value):

@@ -11,6 +11,9 @@ import sys
 
 import numpy as np
 
+from normexp.metric_names import LOSS
+from normexp.rundir import DIVERGED, INTERRUPTED
+
 
 def quiet(cfg):
     return not cfg.log.progress or bool(os.environ.get("NORMEXP_WORKER"))
@@ -72,7 +75,7 @@ class Console:
 
     def logged(self, records, done, tokens_per_s):
         """At a log step: the median loss over the runs still training, and tokens/s."""
-        losses = [float(r["loss"]) for r in records.values() if "loss" in r]
+        losses = [float(r[LOSS]) for r in records.values() if LOSS in r]
         loss = f"{np.median(losses):.4f}" if losses else "-"
         if self.bar is not None:
             self.bar.set_postfix(loss=loss, tok_s=f"{tokens_per_s:.0f}")
@@ -87,23 +90,23 @@ class Console:
 
 
 def end_line(summary, label=None):
-    """One readable line for a finished, diverged, interrupted or failed run, headed by
-    `label` (default: its directory)."""
-    status, steps = summary["status"], summary.get("steps")
-    parts = [f"{label or summary['run_dir']}: {status}"]
-    if status == "diverged":
-        parts[0] += f" at step {summary['diverged_step']}"
-    elif status == "interrupted":
-        parts[0] += f" ({summary.get('signal', 'stopped')}) after {steps} steps; continue " \
+    """One readable line for a finished, diverged, interrupted or failed run (its
+    rundir.Summary), headed by `label` (default: its directory)."""
+    status, steps = summary.status, summary.steps
+    parts = [f"{label or summary.run_dir}: {status}"]
+    if status == DIVERGED:
+        parts[0] += f" at step {summary.diverged_step}"
+    elif status == INTERRUPTED:
+        parts[0] += f" ({summary.signal or 'stopped'}) after {steps} steps; continue " \
                     f"with --resume"
     elif steps is not None:
         parts.append(f"{steps} steps")
-    if summary.get("final_val_loss") is not None:
-        parts.append(f"val loss {summary['final_val_loss']:.4f}")
-    if summary.get("best_val_loss") is not None:
-        parts.append(f"best {summary['best_val_loss']:.4f}")
-    if summary.get("tokens_per_s"):
-        parts.append(f"{summary['tokens_per_s']:,.0f} tokens/s")
-    if summary.get("error"):
-        parts.append(summary["error"])
+    if summary.final_val_loss is not None:
+        parts.append(f"val loss {summary.final_val_loss:.4f}")
+    if summary.best_val_loss is not None:
+        parts.append(f"best {summary.best_val_loss:.4f}")
+    if summary.tokens_per_s:
+        parts.append(f"{summary.tokens_per_s:,.0f} tokens/s")
+    if summary.error:
+        parts.append(summary.error)
     return ", ".join(parts)

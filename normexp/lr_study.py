@@ -11,7 +11,8 @@ import numpy as np
 from normexp import analysis
 from normexp import sweep as sweep_lib
 from normexp.completeness import completeness
-from normexp.rundir import block_metric, family, read_metrics
+from normexp.metric_names import ATTN, LOSS, block_metric, family
+from normexp.rundir import read_metrics
 
 LR_SWEEP = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
                         "sweeps", "lr_sensitivity.yaml")
@@ -49,17 +50,17 @@ def lr_sensitivity_numbers(path):
         sensitivity.setdefault(placement, {}).setdefault(int(width), {}).setdefault(
             qk, {})[int(seed)] = value
     clipped, diverged = analysis.clipped_losses(runs)
-    logit_max = [block_metric(family("attn", "logit_max"), i)
+    logit_max = [block_metric(family(ATTN, "logit_max"), i)
                  for i in range(int(runs["model.n_layer"].iloc[0]))]
     value = lambda v: math.nan if v is None else float(v)  # None: not finite when logged
     for name, run in runs.iterrows():
-        records = [r for r in read_metrics(run["run_dir"]) if "loss" in r]
+        records = [r for r in read_metrics(run["run_dir"]) if LOSS in r]
         trajectories.setdefault(run["model.placement"], []).append({
             "width": int(run["model.d_model"]), "qk_norm": run["model.qk_norm"],
             "lr": float(run["optim.lr"]), "seed": int(run["run.seed"]),
             "loss": float(clipped[name]), "diverged": bool(diverged[name]),
             "steps": [r["step"] for r in records],
-            "train_loss": [value(r["loss"]) for r in records],
+            "train_loss": [value(r[LOSS]) for r in records],
             "logit_max": [float(np.fmax.reduce([value(r.get(k)) for k in logit_max]))
                           for r in records]})
     return {"sensitivity": sensitivity, "runs": trajectories, "table": analysis.lr_sensitivity(

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from normexp.rundir import BLOCK, block_metric
+from normexp.metric_names import ACT, ATTN, BLOCK, GRAD_NORM, PARAM_NORM, UPDATE_RATIO, block_metric
 from normexp.weights import effective
 
 
@@ -76,14 +76,14 @@ def layer_stats(params, grads, updates):
     g2 = group_sums_of_squares(grads)
     p2 = group_sums_of_squares(effective(params))
     u2 = group_sums_of_squares(updates)
-    stats = {f"grad_norm/{name}": jnp.sqrt(v) for name, v in g2.items()}
+    stats = {f"{GRAD_NORM}/{name}": jnp.sqrt(v) for name, v in g2.items()}
     layers = [name for name in p2 if "/" not in name]
     for layer in layers:
-        stats[f"param_norm/{layer}"] = jnp.sqrt(p2[layer])
-        stats[f"update_ratio/{layer}"] = jnp.sqrt(u2[layer] / p2[layer])
+        stats[f"{PARAM_NORM}/{layer}"] = jnp.sqrt(p2[layer])
+        stats[f"{UPDATE_RATIO}/{layer}"] = jnp.sqrt(u2[layer] / p2[layer])
     param_total = sum(jnp.sum(p2[layer]) for layer in layers)
-    stats["param_norm"] = jnp.sqrt(param_total)
-    stats["update_ratio"] = jnp.sqrt(sum(jnp.sum(u2[layer]) for layer in layers) / param_total)
+    stats[PARAM_NORM] = jnp.sqrt(param_total)
+    stats[UPDATE_RATIO] = jnp.sqrt(sum(jnp.sum(u2[layer]) for layer in layers) / param_total)
     return stats
 
 
@@ -227,10 +227,10 @@ def block_observer(record, *, activations=True, attention=False):
     def stats(seen):
         out = {}
         if activations:
-            out["act"] = block_stats(seen)
+            out[ACT] = block_stats(seen)
         if attention:
-            out.setdefault("act", {})["massive"] = massive(seen["stream"])
-            out["attn"] = attention_stats(seen["attn_q"], seen["attn_k"])
+            out.setdefault(ACT, {})["massive"] = massive(seen["stream"])
+            out[ATTN] = attention_stats(seen["attn_q"], seen["attn_k"])
         return out
 
     def observe(seen):

@@ -24,7 +24,8 @@ from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 
 from normexp.analysis import clipped_losses, varying_keys
-from normexp.rundir import DIVERGED, family
+from normexp.metric_names import GRAD_NORM, LOSS, VAL_LOSS, family
+from normexp.rundir import DIVERGED
 from normexp.sweep import short_names
 
 
@@ -60,7 +61,7 @@ def _title(ax, text, width=70):
     ax.set_title(textwrap.fill(text, width), fontsize="medium")
 
 
-def loss_curves(metrics, runs, by=None, metric="loss"):
+def loss_curves(metrics, runs, by=None, metric=LOSS):
     """`metric` (loss, val_loss) over steps, one line per setup: the mean over its runs, with
     their min..max as a band. Runs that diverged stop where they diverged."""
     fig, ax = _figure()
@@ -78,7 +79,7 @@ def loss_curves(metrics, runs, by=None, metric="loss"):
         if len(present) > 1:
             ax.fill_between(finite.index, finite.min(axis=1), finite.max(axis=1),
                             color=line.get_color(), alpha=0.2, linewidth=0)
-    what = "validation loss" if metric == "val_loss" else "training loss"
+    what = "validation loss" if metric == VAL_LOSS else "training loss"
     _title(ax, f"{what.capitalize()} by {', '.join(setup_keys(runs, by)) or 'run'}")
     ax.set(xlabel="step", ylabel=f"{what} (nats/token)")
     ax.legend(fontsize="small")
@@ -96,7 +97,7 @@ def _nearest_step(metrics, family, step):
 def grad_norm_by_layer(metrics, runs, step=0, by=None, part=None):
     """Gradient norm per block at `step` (the nearest logged step), one line per setup (mean
     over its runs); `part` = attn | mlp | norm for one sublayer's parameters only."""
-    name = family("grad_norm", part)
+    name = family(GRAD_NORM, part)
     at = _nearest_step(metrics, name, step)
     rows = metrics[(metrics["family"] == name) & (metrics["step"] == at)]
     values = rows.pivot_table(index="layer", columns="run", values="value")
@@ -118,7 +119,7 @@ def grad_norm_by_layer(metrics, runs, step=0, by=None, part=None):
 
 def grad_norm_heatmap(metrics, run, part=None):
     """One run's gradient norm per block (rows) and logged step (columns), log colour scale."""
-    name = family("grad_norm", part)
+    name = family(GRAD_NORM, part)
     rows = metrics[(metrics["run"] == run) & (metrics["family"] == name)]
     if rows.empty:
         raise ValueError(f"run {run!r} has no {name!r} metrics")

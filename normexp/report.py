@@ -11,7 +11,8 @@ import numpy as np
 from normexp import plots, results
 from normexp.analysis import load_metrics, load_runs, lr_sensitivity
 from normexp.errors import UsageError
-from normexp.rundir import DIVERGED, FINISHED, PENDING, family, write_atomic
+from normexp.metric_names import GRAD_NORM, LOSS, VAL_LOSS, family
+from normexp.rundir import DIVERGED, FINISHED, PENDING, write_atomic
 MAX_HEATMAPS = 8
 
 
@@ -34,15 +35,15 @@ def figures(runs, metrics):
     out = []
     keys = plots.setup_keys(runs)
     families = set(metrics["family"]) if len(metrics) else set()
-    if "loss" in families:
+    if LOSS in families:
         out.append(("loss.png", "Training loss", "Mean over seeds, band from the lowest to the "
                     "highest seed; a run that diverged stops at its divergence.",
                     plots.loss_curves(metrics, runs)))
-    if "val_loss" in families:
+    if VAL_LOSS in families:
         out.append(("val_loss.png", "Validation loss", "Evaluated every train.eval_every steps "
                     "on fixed validation windows.",
-                    plots.loss_curves(metrics, runs, metric="val_loss")))
-    grad_norms = family("grad_norm")
+                    plots.loss_curves(metrics, runs, metric=VAL_LOSS)))
+    grad_norms = family(GRAD_NORM)
     if grad_norms in families:
         out.append(("grad_norm_init.png", "Gradient norm per block at initialisation",
                     "Step 0, before any update: how the gradient reaching each block depends on "

@@ -5,19 +5,18 @@
     <run>/metrics.jsonl  one JSON object per logged step, `{"step": s, <metric>: value, ...}`
     <run>/checkpoints/   see normexp.checkpoint; TensorBoard events beside them
 
-A run's status is one of STATUSES. Metric names follow one scheme: a family such as
-`grad_norm/block/attn` holds one value per block and is written per block as
-`grad_norm/block_03/attn` (`block_metric`); `parse_metric` reads the family and block back.
+A run's status is one of STATUSES; `Summary` is summary.json's record, and this module its only
+writer and reader. Metric names are normexp.metric_names'.
 
 Nothing is replaced silently. In a multi-process job only process 0 deletes, creates and writes
 here; the others wait for it (a barrier), so no process reads a directory another is replacing.
 """
 
+import dataclasses
 import json
 import math
 import os
 import platform
-import re
 import shutil
 import tempfile
 import threading
@@ -128,35 +127,70 @@ def read_metrics(path):
     return records
 
 
-BLOCK = "block"
-_PER_BLOCK = re.compile(r"^(?P<prefix>.*)/block_(?P<index>\d+)(?P<part>/.*)?$")
-
-
-def family(kind, part=None):
-    """The name of a per-block family: family('grad_norm', 'attn') = 'grad_norm/block/attn'."""
-    return f"{kind}/{BLOCK}" + (f"/{part}" if part else "")
-
-
-def block_metric(name, index):
-    """A family's name for one block: ('grad_norm/block/attn', 3) -> 'grad_norm/block_03/attn'."""
-    return name.replace(f"/{BLOCK}", f"/{BLOCK}_{index:02d}", 1)
-
-
-def parse_metric(name):
-    """(family, block index) of a metric name; (name, None) for one that is not per block."""
-    match = _PER_BLOCK.match(name)
-    if match is None:
-        return name, None
-    return f"{match['prefix']}/{BLOCK}{match['part'] or ''}", int(match["index"])
-
-
 # --- summary.json and config.yaml ---
+
+@dataclasses.dataclass(frozen=True)
+class Summary:
+    """summary.json: where a run stands and its figures; README's table says what each key
+    holds. Written (by `write_summary`) when the run starts, and replaced whole when it stops;
+    `signal`, `error` and `history` only where they are set."""
+    status: str  # one the run writes: RUNNING, COMPLETED, DIVERGED, INTERRUPTED, FAILED
+    steps: int | None = None
+    diverged_step: int | None = None
+    final_val_loss: float | None = None
+    best_val_loss: float | None = None
+    tokens_per_s: float | None = None
+    compile_seconds: float | None = None
+    data_fingerprint: dict | None = None
+    norms: dict | None = None
+    vectorized_runs: int | None = None
+    devices: int | None = None
+    hardware: dict | None = None
+    allocator: str | None = None
+    versions: dict | None = None
+    run_dir: str | None = None
+    signal: str | None = None  # an interrupted run's
+    error: str | None = None  # a failed run's
+    history: tuple = ()  # a resumed run's earlier attempts, each as `attempt()` gave it
+
+    def __post_init__(self):
+        if self.status not in WRITTEN:
+            raise ValueError(f"summary status {self.status!r}: one of {', '.join(WRITTEN)}")
+
+    def replace(self, **changes):
+        return dataclasses.replace(self, **changes)
+
+    def attempt(self):
+        """What ended this attempt, for the next one's `history`."""
+        return {k: v for k, v in self.to_json().items() if k in _ATTEMPT}
+
+    def to_json(self):
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {k: list(v) if k == "history" else v for k, v in fields.items()
+                if k not in _WHEN_SET or v}
+
+    @classmethod
+    def from_json(cls, record):
+        """The record of a summary.json's content; None if it has no status a run writes
+        (keys of other normexp versions are ignored)."""
+        if not isinstance(record, dict) or record.get("status") not in WRITTEN:
+            return None
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: tuple(v) if k == "history" else v for k, v in record.items()
+                      if k in known})
+
+
+WRITTEN = (RUNNING, COMPLETED, DIVERGED, INTERRUPTED, FAILED)
+_WHEN_SET = ("signal", "error", "history")
+_ATTEMPT = ("status", "steps", "signal", "error")
+SUMMARY_KEYS = tuple(f.name for f in dataclasses.fields(Summary))
+
 
 def write_summary(run_dir, summary):
     """summary.json, replaced atomically by process 0."""
     if is_primary():
         write_atomic(os.path.join(run_dir, SUMMARY),
-                     json.dumps(summary, indent=1, default=to_builtin) + "\n")
+                     json.dumps(summary.to_json(), indent=1, default=to_builtin) + "\n")
 
 
 def to_builtin(value):
@@ -166,8 +200,8 @@ def to_builtin(value):
 
 
 def read_summary(run_dir):
-    """summary.json as a dict; {} where there is none yet (or it is being replaced)."""
-    return read_json(os.path.join(run_dir, SUMMARY)) or {}
+    """The run's Summary; None where there is none yet (or it is being replaced)."""
+    return Summary.from_json(read_json(os.path.join(run_dir, SUMMARY)))
 
 
 def read_config(run_dir):
@@ -187,7 +221,8 @@ def status(run_dir, probe=False):
     takes the lock, so it cannot keep a sweep from taking the run.)"""
     if not os.path.isdir(run_dir):
         return PENDING
-    found = read_summary(run_dir).get("status") or STARTED
+    summary = read_summary(run_dir)
+    found = summary.status if summary else STARTED
     if probe and found in (RUNNING, STARTED) and not RunLock.of(run_dir).held():
         return STOPPED
     return found
@@ -196,8 +231,9 @@ def status(run_dir, probe=False):
 def record_failure(run_dir, error):
     """Mark a run whose training raised `failed` in its summary.json (if it is a run yet),
     keeping what the summary already said (its steps, the `history` of earlier attempts)."""
-    summary = {**(read_summary(run_dir) if is_run(run_dir) else {}), "status": FAILED,
-               "error": f"{type(error).__name__}: {error}", "run_dir": os.path.abspath(run_dir)}
+    earlier = read_summary(run_dir) if is_run(run_dir) else None
+    summary = (earlier or Summary(FAILED)).replace(
+        status=FAILED, error=f"{type(error).__name__}: {error}", run_dir=os.path.abspath(run_dir))
     if is_run(run_dir):
         write_summary(run_dir, summary)
     return summary

@@ -62,7 +62,7 @@ class Share:
 
     def code(self):
         """0, or 1 when a run failed in this invocation."""
-        return int(any(s.get("status") == FAILED for s in self.summaries.values()))
+        return int(any(s and s.status == FAILED for s in self.summaries.values()))
 
     def last_line(self, sweep):
         """How many of the share's runs are finished, by status; what holds the others."""
@@ -132,8 +132,8 @@ def train_unit(cfgs, stop, say):
 
 
 def stopped_code(stop, summaries=()):
-    signum = stop.signum or next((signal.Signals[s["signal"]].value for s in summaries
-                                  if s.get("status") == INTERRUPTED and s.get("signal")), None)
+    signum = stop.signum or next((signal.Signals[s.signal].value for s in summaries
+                                  if s and s.status == INTERRUPTED and s.signal), None)
     return None if signum is None else 128 + signum
 
 

@@ -14,15 +14,9 @@ from flax import nnx
 from normexp.metrics import block_observer, grad_rms, layer_stats, output_logit_stats, when
 from normexp.model import evaluation_view, make_model
 from normexp.optim import learning_rate, make_optimizer
-from normexp.rundir import BLOCK, family
+from normexp.metric_names import (BLOCK, GRAD_NORM, GRAD_RMS, LOGITS, LOSS, LR, Z_LOSS, due,
+                                  family)
 from normexp.weights import project
-
-
-def due(step, every, last):
-    """The one cadence rule: at multiples of `every` and at `last`. Log steps are due(s,
-    log.every, steps - 1), evaluations and checkpoints of the state after t steps due(t, ...,
-    steps). Works on Python ints and on traced ones alike."""
-    return (step % every == 0) | (step == last)
 
 
 def loss_fn(logits_NxV, targets_BxT):
@@ -77,7 +71,7 @@ def make_train_step(graphdef, tx, *, grad_norms=False, activations=False, attent
                 logits, observed = model(inputs_BxT, observe=block_observer(
                     record, activations=activations, attention=attention))
             if attention:
-                observed["logits"] = when(record, output_logit_stats, logits)
+                observed[LOGITS] = when(record, output_logit_stats, logits)
             rest = nnx.state(model, nnx.Not(nnx.Param))
             loss = loss_fn(logits, targets_BxT)
             if not z_loss:
@@ -92,17 +86,17 @@ def make_train_step(graphdef, tx, *, grad_norms=False, activations=False, attent
         # constrained parameters (nGPT's unit-norm matrices) go back onto their constraint
         params = project(optax.apply_updates(state["params"], updates))
         grad_norm = optax.tree.norm(grads)  # before clipping, which happens inside tx
-        metrics = {"loss": loss, "lr": learning_rate(opt, state["lr"]), "grad_norm": grad_norm}
+        metrics = {LOSS: loss, LR: learning_rate(opt, state["lr"]), GRAD_NORM: grad_norm}
         if z_loss:
-            metrics["z_loss"] = z
+            metrics[Z_LOSS] = z
         if grad_norms:
             metrics.update(when(record, layer_stats, state["params"], grads, updates))
         for prefix, stats in observed.items():  # per block, but the output logits
-            metrics.update({(f"{prefix}/{name}" if prefix == "logits" else family(prefix, name)): v
+            metrics.update({(f"{prefix}/{name}" if prefix == LOGITS else family(prefix, name)): v
                             for name, v in stats.items()})
         if attention:
             rms = when(record, grad_rms, grads)
-            metrics.update({family("grad_rms"): rms[BLOCK], "grad_rms": rms["all"]})
+            metrics.update({family(GRAD_RMS): rms[BLOCK], GRAD_RMS: rms["all"]})
         diverged = state["diverged_step"]
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         diverged = jnp.where((diverged < 0) & ~finite, step, diverged)

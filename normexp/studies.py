@@ -23,10 +23,11 @@ from normexp.bench import compile_variant, time_alternating
 from normexp.checkpoint import Checkpoints
 from normexp.completeness import completeness, final_losses
 from normexp.errors import UsageError
+from normexp.metric_names import ACT, GRAD_NORM, block_metric, family
 from normexp.metrics import gradient_expectation, path_names
 from normexp.model import evaluation_view
 from normexp.norms import make_norm
-from normexp.rundir import block_metric, family, read_metrics
+from normexp.rundir import read_metrics
 from normexp.step import init_state, loss_fn, make_grad_step, make_train_step
 from normexp.train import run_group
 
@@ -120,7 +121,7 @@ def measure_init_gradients(scale, init):
             x, y = data_lib.batch(corpus.train, seed=seed, step=0, batch_size=scale.batch_size,
                                   seq_len=scale.seq_len)
             _, metrics = make_train_step(graphdef, tx, grad_norms=True)(state, x, y)
-            norms = np.asarray(jax.device_get(metrics[family("grad_norm")]), float)
+            norms = np.asarray(jax.device_get(metrics[family(GRAD_NORM)]), float)
             ratios[placement].append(float(norms[-1] / norms[0]))
             profiles[placement].append(norms.tolist())
     return {"ratios": ratios, "profiles": profiles}
@@ -177,7 +178,7 @@ def _train_cfgs(scale, out, study, overrides):
 def train_seeds(scale, out, study, overrides):
     """Train (or reuse) one vectorized group of seeds; returns their summaries, with run_dir."""
     cfgs = _train_cfgs(scale, out, study, overrides)
-    return [{**s, "run_dir": c.run.dir} for c, s in zip(cfgs, run_group(cfgs, resume=True))]
+    return [s.replace(run_dir=c.run.dir) for c, s in zip(cfgs, run_group(cfgs, resume=True))]
 
 
 def warmup_overrides(scale, placement, warmup):
@@ -201,7 +202,7 @@ def measure_warmup(scale, out):
         scale, p, w == "warmup")) for w in ("none", "warmup")} for p in ("post", "pre")}
     return {"losses": {p: {w: final_losses(r) for w, r in by.items()} for p, by in runs.items()},
             "unigram": data_lib.load_corpus("", 0, 1).unigram_entropy(), **completeness(
-                [r["run_dir"] for by in runs.values() for group in by.values() for r in group])}
+                [r.run_dir for by in runs.values() for group in by.values() for r in group])}
 
 
 # -- 3. RMSNorm matches LayerNorm at lower cost (Zhang & Sennrich 2019) -----------------------
@@ -234,7 +235,7 @@ def measure_rmsnorm(scale, out):
     for kind in ("layernorm", "rmsnorm"):
         overrides = [("model.norm.kind", kind), ("optim.lr", 3e-3)]
         runs = train_seeds(scale, out, "rmsnorm", overrides)
-        losses[kind], dirs = final_losses(runs), dirs + [r["run_dir"] for r in runs]
+        losses[kind], dirs = final_losses(runs), dirs + [r.run_dir for r in runs]
         cfgs[kind] = _train_cfgs(scale, out, "rmsnorm", overrides)[0]
     corpus = data_lib.load_corpus("", 0, scale.seq_len)
     batch = data_lib.batch(corpus.train, seed=0, step=0, batch_size=scale.batch_size,
@@ -255,7 +256,7 @@ def measure_batchnorm(scale, out):
     overrides = [("model.norm.kind", "batchnorm"), ("optim.lr", 3e-3)]
     scale = dataclasses.replace(scale, seeds=1)
     cfg = _train_cfgs(scale, out, "batchnorm", overrides)[0]
-    found = completeness([r["run_dir"] for r in train_seeds(scale, out, "batchnorm", overrides)])
+    found = completeness([r.run_dir for r in train_seeds(scale, out, "batchnorm", overrides)])
     if found["missing"]:  # its last checkpoint is not the trained model
         return found
     corpus = data_lib.load_corpus("", 0, scale.seq_len)
@@ -316,8 +317,8 @@ def measure_kurtosis(scale, out, placement):
     judge to refuse runs that did not train."""
     runs = train_seeds(warmup_scale(scale), out, "warmup", warmup_overrides(
         scale, placement, warmup=True))
-    dirs = [r["run_dir"] for r in runs]
-    found, kurtosis, per_seed = completeness(dirs), family("act", "kurtosis"), []
+    dirs = [r.run_dir for r in runs]
+    found, kurtosis, per_seed = completeness(dirs), family(ACT, "kurtosis"), []
     for run_dir in dirs:
         records = [r for r in read_metrics(run_dir) if block_metric(kurtosis, 0) in r]
         if records and os.path.basename(run_dir) not in found["missing"]:

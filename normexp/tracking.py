@@ -6,6 +6,7 @@ import os
 
 from normexp import rundir
 from normexp.errors import UsageError
+from normexp.metric_names import LOSS, VAL_LOSS
 from normexp.rundir import metrics_line, read_metrics
 
 _SESSION_STATUS = {rundir.COMPLETED: "STATUS_SUCCESS", rundir.DIVERGED: "STATUS_FAILURE",
@@ -51,7 +52,7 @@ class Tracker:
             self.wandb.log({k: float(v) for k, v in metrics.items()}, step=int(step))
             self.wandb_next = step + 1
 
-    def hparams(self, values, metrics=("loss", "val_loss")):
+    def hparams(self, values, metrics=(LOSS, VAL_LOSS)):
         """Record a run's hyperparameters for TensorBoard's HParams dashboard, in the run's own
         event file, with `metrics` (tags this run logs) as the columns to compare."""
         if self.tb is None:

@@ -29,11 +29,13 @@ from normexp.checkpoint import Checkpoints, resume_step
 from normexp.console import Console
 from normexp.lanes import Group, Single
 from normexp.errors import StorageError, UsageError
+from normexp.metric_names import VAL_LOSS, due
 from normexp.metrics import per_block
 from normexp.model import norm_report
 from normexp.parallel import Devices, is_primary
-from normexp.rundir import COMPLETED, DIVERGED, FAILED, FINISHED, INTERRUPTED, RUNNING
-from normexp.step import due, init_state, make_eval_step, make_train_step
+from normexp.rundir import (COMPLETED, DIVERGED, FAILED, FINISHED, INTERRUPTED, RUNNING,
+                            Summary)
+from normexp.step import init_state, make_eval_step, make_train_step
 from normexp.stop import StopRequests
 from normexp.tracking import Tracker, require_wandb
 
@@ -76,31 +78,29 @@ class Member:
     def __init__(self, cfg, *, resume, overwrite, missing_ok):
         self.cfg = cfg
         self.dir = rundir.prepare(cfg, resume=resume, overwrite=overwrite, missing_ok=missing_ok)
-        self.summary = rundir.read_summary(self.dir) or None if resume else None
-        self.finished = bool(self.summary) and self.summary.get("status") in FINISHED
+        self.summary = rundir.read_summary(self.dir) if resume else None
+        self.finished = self.summary is not None and self.summary.status in FINISHED
         # what ended the earlier attempts (interrupted, failed, a worker killed): kept
-        self.history = list((self.summary or {}).get("history", []))
+        self.history = self.summary.history if self.summary else ()
         if self.summary and not self.finished:
-            self.history.append({k: self.summary[k] for k in ("status", "steps", "signal",
-                                                              "error") if k in self.summary})
+            self.history += (self.summary.attempt(),)
         self.status = None  # set when the run stops: diverged, interrupted, completed
         self.best = self.last_val = None
         self.last_step = None
         self.tracker = self.checkpoints = None
 
     def start(self, summary, start_step):
-        """Mark the run running and open its writers at `start_step`."""
-        self.summary = {**summary, "run_dir": os.path.abspath(self.dir)}
-        if self.history:
-            self.summary["history"] = self.history
+        """Mark the run running (`summary`, which this run completes) and open its writers at
+        `start_step`."""
+        self.summary = summary.replace(run_dir=os.path.abspath(self.dir), history=self.history)
         self.write_summary()
         self.tracker = Tracker(self.dir, start_step=start_step,
                                tensorboard=self.cfg.log.tensorboard, enabled=is_primary(),
                                wandb=self.cfg.log.wandb, name=self.cfg.run.name,
                                config=config_lib.flatten(self.cfg))
         self.tracker.hparams(config_lib.flatten(self.cfg))
-        self.best = min((r["val_loss"] for r in self.tracker.kept
-                         if r.get("val_loss") is not None), default=None)
+        self.best = min((r[VAL_LOSS] for r in self.tracker.kept
+                         if r.get(VAL_LOSS) is not None), default=None)
 
     def evaluated(self, loss):
         self.last_val = float(loss)
@@ -113,8 +113,8 @@ class Member:
         rundir.write_summary(self.dir, self.summary)
 
     def fail(self, error):
-        self.summary = {**(self.summary or {}), "status": FAILED, "error": str(error),
-                        "run_dir": os.path.abspath(self.dir)}
+        self.summary = (self.summary or Summary(FAILED)).replace(
+            status=FAILED, error=str(error), run_dir=os.path.abspath(self.dir))
 
     def close(self):
         """Close the writers once, ending TensorBoard's session with the run's status; a run
@@ -122,12 +122,12 @@ class Member:
         writers, self.tracker, self.checkpoints = (self.tracker, self.checkpoints), None, None
         try:
             if writers[0] is not None and self.summary:
-                writers[0].end_session(self.summary["status"])
+                writers[0].end_session(self.summary.status)
             for writer in writers:
                 if writer is not None:
                     writer.close()
         except OSError:
-            if (self.summary or {}).get("status") != FAILED:
+            if self.summary is None or self.summary.status != FAILED:
                 raise
 
 
@@ -164,7 +164,7 @@ def run_group(cfgs, *, resume=False, overwrite=False, missing_ok=True, stop=None
                                       missing_ok=missing_ok))
             for m in members:
                 if m.finished:
-                    print(f"{m.dir}: already {m.summary['status']}; nothing to do",
+                    print(f"{m.dir}: already {m.summary.status}; nothing to do",
                           file=sys.stderr)
             todo = [m for m in members if not m.finished]
             if todo:
@@ -224,12 +224,10 @@ def _train(members, corpus, stop, chosen, *, resume):
         console.starting(states[0]["params"], devices.count, jax.devices()[0].device_kind,
                          chosen, allocator.active())
     for m in members:
-        m.start({"status": RUNNING, "steps": start, "diverged_step": None, "norms": norms,
-                 "final_val_loss": None, "best_val_loss": None, "tokens_per_s": None,
-                 "compile_seconds": None, "data_fingerprint": corpus.fingerprint,
-                 "vectorized_runs": len(members), "devices": devices.count,
-                 "versions": rundir.versions(), "allocator": allocator.active(),
-                 "hardware": hardware.describe(chosen)}, start)
+        m.start(Summary(RUNNING, steps=start, norms=norms, data_fingerprint=corpus.fingerprint,
+                        vectorized_runs=len(members), devices=devices.count,
+                        versions=rundir.versions(), allocator=allocator.active(),
+                        hardware=hardware.describe(chosen)), start)
     seeds = [m.cfg.run.seed for m in members]
     val_batches = [devices.batch(lanes.join([b[i] for b in (data_lib.eval_batches(
         corpus.val, seed=seed, count=cfg.data.eval_batches, batch_size=B, seq_len=T)
@@ -296,7 +294,7 @@ def _loop(members, lanes, graphdef, tx, state, start, stop, *, batches, val_batc
                 records[id(m)].update(per_block(row))
                 if at >= 0:
                     m.stop(DIVERGED, s)
-                    m.summary["diverged_step"] = int(at)
+                    m.summary = m.summary.replace(diverged_step=int(at))
         console.logged(records, s + 1, (s + 1 - start) * tokens_per_step / max(
             clock.seconds(), 1e-9))
 
@@ -314,7 +312,7 @@ def _loop(members, lanes, graphdef, tx, state, start, stop, *, batches, val_batc
                 for m, loss in zip(members, evaluate()):
                     if m.status is None:
                         m.evaluated(loss)
-                        records[id(m)]["val_loss"] = m.last_val
+                        records[id(m)][VAL_LOSS] = m.last_val
         state, metrics = step_fn(state, inputs, targets)
         if s + 1 < steps:
             inputs, targets = next(batches)  # sampled and transferred while step s ran
@@ -330,7 +328,7 @@ def _loop(members, lanes, graphdef, tx, state, start, stop, *, batches, val_batc
         for m in members:
             if signum is not None and m.status is None:
                 m.stop(INTERRUPTED, s)
-                m.summary["signal"] = signal.Signals(signum).name
+                m.summary = m.summary.replace(signal=signal.Signals(signum).name)
         if signum is not None or due(s + 1, cfg.train.checkpoint_every, steps):
             with clock.paused(state):
                 checkpoint(s + 1)
@@ -352,8 +350,8 @@ def _finish(members, s, start, evaluate, compile_seconds, tokens_per_s):
             m.stop(COMPLETED, s)
             final = evaluate() if final is None else final
             m.evaluated(final[i])
-            m.tracker.log(m.cfg.train.steps, {"val_loss": m.last_val})
-        m.summary.update(
+            m.tracker.log(m.cfg.train.steps, {VAL_LOSS: m.last_val})
+        m.summary = m.summary.replace(
             status=m.status, steps=m.last_step + 1, compile_seconds=compile_seconds,
             final_val_loss=rundir.finite_or_none(m.last_val) if m.status == COMPLETED else None,
             best_val_loss=rundir.finite_or_none(m.best) if m.best is not None else None,

@@ -153,6 +153,7 @@ def run_workers(sweep, share, k, view, stop, wait):
     """Train the share's open units in K worker processes; returns the exit code as
     scheduler.run_units does."""
     from normexp.errors import StorageError, UsageError
+    from normexp.rundir import Summary
     from normexp.scheduler import stopped_code, wait_for_holders
     queue = collections.deque(share.open_units())
     k = max(1, min(k, len(queue)))  # an idle worker would keep its cores idle too
@@ -196,7 +197,7 @@ def run_workers(sweep, share, k, view, stop, wait):
                     fatal = fatal or report
                 elif "summaries" in report:
                     todo = [r for r in unit if r.name in report["summaries"]]
-                    summaries = [report["summaries"][r.name] for r in todo]
+                    summaries = [Summary.from_json(report["summaries"][r.name]) for r in todo]
                     share.record(todo, summaries)
                     view.ended(todo, summaries)
                 # "busy": held outside the sweep; come back to it once the queue is empty
@@ -217,16 +218,15 @@ def _died_training(worker, unit, share, view, again):
     died = _death(worker.proc.returncode)
     names = ", ".join(r.name for r in unit)
     left = [r for r in unit if rundir.status(r.cfg.run.dir) not in rundir.FINISHED]
-    for r in left:
-        rundir.record_failure(r.cfg.run.dir, RuntimeError(
-            f"its sweep worker (pid {worker.proc.pid}) died, {died}"))
+    failed = [rundir.record_failure(r.cfg.run.dir, RuntimeError(
+        f"its sweep worker (pid {worker.proc.pid}) died, {died}")) for r in left]
     again = again and names not in share.taken_over
     view.say(f"{worker.name} died ({died}) while training {names}; "
              + ("another worker takes it over" if again else "left failed"))
     if again:
         share.taken_over.add(names)
     else:
-        share.record(left, [rundir.read_summary(r.cfg.run.dir) for r in left])
+        share.record(left, failed)
     return again
 
 
@@ -328,7 +328,7 @@ def serve():
                 answer({"fatal": "usage" if isinstance(e, UsageError) else "storage",
                         "message": str(e)})
                 return 2 if isinstance(e, UsageError) else 74
-            answer({"summaries": {c.run.name: s for c, s in zip(cfgs, summaries)}})
+            answer({"summaries": {c.run.name: s.to_json() for c, s in zip(cfgs, summaries)}})
             if stop.signum:
                 break
         return stopped_code(stop) or 0

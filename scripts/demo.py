@@ -17,8 +17,9 @@ OUT = os.path.join("runs", "demo")
 
 def main():
     from normexp.config import load
+    from normexp.metric_names import GRAD_NORM, family, parse_metric
     from normexp.report import write_report
-    from normexp.rundir import INTERRUPTED, family, parse_metric, read_metrics
+    from normexp.rundir import INTERRUPTED, read_metrics
     from normexp.train import run
 
     summaries = {}
@@ -26,16 +27,16 @@ def main():
         cfg = load(path, [f"run.out_dir={os.path.join(OUT, name)}", f"run.name={name}"])
         print(f"== {name}: {path}", flush=True)
         summaries[name] = run(cfg, resume=True)
-        if summaries[name]["status"] == INTERRUPTED:
+        if summaries[name].status == INTERRUPTED:
             print(f"interrupted; `make demo` again continues from {cfg.run.dir}")
             return 130
     print(f"\n{'run':<9} {'status':<11} {'final val loss':>14} {'tokens/s':>9}")
     for name, s in summaries.items():
-        loss = "-" if s["final_val_loss"] is None else f"{s['final_val_loss']:.4f}"
-        print(f"{name:<9} {s['status']:<11} {loss:>14} {s['tokens_per_s'] or 0:>9.0f}")
+        loss = "-" if s.final_val_loss is None else f"{s.final_val_loss:.4f}"
+        print(f"{name:<9} {s.status:<11} {loss:>14} {s.tokens_per_s or 0:>9.0f}")
     at_init = {name: read_metrics(os.path.join(OUT, name))[0] for name in summaries}
     blocks = sorted((parse_metric(k)[1], k) for k in at_init["pre_ln"]
-                    if parse_metric(k)[0] == family("grad_norm"))
+                    if parse_metric(k)[0] == family(GRAD_NORM))
     print("\ngradient norm per block at initialisation (step 0):")
     print(f"{'block':<10}" + "".join(f"{name:>10}" for name in at_init))
     for index, key in blocks:

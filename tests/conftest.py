@@ -1,7 +1,10 @@
 import os
 import struct
+import shutil
 import subprocess
 import sys
+import tempfile
+import warnings
 
 import pytest
 import yaml
@@ -11,6 +14,26 @@ import yaml
 # before any backend starts; subprocesses inherit it.
 os.environ["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS", ""),
                                                  "--xla_backend_optimization_level=0"]))
+# The suite compiles the same tiny programs many times over: in-process, in the command-line
+# subprocesses, on every xdist worker. XLA's persistent cache compiles each once (test_train.py
+# and test_checkpoint.py on 2 workers: 212 -> 139 s); a cached executable is the one XLA would
+# compile, its key holding the program, the flags and the versions. One folder per session,
+# made by the controller before its workers start (they and every subprocess inherit it) and
+# removed at the end. Tests kill processes mid-write, and jax writes an entry in place: an
+# entry cut short fails to load, and jax then warns and compiles, so those two warnings are
+# silenced here and in every subprocess.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="normexp-tests-xla-")
+    os.environ["NORMEXP_TESTS_OWN_CACHE"] = os.environ["JAX_COMPILATION_CACHE_DIR"]
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+CACHE_WARNINGS = ("Error reading persistent compilation cache entry",
+                  "Error writing persistent compilation cache entry")
+for warning in CACHE_WARNINGS:
+    warnings.filterwarnings("ignore", warning, UserWarning)
+    if warning not in os.environ.get("PYTHONWARNINGS", ""):  # a worker inherits them
+        os.environ["PYTHONWARNINGS"] = ",".join(filter(None, [
+            os.environ.get("PYTHONWARNINGS"), f"ignore:{warning}:UserWarning"]))
 
 from normexp.config import load  # noqa: E402
 
@@ -33,6 +56,13 @@ SLOW_FIRST = (
     "test_accelerator.py::test_quick_check_produces_every_field_on_two_host_devices",  # 30
     "test_notebook.py::test_the_analysis_notebook_executes_on_a_tiny_sweep",  # < 16
 )
+
+
+def pytest_sessionfinish(session):
+    """The controller (or a run without xdist) removes the cache folder it made."""
+    own = os.environ.get("NORMEXP_TESTS_OWN_CACHE")
+    if own and not hasattr(session.config, "workerinput"):
+        shutil.rmtree(own, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(items):

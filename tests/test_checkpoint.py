@@ -1,8 +1,11 @@
 import io
+import itertools
 import os
+import queue
 import shutil
 import subprocess
 import sys
+import threading
 
 import jax.numpy as jnp
 import numpy as np
@@ -158,11 +161,37 @@ def test_with_background_saves_it_drops_the_closed_loop_tracebacks_only():
     stderr.saving_in_background()
     stderr.write("\r 40%|####")  # a progress bar's unfinished line passes at once
     assert stream.getvalue() == "\r 40%|####"
-    for line in (NOISE + "a warning\n" + NOISE + OTHER).splitlines(keepends=True):
-        stderr.write(line)
+    for line in (NOISE + "a warning\n" + NOISE + "\n" + OTHER).splitlines(keepends=True):
+        stderr.write(line)  # the blank line: print() of a traceback's text
     stderr.write("half a li")
     stderr.write("ne\n")
     assert stream.getvalue() == "\r 40%|####" + "a warning\n" + OTHER + "half a line\n"
+
+
+def test_interleaved_tracebacks_of_several_writer_threads_are_all_dropped():
+    """Two of orbax's threads print their tracebacks at once, line by line, alternating (the
+    interleaving forced: each thread writes a line when handed it); a real error passes."""
+    stream = io.StringIO()
+    stderr = StderrFilter(stream)
+    stderr.saving_in_background()
+
+    def thread():  # a write(text) that returns once another thread has written `text`
+        jobs, done = queue.Queue(), threading.Semaphore(0)
+
+        def loop():
+            while (text := jobs.get()) is not None:
+                stderr.write(text)
+                done.release()
+        threading.Thread(target=loop, daemon=True).start()
+        return lambda text: (jobs.put(text), done.acquire(timeout=10))
+
+    first, second = thread(), thread()
+    for a, b in itertools.zip_longest(NOISE.splitlines(keepends=True),
+                                      (NOISE + OTHER).splitlines(keepends=True)):
+        for write, line in ((first, a), (second, b)):
+            if line is not None:
+                write(line)
+    assert stream.getvalue() == OTHER
 
 
 def test_after_a_failed_save_it_writes_to_the_real_fd_without_any_traceback():
@@ -172,7 +201,7 @@ def test_after_a_failed_save_it_writes_to_the_real_fd_without_any_traceback():
     stderr.saving_in_background()
     stderr.write("before\n")
     stderr.writers_failed(write)
-    for text in (NOISE, OTHER, "normexp: error: /r/c: File too large (errno 27)\n"):
+    for text in (NOISE, "\n", OTHER, "normexp: error: /r/c: File too large (errno 27)\n"):
         stderr.write(text)
     stderr.writers_failed(os.dup(read))  # a second failure: fd 2 already went to /dev/null
     stderr.write("after\n")

@@ -2,6 +2,7 @@ import json
 import math
 
 from normexp.completeness import completeness, final_losses
+from normexp.rundir import Summary
 
 
 def _sweep_dir(tmp_path, statuses):
@@ -33,8 +34,7 @@ def test_completeness_counts_every_unfinished_run_of_a_sweep_as_missing(tmp_path
 
 
 def test_final_losses_tell_a_diverged_run_from_one_that_did_not_finish():
-    summaries = [{"status": "completed", "final_val_loss": 2.5},
-                 {"status": "diverged", "final_val_loss": None},
-                 {"status": "completed", "final_val_loss": None},  # not finite at the end
-                 {"status": "failed"}, {"status": "interrupted", "final_val_loss": None}]
+    summaries = [Summary("completed", final_val_loss=2.5), Summary("diverged"),
+                 Summary("completed"),  # not finite at the end
+                 Summary("failed"), Summary("interrupted")]
     assert final_losses(summaries) == [2.5, math.inf, math.inf, None, None]

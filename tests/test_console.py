@@ -2,6 +2,7 @@
 end line."""
 
 from normexp.console import count_parameters, end_line
+from normexp.rundir import Summary
 
 from conftest import normexp, tiny_args
 
@@ -30,14 +31,14 @@ def test_no_lines_with_progress_off(tmp_path):
 
 
 def test_the_end_line_reads_as_the_status():
-    base = {"run_dir": "runs/x", "steps": 300, "final_val_loss": 2.12345, "best_val_loss": 2.1,
-            "tokens_per_s": 28512.3, "diverged_step": None}
-    assert end_line({**base, "status": "completed"}) == (
+    base = Summary("completed", run_dir="runs/x", steps=300, final_val_loss=2.12345,
+                   best_val_loss=2.1, tokens_per_s=28512.3)
+    assert end_line(base) == (
         "runs/x: completed, 300 steps, val loss 2.1235, best 2.1000, 28,512 tokens/s")
-    assert end_line({**base, "status": "diverged", "diverged_step": 41, "steps": 42,
-                     "final_val_loss": None}).startswith("runs/x: diverged at step 41, best")
-    assert end_line({**base, "status": "interrupted", "signal": "SIGTERM", "steps": 7,
-                     "final_val_loss": None, "best_val_loss": None}) == (
+    assert end_line(base.replace(status="diverged", diverged_step=41, steps=42,
+                                 final_val_loss=None)).startswith("runs/x: diverged at step 41, best")
+    assert end_line(base.replace(status="interrupted", signal="SIGTERM", steps=7,
+                                 final_val_loss=None, best_val_loss=None)) == (
         "runs/x: interrupted (SIGTERM) after 7 steps; continue with --resume, 28,512 tokens/s")
 
 
@@ -52,6 +53,5 @@ def test_parameters_are_counted_with_and_without_embeddings(tiny):
 
 
 def test_a_failed_runs_line_says_why_under_the_given_label():
-    line = end_line({"run_dir": "/x/r", "status": "failed", "error": "OSError: disk full"},
-                    label="r")
+    line = end_line(Summary("failed", run_dir="/x/r", error="OSError: disk full"), label="r")
     assert line == "r: failed, OSError: disk full"

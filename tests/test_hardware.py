@@ -122,7 +122,7 @@ def test_the_model_config_resolves_here_and_is_recorded(tiny, tmp_path):
     from normexp.train import run
     summary = run(tiny("train.steps=1", "log.tensorboard=false"))
     record = json.load(open(tmp_path / "run" / "summary.json"))["hardware"]
-    assert summary["hardware"] == record
+    assert summary.hardware == record
     assert record["attention"] == {"value": "einsum", "reason": kernel("auto", CPU).reason}
     assert record["custom_grads"]["value"] is True and record["platform"] == "cpu"
 

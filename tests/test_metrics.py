@@ -78,7 +78,7 @@ def test_param_groups_name_blocks_sublayers_and_the_norms_around_them():
 
 
 def test_per_block_names_each_block_by_the_run_directory_scheme():
-    from normexp.rundir import parse_metric
+    from normexp.metric_names import parse_metric
     named = per_block({"grad_norm/block/attn": np.array([1.0, 2.0]), "loss": np.float32(3.0),
                        "act/block/rms": np.array([4.0, 5.0])})
     assert named == {"grad_norm/block_00/attn": 1.0, "grad_norm/block_01/attn": 2.0,

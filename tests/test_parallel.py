@@ -24,14 +24,14 @@ for kind in ("layernorm", "batchnorm"):
     for mode in ("off", "auto"):
         name = f"{kind}-{mode}"
         summary = run(cfg(name, f"model.norm.kind={kind}", f"train.data_parallel={mode}"))
-        result[name] = {"devices": summary["devices"],
+        result[name] = {"devices": summary.devices,
                         "metrics": read_metrics(f"{out}/{name}/metrics.jsonl")}
 group = run_group([cfg(f"group{s}", f"run.seed={s}") for s in (0, 1)])
-result["group"] = [s["devices"] for s in group]
+result["group"] = [s.devices for s in group]
 from normexp import budget  # a group too large for one device: each member's batch splits
 budget.devices_needed = lambda cfg, vocab, runs, available: available
 group = run_group([cfg(f"wide{s}", f"run.seed={s}") for s in (0, 1)])
-result["wide"] = [s["devices"] for s in group]
+result["wide"] = [s.devices for s in group]
 result["wide1"] = read_metrics(f"{out}/wide1/metrics.jsonl")
 single = run(cfg("seed1", "run.seed=1", "train.data_parallel=off"))
 result["group1"] = read_metrics(f"{out}/group1/metrics.jsonl")

@@ -67,38 +67,27 @@ def test_written_files_get_the_mode_the_umask_gives(tmp_path, umask, mode):
     assert path.read_text() == "y" and os.listdir(tmp_path) == ["summary.json"]
 
 
-def test_metric_names_are_built_and_parsed_by_one_scheme():
-    name = rundir.family("grad_norm", "attn")
-    assert name == "grad_norm/block/attn" and rundir.family("act") == "act/block"
-    assert rundir.block_metric(name, 3) == "grad_norm/block_03/attn"
-    assert rundir.block_metric("grad_norm/block", 12) == "grad_norm/block_12"
-    for family, index in [(name, 3), ("grad_norm/block", 12), ("act/block/kurtosis", 0)]:
-        assert rundir.parse_metric(rundir.block_metric(family, index)) == (family, index)
-    assert rundir.parse_metric("grad_norm/tok_embed") == ("grad_norm/tok_embed", None)
-    assert rundir.parse_metric("val_loss") == ("val_loss", None)
-
-
 def test_status_reads_the_directory_and_a_failure_is_recorded_in_the_summary(tmp_path):
     run_dir = str(tmp_path / "run")
     assert rundir.status(run_dir) == rundir.PENDING
     os.makedirs(run_dir)
     assert rundir.status(run_dir) == rundir.STARTED
-    assert rundir.record_failure(run_dir, ValueError("boom"))["status"] == rundir.FAILED
+    assert rundir.record_failure(run_dir, ValueError("boom")).status == rundir.FAILED
     assert not os.path.exists(os.path.join(run_dir, "summary.json"))  # not a run: no config
     (tmp_path / "run" / "config.yaml").write_text("run:\n  name: x\n")
     rundir.record_failure(run_dir, ValueError("boom"))
     summary = rundir.read_summary(run_dir)
-    assert summary["status"] == rundir.status(run_dir) == rundir.FAILED
-    assert summary["error"] == "ValueError: boom"
+    assert summary.status == rundir.status(run_dir) == rundir.FAILED
+    assert summary.error == "ValueError: boom"
     assert rundir.read_config(run_dir)["run.name"] == "x"
     assert set(rundir.FINISHED) < set(rundir.STATUSES)
     # a run that had trained and been resumed before: its steps and history are kept
     earlier = [{"status": "interrupted", "steps": 4, "signal": "SIGTERM"}]
-    rundir.write_summary(run_dir, {"status": "running", "steps": 4, "history": earlier})
+    rundir.write_summary(run_dir, rundir.Summary("running", steps=4, history=tuple(earlier)))
     rundir.record_failure(run_dir, RuntimeError("worker died"))
-    assert rundir.read_summary(run_dir) == {"status": "failed", "steps": 4, "history": earlier,
-                                            "error": "RuntimeError: worker died",
-                                            "run_dir": os.path.abspath(run_dir)}
+    assert rundir.read_summary(run_dir) == rundir.Summary(
+        "failed", steps=4, history=tuple(earlier), error="RuntimeError: worker died",
+        run_dir=os.path.abspath(run_dir))
 
 
 def test_metrics_lines_write_nan_as_null_and_a_truncated_line_is_skipped(tmp_path):

@@ -64,9 +64,9 @@ def test_a_killed_worker_is_named_and_its_run_taken_over(tmp_path):
            f"takes it over" in done.stderr
     assert set(statuses(sweep).values()) == {"completed"}
     summary = rundir.read_summary(os.path.join(sweep.out_dir, "lr=0.002"))
-    assert summary["history"] == [{"status": "failed", "steps": 0,  # no checkpoint yet
-                                   "error": f"RuntimeError: its sweep worker (pid {pid}) died, "
-                                            f"killed by SIGKILL"}]
+    assert summary.history == ({"status": "failed", "steps": 0,  # no checkpoint yet
+                                "error": f"RuntimeError: its sweep worker (pid {pid}) died, "
+                                         f"killed by SIGKILL"},)
     steps = [m["step"] for m in rundir.read_metrics(os.path.join(sweep.out_dir, "lr=0.002"))]
     assert steps == sorted(set(steps)) and steps[-1] == 12  # resumed, each step logged once
     assert done.stderr.strip().splitlines()[-1].startswith("results:")
@@ -99,7 +99,7 @@ def test_workers_die_with_their_parent(tmp_path):
         done.stderr, rundir.read_summary(os.path.join(sweep.out_dir, "lr=0.001")),
         os.listdir(os.path.join(sweep.out_dir, "lr=0.001")), worker,
         rundir.read_metrics(os.path.join(sweep.out_dir, "lr=0.001"))[-2:])
-    assert rundir.read_summary(os.path.join(sweep.out_dir, "lr=0.001"))["signal"] == "SIGTERM"
+    assert rundir.read_summary(os.path.join(sweep.out_dir, "lr=0.001")).signal == "SIGTERM"
 
 
 def alive(pid):

@@ -5,7 +5,7 @@ from flax import nnx
 
 from normexp import data as data_lib
 from normexp.metrics import per_block
-from normexp.step import due, init_state, loss_fn, make_train_step
+from normexp.step import init_state, loss_fn, make_train_step
 
 
 def flat(tree):
@@ -99,14 +99,6 @@ def test_remat_reduces_memory_in_a_real_loop(tiny):
         return step.memory_analysis().temp_size_in_bytes
 
     assert temp_bytes("train.remat=true") < 0.6 * temp_bytes("model.scan_unroll=1")
-
-
-def test_one_cadence_rule_fires_at_multiples_and_at_the_last_step():
-    assert [s for s in range(10) if due(s, 4, 9)] == [0, 4, 8, 9]
-    assert [s for s in range(10) if due(s, 20, 9)] == [0, 9]
-    import jax.numpy as jnp  # the same rule inside the jitted step
-    assert [s for s in range(10) if bool(jax.jit(due, static_argnums=(1, 2))(jnp.int32(s), 4, 9))] \
-        == [0, 4, 8, 9]
 
 
 def initial_logits(cfg):

@@ -35,7 +35,7 @@ sys.exit(cli.main(sys.argv[3:]))
 def test_bfloat16_trains_with_finite_loss(tiny, tmp_path):
     summary = run(tiny("model.dtype=bfloat16", "train.steps=20"))
     records = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
-    assert summary["status"] == "completed" and all(np.isfinite(r["loss"]) for r in records)
+    assert summary.status == "completed" and all(np.isfinite(r["loss"]) for r in records)
     assert records[-1]["loss"] < records[0]["loss"]
 
 
@@ -44,7 +44,7 @@ def test_tiny_run_end_to_end(tiny, tmp_path):
     summary = run(cfg)
     run_dir = tmp_path / "run"
     assert sorted(os.listdir(run_dir / "checkpoints")) == ["36", "40"]  # every 4, the last 2 kept
-    assert summary["status"] == "completed" and summary["steps"] == 40
+    assert summary.status == "completed" and summary.steps == 40
     on_disk = json.loads((run_dir / "summary.json").read_text())
     for key in ("status", "steps", "diverged_step", "final_val_loss", "best_val_loss",
                 "tokens_per_s", "compile_seconds", "data_fingerprint", "versions"):
@@ -157,15 +157,16 @@ def test_killed_and_resumed_run_equals_the_uninterrupted_one(tmp_path, reference
 
 def test_compile_cache_is_written_and_reused(tiny, tmp_path):
     cache = tmp_path / "cache"
+    suite_cache = jax.config.jax_compilation_cache_dir  # conftest's, or None
     try:
         run(tiny("train.steps=2", f"train.compile_cache={cache}"))
-    finally:  # leave later tests in this process without a persistent cache
-        jax.config.update("jax_compilation_cache_dir", None)
+    finally:  # leave later tests in this process with the cache they had
+        jax.config.update("jax_compilation_cache_dir", suite_cache)
         compilation_cache.reset_cache()
 
-    def entries():
+    def entries():  # the executables (jax also keeps access times when its cache is bounded)
         return {f: os.stat(cache / f).st_mtime_ns for f in os.listdir(cache)
-                if f.startswith(("jit_train_step", "jit_eval"))}
+                if f.startswith(("jit_train_step", "jit_eval")) and f.endswith("-cache")}
 
     first = entries()
     assert len(first) == 2  # the train step and the eval step were persisted
@@ -196,8 +197,8 @@ def test_batchnorm_running_statistics_are_checkpointed_and_its_leak_reported(tin
         np.testing.assert_array_equal(a, b)
 
     summary = run(cfg)  # evaluates with the running statistics, and says that it leaks
-    assert summary["status"] == "completed" and np.isfinite(summary["final_val_loss"])
-    assert summary["norms"] == {"kind": "batchnorm", "placement": "pre",
+    assert summary.status == "completed" and np.isfinite(summary.final_val_loss)
+    assert summary.norms == {"kind": "batchnorm", "placement": "pre",
                                 "leaks_across_positions": True, "batch_statistics": True}
     assert "model.norm.kind=batchnorm pools statistics over positions" in capsys.readouterr().err
 
@@ -268,14 +269,14 @@ def test_a_signal_at_any_moment_never_marks_an_unfinished_run_completed(
             patch.setattr(train_lib, "make_eval_step", signalling_eval(count))
         summary = run(cfg)
     if stopped_after == 60:
-        assert summary["status"] == "completed" and summary["steps"] == 60
+        assert summary.status == "completed" and summary.steps == 60
     else:
-        assert summary["status"] == "interrupted" and summary["steps"] == stopped_after
-        assert summary["signal"] == "SIGTERM"
+        assert summary.status == "interrupted" and summary.steps == stopped_after
+        assert summary.signal == "SIGTERM"
         assert str(stopped_after) in os.listdir(tmp_path / "run" / "checkpoints")
         summary = run(cfg, resume=True)
-    assert summary["status"] == "completed" and summary["steps"] == 60
-    assert summary["final_val_loss"] == reference["final_val_loss"]
+    assert summary.status == "completed" and summary.steps == 60
+    assert summary.final_val_loss == reference.final_val_loss
     assert train_records(tmp_path / "run") == reference_records
 
 
