@@ -37,24 +37,25 @@ for warning in CACHE_WARNINGS:
 
 from normexp.config import load  # noqa: E402
 
-# The tests that take longest (seconds on one xdist worker, a fresh clone, 2026-12-06), run
+# The tests that take longest (seconds on one xdist worker, a fresh copy, 2026-12-06), run
 # first: pytest-xdist hands tests out in order, so these overlap the rest instead of ending the
 # suite alone. README's Tests section lists them with their cost.
 SLOW_FIRST = (
-    "test_parallel.py::test_two_processes_train_as_one_job_stop_together_and_resume",  # 124
-    "test_claims.py::test_every_claim_runs_on_a_tiny_setup_and_writes_its_table",  # 94
-    "test_bench.py::test_quick_bench_produces_every_figure",  # 53
-    "test_parallel.py::test_data_parallel_over_four_devices_equals_one_device",  # 40
-    "test_sweep.py::test_a_killed_sweep_reruns_to_the_table_of_an_uninterrupted_one",  # 40
-    "test_step.py::test_every_way_of_applying_the_blocks_gives_the_same_gradients",  # 2 x 35
-    "test_scheduler.py::test_a_killed_worker_is_named_and_its_run_taken_over",  # 37
-    "test_claims.py::test_claims_command_runs_one_claim_at_a_changed_size",  # 22
-    "test_train.py::test_killed_and_resumed_run_equals_the_uninterrupted_one",  # 5 x 23-26
-    "test_checkpoint.py::test_a_damaged_latest_checkpoint_is_set_aside",  # 6 x < 16
+    "test_parallel.py::test_two_processes_train_as_one_job_stop_together_and_resume",  # 106
+    "test_claims.py::test_every_claim_runs_on_a_tiny_setup_and_writes_its_table",  # 84
+    "test_bench.py::test_quick_bench_produces_every_figure",  # 49
+    "test_sweep.py::test_a_killed_sweep_reruns_to_the_table_of_an_uninterrupted_one",  # 37
+    "test_parallel.py::test_data_parallel_over_four_devices_equals_one_device",  # 35
+    "test_scheduler.py::test_a_killed_worker_is_named_and_its_run_taken_over",  # 34
+    "test_accelerator.py::test_quick_check_produces_every_field_on_two_host_devices",  # 34
+    "test_step.py::test_every_way_of_applying_the_blocks_gives_the_same_gradients",  # 2 x 29
+    "test_sweep.py::test_max_parallel_workers_train_each_run_once",  # 20
+    "test_scheduler.py::test_workers_die_with_their_parent",  # 19
+    "test_claims.py::test_claims_command_runs_one_claim_at_a_changed_size",  # 19
     "test_scheduler.py::test_sigterm_to_the_parent_stops_every_worker",  # 17
-    "test_rundir.py::test_existing_run_dir_is_never_replaced_silently",  # 28
-    "test_accelerator.py::test_quick_check_produces_every_field_on_two_host_devices",  # 30
-    "test_notebook.py::test_the_analysis_notebook_executes_on_a_tiny_sweep",  # < 16
+    "test_rundir.py::test_existing_run_dir_is_never_replaced_silently",  # 15
+    "test_train.py::test_killed_and_resumed_run_equals_the_uninterrupted_one",  # 5 x 11-15
+    "test_notebook.py::test_the_analysis_notebook_executes_on_a_tiny_sweep",  # 14 with setup
 )
 
 
