@@ -11,11 +11,11 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from normexp.metric_names import (BLOCK, GRAD_NORM, GRAD_RMS, LOGITS, LOSS, LR, Z_LOSS, due,
+                                  family)
 from normexp.metrics import block_observer, grad_rms, layer_stats, output_logit_stats, when
 from normexp.model import evaluation_view, make_model
 from normexp.optim import learning_rate, make_optimizer
-from normexp.metric_names import (BLOCK, GRAD_NORM, GRAD_RMS, LOGITS, LOSS, LR, Z_LOSS, due,
-                                  family)
 from normexp.weights import project
 
 

@@ -176,9 +176,9 @@ def _train_cfgs(scale, out, study, overrides):
 
 
 def train_seeds(scale, out, study, overrides):
-    """Train (or reuse) one vectorized group of seeds; returns their summaries, with run_dir."""
-    cfgs = _train_cfgs(scale, out, study, overrides)
-    return [s.replace(run_dir=c.run.dir) for c, s in zip(cfgs, run_group(cfgs, resume=True))]
+    """Train (or reuse) one vectorized group of seeds; returns their summaries (each names its
+    run_dir)."""
+    return run_group(_train_cfgs(scale, out, study, overrides), resume=True)
 
 
 def warmup_overrides(scale, placement, warmup):
