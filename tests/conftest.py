@@ -9,11 +9,16 @@ import warnings
 import pytest
 import yaml
 
-# Tests compile a few hundred tiny programs, where LLVM's optimisation passes are most of the
-# compile time; level 0 compiles ~40% faster and changes no semantics (no fast-math). Set
-# before any backend starts; subprocesses inherit it.
-os.environ["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS", ""),
-                                                 "--xla_backend_optimization_level=0"]))
+# Tests compile a few hundred tiny programs, and compiling is most of the suite's time. Three
+# XLA:CPU flags make it cheaper and change no semantics (no fast-math): LLVM's optimisation
+# level 0 (~40% faster); XLA's own loop emitters for fusions instead of the MLIR fusion
+# emitters, and one codegen thread (test_placement, test_norms and test_step on 2 workers:
+# 236 -> 97 s). Users' runs, `make demo` and `normexp bench` run XLA's defaults. Set before
+# any backend starts; subprocesses inherit them.
+TEST_XLA_FLAGS = ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false",
+                  "--xla_cpu_parallel_codegen_split_count=1")
+os.environ["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS", ""), *(
+    flag for flag in TEST_XLA_FLAGS if flag not in os.environ.get("XLA_FLAGS", ""))]))
 # The suite compiles the same tiny programs many times over: in-process, in the command-line
 # subprocesses, on every xdist worker. XLA's persistent cache compiles each once (test_train.py
 # and test_checkpoint.py on 2 workers: 212 -> 139 s); a cached executable is the one XLA would
@@ -37,25 +42,25 @@ for warning in CACHE_WARNINGS:
 
 from normexp.config import load  # noqa: E402
 
-# The tests that take longest (seconds on one xdist worker, a fresh copy, 2026-12-06), run
-# first: pytest-xdist hands tests out in order, so these overlap the rest instead of ending the
-# suite alone. README's Tests section lists them with their cost.
+# The tests that take longest (seconds on one xdist worker, 2026-12-06, that run's
+# --durations), run first: pytest-xdist hands tests out in order, so these overlap the rest
+# instead of ending the suite alone. README's Tests section lists them with their cost.
 SLOW_FIRST = (
-    "test_parallel.py::test_two_processes_train_as_one_job_stop_together_and_resume",  # 106
-    "test_claims.py::test_every_claim_runs_on_a_tiny_setup_and_writes_its_table",  # 84
-    "test_bench.py::test_quick_bench_produces_every_figure",  # 49
-    "test_sweep.py::test_a_killed_sweep_reruns_to_the_table_of_an_uninterrupted_one",  # 37
-    "test_parallel.py::test_data_parallel_over_four_devices_equals_one_device",  # 35
-    "test_scheduler.py::test_a_killed_worker_is_named_and_its_run_taken_over",  # 34
-    "test_accelerator.py::test_quick_check_produces_every_field_on_two_host_devices",  # 34
-    "test_step.py::test_every_way_of_applying_the_blocks_gives_the_same_gradients",  # 2 x 29
-    "test_sweep.py::test_max_parallel_workers_train_each_run_once",  # 20
-    "test_scheduler.py::test_workers_die_with_their_parent",  # 19
-    "test_claims.py::test_claims_command_runs_one_claim_at_a_changed_size",  # 19
-    "test_scheduler.py::test_sigterm_to_the_parent_stops_every_worker",  # 17
-    "test_rundir.py::test_existing_run_dir_is_never_replaced_silently",  # 15
-    "test_train.py::test_killed_and_resumed_run_equals_the_uninterrupted_one",  # 5 x 11-15
-    "test_notebook.py::test_the_analysis_notebook_executes_on_a_tiny_sweep",  # 14 with setup
+    "test_parallel.py::test_two_processes_train_as_one_job_stop_together_and_resume",  # 78
+    "test_claims.py::test_every_claim_runs_on_a_tiny_setup_and_writes_its_table",  # 49
+    "test_bench.py::test_quick_bench_produces_every_figure",  # 28
+    "test_sweep.py::test_a_killed_sweep_reruns_to_the_table_of_an_uninterrupted_one",  # 24
+    "test_scheduler.py::test_a_killed_worker_is_named_and_its_run_taken_over",  # 18
+    "test_accelerator.py::test_quick_check_produces_every_field_on_two_host_devices",  # 17
+    "test_parallel.py::test_data_parallel_over_four_devices_equals_one_device",  # 16
+    "test_step.py::test_every_way_of_applying_the_blocks_gives_the_same_gradients",  # 14 + 9
+    "test_rundir.py::test_existing_run_dir_is_never_replaced_silently",  # 14
+    "test_sweep.py::test_max_parallel_workers_train_each_run_once",  # 13
+    "test_claims.py::test_claims_command_runs_one_claim_at_a_changed_size",  # 13
+    "test_scheduler.py::test_sigterm_to_the_parent_stops_every_worker",  # 12
+    "test_scheduler.py::test_workers_die_with_their_parent",  # 10
+    "test_train.py::test_killed_and_resumed_run_equals_the_uninterrupted_one",  # 5 x 8-11
+    "test_notebook.py::test_the_analysis_notebook_executes_on_a_tiny_sweep",  # 5 with setup
 )
 
 
