@@ -181,8 +181,10 @@ class LogConfig:
     grad_norms: bool = opt(True, "per-block gradient, parameter and update/parameter norms, at "
                                  "log steps")
     activations: bool = opt(False, "per-block activation statistics at log steps: residual "
-                                   "stream mean, RMS, excess kurtosis, and the RMS of each "
-                                   "sublayer norm's output")
+                                   "stream mean, variance, RMS, excess kurtosis; each "
+                                   "sublayer's residual update ratio; the RMS of each sublayer "
+                                   "norm's and each linear layer's output; DyT and Derf "
+                                   "saturation and alpha")
     attention: bool = opt(False, "instability diagnostics at log steps: attention logits, "
                                  "entropy, sinks, massive activations, log Z, gradient RMS")
     tensorboard: bool = opt(True, "also write TensorBoard events (tensorboardX)")

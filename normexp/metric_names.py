@@ -19,7 +19,7 @@ Z_LOSS = "z_loss"  # the term optim.z_loss adds to the loss
 PARAM_NORM = "param_norm"  # with a layer: of that layer's parameters as the model uses them
 UPDATE_RATIO = "update_ratio"  # ||update|| / ||parameters||, with a layer: of that layer's
 GRAD_RMS = "grad_rms"  # the gradient's RMS over every entry (log.attention)
-ACT = "act"  # the residual stream and sublayer norms' outputs, per block (log.activations)
+ACT = "act"  # the residual stream, its updates, norms' and linears' outputs (log.activations)
 ATTN = "attn"  # attention's logits, entropy and weights, per block (log.attention)
 LOGITS = "logits"  # the output logits: logits/lse_mean, logits/max (log.attention)
 

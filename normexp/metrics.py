@@ -3,9 +3,11 @@
 - Per layer: gradient norms `grad_norm/block_03` (the whole block), `grad_norm/block_03/attn`,
   `.../mlp`, `.../norm`, `grad_norm/tok_embed`, `grad_norm/pos_embed`, `grad_norm/final_norm`;
   `param_norm/<layer>` and `update_ratio/<layer>` (||update|| / ||param||).
-- Per block, from what the model records (`block_observer`): the residual stream's `mean`,
-  `rms` and `kurtosis`, and `<sublayer>_<input|output>_norm_rms`, the RMS of each sublayer
-  norm's output, under `act/block_03/...` (`log.activations`).
+- Per block, from what the model records (`block_observer`), under `act/block_03/...`
+  (`log.activations`): the residual stream's `mean`, `var`, `rms` and `kurtosis`; each
+  sublayer's residual update ratio `<attn|mlp>_update_ratio`; `<sublayer>_<input|output>_norm_rms`,
+  the RMS of each sublayer norm's output; `<q|k|v|proj|up|down>_rms`, each linear layer's
+  output RMS; for DyT and Derf norms `<norm>_saturation` and `<norm>_alpha`.
 - The instability diagnostics (`log.attention`): `attn/block_03/...` (`attention_stats`),
   `act/block_03/massive`, `logits/lse_mean` and `logits/max`, `grad_rms/block_03` and
   `grad_rms`.
@@ -88,12 +90,14 @@ def layer_stats(params, grads, updates):
 
 
 def stream_stats(x_NxC):
-    """Mean, RMS and excess kurtosis E[(x - mean)^4] / var^2 - 3 of all entries, in float32."""
+    """Mean, variance E[(x - mean)^2], RMS and excess kurtosis E[(x - mean)^4] / var^2 - 3 of
+    all entries, in float32."""
     x = jax.lax.stop_gradient(x_NxC).astype(jnp.float32)
     mean = x.mean()
     var = jnp.mean(jnp.square(x - mean))
     kurtosis = jnp.mean(jnp.square(jnp.square(x - mean))) / jnp.square(var) - 3.0
-    return {"mean": mean, "rms": jnp.sqrt(jnp.mean(jnp.square(x))), "kurtosis": kurtosis}
+    return {"mean": mean, "var": var, "rms": jnp.sqrt(jnp.mean(jnp.square(x))),
+            "kurtosis": kurtosis}
 
 
 def rms(x):
@@ -101,11 +105,40 @@ def rms(x):
     return jnp.sqrt(jnp.mean(jnp.square(x)))
 
 
+def update_ratio(before_NxC, after_NxC):
+    """||after - before||_F / ||before||_F: how much a sublayer's rule changed the residual
+    stream. Under Pre-Norm x + F(N(x)) it is ||F(N(x))|| / ||x||, the residual update ratio of
+    the Curse of Depth (Sun et al. 2025) and Peri-LN (Kim et al. 2025); under Post-Norm the
+    change includes the renormalization N(x + F(x)) - x."""
+    before = jax.lax.stop_gradient(before_NxC).astype(jnp.float32)
+    after = jax.lax.stop_gradient(after_NxC).astype(jnp.float32)
+    return jnp.sqrt(jnp.sum(jnp.square(after - before)) / jnp.sum(jnp.square(before)))
+
+
+def saturation(squash):
+    """The share of a DyT or Derf norm's inputs where the squashing function saturates:
+    |alpha x + s| > 2 (tanh(2) = 0.96, erf(2) = 0.995)."""
+    z = squash["alpha"] * jax.lax.stop_gradient(squash["x"]).astype(jnp.float32) + squash["shift"]
+    return jnp.mean((jnp.abs(z) > 2.0).astype(jnp.float32))
+
+
 def block_stats(seen):
     """One block's activation statistics from what it recorded (see `model.Block`): the
-    stream's, and the RMS of each sublayer norm's output."""
+    output stream's (`stream_stats`); `attn_update_ratio` and `mlp_update_ratio`
+    (`update_ratio` of the stream across each sublayer's rule); the RMS of each sublayer
+    norm's output (`attn_input_norm_rms`, ...) and of each linear layer's (`q_rms`, `k_rms`,
+    `v_rms`, `proj_rms`, `up_rms`, `down_rms`: Rybakov et al. 2024); for DyT and Derf norms
+    their `saturation` and learned `alpha` (`attn_input_norm_saturation`, ...)."""
     stats = stream_stats(seen["stream"])
+    stats["attn_update_ratio"] = update_ratio(seen["attn_in"], seen["mlp_in"])
+    stats["mlp_update_ratio"] = update_ratio(seen["mlp_in"], seen["stream"])
     stats.update({f"{name}_rms": rms(x) for name, x in seen.items() if name.endswith("_norm")})
+    stats.update({f"{name}_rms": rms(x) for name, x in seen["linear"].items()})
+    for name, squash in seen.items():
+        if name.endswith("_squash"):
+            norm = name.removesuffix("_squash")
+            stats[f"{norm}_saturation"] = saturation(squash)
+            stats[f"{norm}_alpha"] = squash["alpha"].astype(jnp.float32)
     return stats
 
 
@@ -219,6 +252,9 @@ def when(record, fn, *args):
     return jax.lax.cond(record, fn, skip, *args)
 
 
+ATTENTION_ONLY = ("attn_q", "attn_k")  # what a block records for `attention_stats` alone
+
+
 def block_observer(record, *, activations=True, attention=False):
     """The `observe` function a model is called with: per block, {"act": ...} (with
     `activations`: `block_stats`; with `attention`: also `massive`) and {"attn": ...}
@@ -235,8 +271,8 @@ def block_observer(record, *, activations=True, attention=False):
 
     def observe(seen):
         used = {name: x for name, x in seen.items()
-                if (attention or name not in ("attn_q", "attn_k")) and
-                (activations or not name.endswith("_norm"))}
+                if (activations and name not in ATTENTION_ONLY) or
+                (attention and name in ("stream", *ATTENTION_ONLY))}
         return when(record, stats, used)
     return observe
 

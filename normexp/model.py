@@ -85,11 +85,15 @@ class Attention(nnx.Module):
 
     def __call__(self, x_NxC, seq_len, seen=None):
         """The attention output; with `seen` (a dict) it also keeps the queries and keys the
-        logits are made of, `attn_q` and `attn_k` ([B, T, H, K], after any norm)."""
+        logits are made of, `attn_q` and `attn_k` ([B, T, H, K], after any norm), and the
+        outputs of its linear layers in `seen["linear"]`: `q`, `k`, `v` (the QKV projection's,
+        before any norm) and `proj`."""
         N, C = x_NxC.shape
         T, H = seq_len, self.n_head
         B, K = N // T, C // H
         q_NxC, k_NxC, v_NxC = jnp.split(self.qkv(x_NxC), 3, axis=-1)
+        if seen is not None:
+            seen.setdefault("linear", {}).update(q=q_NxC, k=k_NxC, v=v_NxC)
         if self.q_norm is not None:
             q_NxC, k_NxC, v_NxC = self.q_norm(q_NxC), self.k_norm(k_NxC), self.v_norm(v_NxC)
         if self.q_head_norm is not None:
@@ -114,7 +118,10 @@ class Attention(nnx.Module):
             y_BxTxHxK = y_BxHxTxK.transpose(0, 2, 1, 3)
         if self.head_scale is not None:
             y_BxTxHxK = y_BxTxHxK * self.head_scale[...].astype(y_BxTxHxK.dtype)[:, None]
-        return self.proj(y_BxTxHxK.reshape(N, C))
+        y_NxC = self.proj(y_BxTxHxK.reshape(N, C))
+        if seen is not None:
+            seen["linear"]["proj"] = y_NxC
+        return y_NxC
 
 
 class MLP(nnx.Module):
@@ -138,14 +145,21 @@ class MLP(nnx.Module):
         self.s_u, self.width_scale = (Scaling((F,), 1.0, 1.0), math.sqrt(C)) if sphere else (
             None, 1.0)
 
-    def __call__(self, x_NxC):
+    def __call__(self, x_NxC, seen=None):
+        """W2 act(W1 x); with `seen` (a dict) it also keeps its linear layers' outputs in
+        `seen["linear"]`: `up` (W1 x) and `down` (the MLP's output)."""
         u_NxF = self.up(x_NxC)
+        if seen is not None:
+            seen.setdefault("linear", {})["up"] = u_NxF
         if self.s_u is not None:
             u_NxF = u_NxF * (self.s_u() * self.width_scale).astype(u_NxF.dtype)
         h_NxF = self.act(u_NxF)
         if self.mid_norm is not None:
             h_NxF = self.mid_norm(h_NxF)
-        return self.down(h_NxF)
+        y_NxC = self.down(h_NxF)
+        if seen is not None:
+            seen["linear"]["down"] = y_NxC
+        return y_NxC
 
 
 class Gate(nnx.Module):
@@ -172,7 +186,8 @@ class SublayerNorms(nnx.Module):
 class RecordedNorms:
     """A sublayer's norms as its placement rule sees them, each output kept in `seen` under
     `<sublayer>_input_norm` or `<sublayer>_output_norm` (the norm's slot, not its position:
-    Pre-Norm's input norm gives N(x), Post-Norm's output norm N(x + F(x)))."""
+    Pre-Norm's input norm gives N(x), Post-Norm's output norm N(x + F(x))); a squashing norm
+    (DyT, Derf) also keeps its input and its alpha and shift under `<slot name>_squash`."""
 
     def __init__(self, norms, sublayer, seen):
         self.gate, self.eigen = norms.gate, norms.eigen
@@ -186,6 +201,9 @@ class RecordedNorms:
 
         def call(x):
             seen[name] = y = norm(x)
+            if norm.squashes:
+                alpha, shift = norm.squash_params()
+                seen[f"{name}_squash"] = {"x": x, "alpha": alpha, "shift": shift}
             return y
         return call
 
@@ -210,18 +228,23 @@ class Block(nnx.Module):
 
     def __call__(self, stream, seq_len, depth, observe=None):
         """The block's output stream; with `observe` also `observe(seen)`, where `seen` holds
-        the output stream (`stream`), the output of every sublayer norm (RecordedNorms) and the
-        attention's queries and keys (`attn_q`, `attn_k`)."""
-        attn_norms, mlp_norms, seen = self.attn_norms, self.mlp_norms, {}
-        attn = lambda h: self.attn(h, seq_len, seen if observe is not None else None)
-        if observe is not None:
-            attn_norms = RecordedNorms(attn_norms, "attn", seen)
-            mlp_norms = RecordedNorms(mlp_norms, "mlp", seen)
-        stream = self.place.attn(stream, attn, attn_norms, depth)
-        stream = self.place.mlp(stream, self.mlp, mlp_norms, depth)
+        the stream entering each sublayer's rule (`attn_in`, `mlp_in`) and leaving the block
+        (`stream`; ResiDual's: its x stream), the output of every sublayer norm
+        (RecordedNorms), the attention's queries and keys (`attn_q`, `attn_k`) and the linear
+        layers' outputs (`linear`)."""
         if observe is None:
-            return stream
-        seen["stream"] = stream[0] if isinstance(stream, tuple) else stream
+            stream = self.place.attn(stream, lambda h: self.attn(h, seq_len), self.attn_norms,
+                                     depth)
+            return self.place.mlp(stream, self.mlp, self.mlp_norms, depth)
+        seen = {}
+        x = lambda s: s[0] if isinstance(s, tuple) else s
+        seen["attn_in"] = x(stream)
+        stream = self.place.attn(stream, lambda h: self.attn(h, seq_len, seen),
+                                 RecordedNorms(self.attn_norms, "attn", seen), depth)
+        seen["mlp_in"] = x(stream)
+        stream = self.place.mlp(stream, lambda h: self.mlp(h, seen),
+                                RecordedNorms(self.mlp_norms, "mlp", seen), depth)
+        seen["stream"] = x(stream)
         return stream, observe(seen)
 
 

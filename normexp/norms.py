@@ -42,6 +42,7 @@ class Norm:
     leaks_across_positions = False
     weight_normalized_kernels = False  # the model weight-normalizes its attention and MLP kernels
     has_gain = True  # a learned gain gamma, which `model.norm.unit_offset` stores as 1 + w
+    squashes = False  # y = gamma f(alpha x + s) + beta, f saturating; `squash_params`: (alpha, s)
     partial_rms = False  # takes `model.norm.partial`
 
     @classmethod
@@ -295,9 +296,15 @@ class DynamicTanh(Norm, nnx.Module):
         self.alpha = nnx.Param(jnp.full((), alpha, jnp.float32))
         self.gain_and_bias(dim, cfg)
 
+    squashes = True
+
     def __call__(self, x):
         y = jnp.tanh(self.alpha[...].astype(self.dtype) * x.astype(self.dtype))
         return self.affine(y).astype(x.dtype)
+
+    def squash_params(self):
+        """(alpha, s) of y = gamma tanh(alpha x + s) + beta: s = 0."""
+        return self.alpha[...], jnp.zeros((), jnp.float32)
 
 
 class DynamicErf(DynamicTanh):
@@ -317,6 +324,9 @@ class DynamicErf(DynamicTanh):
     def __call__(self, x):
         z = self.alpha[...].astype(self.dtype) * x.astype(self.dtype)
         return self.affine(jax.lax.erf(z + self.shift[...].astype(self.dtype))).astype(x.dtype)
+
+    def squash_params(self):
+        return self.alpha[...], self.shift[...]
 
 
 class Identity(Norm, nnx.Module):

@@ -1,7 +1,10 @@
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from normexp.metrics import block_observer, param_group, per_block
 
@@ -22,13 +25,16 @@ def reference_stats(x):
             "kurtosis": np.mean(centred ** 4) / np.mean(centred ** 2) ** 2 - 3}
 
 
+STREAM = {"mean", "var", "rms", "kurtosis", "attn_update_ratio", "mlp_update_ratio"}
+LINEAR = {"q_rms", "k_rms", "v_rms", "proj_rms", "up_rms", "down_rms"}
+
+
 def test_activation_statistics_match_a_numpy_reference(tiny):
     model = model_of(tiny, "model.placement=pre", "model.final_norm=false", "model.init_std=0.3")
     x = tokens()
     logits, stats = model(x, observe=acts(jnp.asarray(True)))
     np.testing.assert_array_equal(logits, model(x))  # recording changes nothing computed
-    assert set(stats) == {"mean", "rms", "kurtosis", "attn_input_norm_rms",
-                          "mlp_input_norm_rms"}
+    assert set(stats) == STREAM | LINEAR | {"attn_input_norm_rms", "mlp_input_norm_rms"}
     assert all(v.shape == (2,) for v in stats.values())
     last = reference_stats(model.features(x))  # no final norm: the last block's output
     for key, value in last.items():
@@ -44,20 +50,106 @@ def test_activation_statistics_match_a_numpy_reference(tiny):
     assert all(float(jnp.abs(v).max()) == 0.0 for v in off.values())
 
 
+def np_layer_norm(x, p, prefix, i):
+    y = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-5)
+    return y * p[f"{prefix}/scale"][i] + p[f"{prefix}/bias"][i]
+
+
+def np_pre_ln_blocks(p, tokens_BxT, n_head):
+    """Pre-LN blocks x + Attn(LN(x)), x + MLP(LN(x)) in float64, with what each block's
+    statistics are made of: the stream before each sublayer and after the block, and the
+    outputs of the linear layers (Rybakov et al. 2024's q, k, v, proj, up, down)."""
+    erf = np.vectorize(math.erf)
+    B, T_ = tokens_BxT.shape
+    x = (p["tok_embed/embedding"][tokens_BxT] + p["pos_embed"][:T_]).reshape(B * T_, -1)
+    C = x.shape[1]
+    H, K = n_head, C // n_head
+    blocks = []
+    for i in range(p["blocks/attn/qkv/kernel"].shape[0]):
+        linear = lambda h, name: h @ p[f"blocks/{name}/kernel"][i] + p[f"blocks/{name}/bias"][i]
+        seen = {"attn_in": x}
+        q, k, v = np.split(linear(np_layer_norm(x, p, "blocks/attn_norms/input", i), "attn/qkv"),
+                           3, axis=-1)
+        z = np.einsum("bthk,bshk->bhts", *(a.reshape(B, T_, H, K) for a in (q, k))) / np.sqrt(K)
+        z = z + np.triu(np.full((T_, T_), -np.inf), k=1)
+        a = np.exp(z - z.max(-1, keepdims=True))
+        a /= a.sum(-1, keepdims=True)
+        y = np.einsum("bhts,bshk->bthk", a, v.reshape(B, T_, H, K)).reshape(B * T_, C)
+        proj = linear(y, "attn/proj")
+        x = seen["mlp_in"] = x + proj
+        up = linear(np_layer_norm(x, p, "blocks/mlp_norms/input", i), "mlp/up")
+        down = linear(0.5 * up * (1 + erf(up / np.sqrt(2))), "mlp/down")
+        x = seen["stream"] = x + down
+        seen.update(q=q, k=k, v=v, proj=proj, up=up, down=down)
+        blocks.append(seen)
+    return blocks
+
+
+def test_update_ratios_variance_and_linear_outputs_match_a_numpy_reference(tiny):
+    """Random (non-init) parameters everywhere, against the float64 forward written out."""
+    model = model_of(tiny, "model.placement=pre", "model.final_norm=false")
+    rng = np.random.default_rng(0)
+    for _, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        var[...] = jnp.asarray(rng.normal(0.0, 0.3, var.shape), jnp.float32)
+    p = {"/".join(map(str, path)): np.asarray(v[...], np.float64)
+         for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    x = tokens()
+    _, stats = model(x, observe=acts(jnp.asarray(True)))
+    norm = lambda a: np.sqrt(np.sum(a ** 2))
+    for i, seen in enumerate(np_pre_ln_blocks(p, np.asarray(x), n_head=2)):
+        expected = {
+            "attn_update_ratio": norm(seen["mlp_in"] - seen["attn_in"]) / norm(seen["attn_in"]),
+            "mlp_update_ratio": norm(seen["stream"] - seen["mlp_in"]) / norm(seen["mlp_in"]),
+            "var": np.var(seen["stream"]),
+            **{f"{name}_rms": np.sqrt(np.mean(seen[name] ** 2))
+               for name in ("q", "k", "v", "proj", "up", "down")}}
+        for key, value in expected.items():
+            assert float(stats[key][i]) == pytest.approx(value, rel=1e-4), (i, key)
+
+
+@pytest.mark.parametrize("kind", ["dyt", "derf"])
+def test_saturation_and_alpha_of_squashing_norms_match_a_numpy_reference(tiny, kind):
+    model = model_of(tiny, f"model.norm.kind={kind}", "model.norm.alpha_attn=5.0",
+                     "model.final_norm=false", "model.init_std=0.3")
+    alphas = {"attn": np.array([5.0, 3.0]), "mlp": np.array([0.5, 8.0])}
+    for sublayer, norms in (("attn", model.blocks.attn_norms), ("mlp", model.blocks.mlp_norms)):
+        norms.input.alpha[...] = jnp.asarray(alphas[sublayer], jnp.float32)
+        if kind == "derf":  # a shift moves the saturated region: it must count
+            norms.input.shift[...] = jnp.asarray([0.5, -1.0], jnp.float32)
+    _, seen_by_block = model(tokens(), observe=lambda seen: seen)  # stacked [L, ...]
+    _, stats = model(tokens(), observe=acts(jnp.asarray(True)))
+    for sublayer in ("attn", "mlp"):
+        name = f"{sublayer}_input_norm"
+        shift = np.asarray(seen_by_block[f"{name}_squash"]["shift"], np.float64)
+        if kind == "derf":
+            np.testing.assert_array_equal(shift, [0.5, -1.0])
+        for i in range(2):
+            # the norm's input under Pre-Norm: the stream entering the sublayer
+            x = np.asarray(seen_by_block[f"{sublayer}_in"][i], np.float64)
+            z = alphas[sublayer][i] * x + shift[i]
+            assert float(stats[f"{name}_saturation"][i]) == pytest.approx(
+                np.mean(np.abs(z) > 2.0), abs=1e-6)
+        np.testing.assert_allclose(stats[f"{name}_alpha"], alphas[sublayer])
+    assert 0.05 < float(stats["attn_input_norm_saturation"][0]) < 0.95  # the test can fail
+    assert set(stats) >= {"attn_input_norm_saturation", "mlp_input_norm_alpha"}
+    plain = model_of(tiny, "model.final_norm=false")
+    _, stats = plain(tokens(), observe=acts(jnp.asarray(True)))
+    assert not any(key.endswith(("_saturation", "_alpha")) for key in stats)  # LayerNorm
+
+
 def test_activation_statistics_follow_the_placement(tiny):
     post = model_of(tiny, "model.placement=post", "model.final_norm=false", "model.init_std=0.3")
     _, stats = post(tokens(), observe=acts(jnp.asarray(True)))
     # Post-Norm has output norms only, N(x + F(x)), which leave unit-RMS tokens (gain 1, bias 0)
-    assert set(stats) == {"mean", "rms", "kurtosis", "attn_output_norm_rms",
-                          "mlp_output_norm_rms"}
+    assert set(stats) == STREAM | LINEAR | {"attn_output_norm_rms", "mlp_output_norm_rms"}
     np.testing.assert_allclose(stats["attn_output_norm_rms"], 1.0, rtol=1e-3)
     np.testing.assert_allclose(stats["rms"], 1.0, rtol=1e-3)  # and so is the stream
     # Sandwich has both, each recorded under its own name: N_in(x) and N_out(F(N_in(x)))
     sandwich = model_of(tiny, "model.placement=sandwich", "model.init_std=0.3")
     seen = {}
     _, stats = sandwich(tokens(), observe=lambda s: seen.setdefault(len(seen), s) and {})
-    assert set(seen[0]) == {"stream", "attn_input_norm", "attn_output_norm",
-                            "mlp_input_norm", "mlp_output_norm", "attn_q", "attn_k"}
+    assert set(seen[0]) == {"attn_in", "mlp_in", "stream", "attn_input_norm", "attn_output_norm",
+                            "mlp_input_norm", "mlp_output_norm", "attn_q", "attn_k", "linear"}
     _, stats = sandwich(tokens(), observe=acts(jnp.asarray(True)))
     for name in ("attn_input_norm_rms", "attn_output_norm_rms", "mlp_input_norm_rms",
                  "mlp_output_norm_rms"):
@@ -65,7 +157,7 @@ def test_activation_statistics_follow_the_placement(tiny):
     rezero = model_of(tiny, "model.placement=rezero", "model.norm.kind=none",
                       "model.final_norm=false")
     _, stats = rezero(tokens(), observe=acts(jnp.asarray(True)))
-    assert set(stats) == {"mean", "rms", "kurtosis"}  # no norm, no norm statistics
+    assert set(stats) == STREAM | LINEAR  # no norm, no norm statistics
 
 
 def test_param_groups_name_blocks_sublayers_and_the_norms_around_them():

@@ -86,9 +86,10 @@ def test_activation_statistics_are_computed_at_log_steps_only(tiny, tmp_path):
         reference, metrics = plain(jax.tree.map(np.copy, state), x, y)
         state, metrics_with = step(state, x, y)
         acts = {k: np.asarray(v) for k, v in metrics_with.items() if k.startswith("act/")}
-        assert sorted(acts) == ["act/block/attn_input_norm_rms", "act/block/kurtosis",
-                                "act/block/mean", "act/block/mlp_input_norm_rms",
-                                "act/block/rms"]
+        assert sorted(acts) == [f"act/block/{name}" for name in sorted([
+            "attn_input_norm_rms", "mlp_input_norm_rms", "mean", "var", "rms", "kurtosis",
+            "attn_update_ratio", "mlp_update_ratio", "q_rms", "k_rms", "v_rms", "proj_rms",
+            "up_rms", "down_rms"])]
         logged = s % 3 == 0 or s == 6
         assert all((np.abs(v) > 0).all() == logged for v in acts.values()), (s, acts)
         # recording is a side branch: the update is the one without it
