@@ -20,13 +20,15 @@ from normexp.errors import UsageError
 from normexp.metric_names import GRAD_NORM, LOSS, VAL_LOSS, parse_metric
 from normexp.sweep import read_manifest
 
+SPIKES = ("loss_spike_score", "grad_norm_spike_score")
 SUMMARY_COLUMNS = ("status", "steps", "diverged_step", "final_val_loss", "best_val_loss",
-                   "tokens_per_s", "compile_seconds", "vectorized_runs")
+                   *SPIKES, "tokens_per_s", "compile_seconds", "vectorized_runs")
 # The results table's figures, after the run's name and the keys its study varied.
 TABLE = ("status", "diverged_step", "final_val_loss", "best_val_loss", "max_grad_norm",
-         "tokens_per_s", "steps")
-NUMERIC = ("steps", "diverged_step", "final_val_loss", "best_val_loss", "tokens_per_s",
-           "compile_seconds", "vectorized_runs", "max_grad_norm", "initial_loss")
+         *SPIKES, "tokens_per_s", "steps")
+NUMERIC = ("steps", "diverged_step", "final_val_loss", "best_val_loss", *SPIKES,
+           "tokens_per_s", "compile_seconds", "vectorized_runs", "max_grad_norm",
+           "initial_loss")
 
 
 def _entries(path, pending=False):

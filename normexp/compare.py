@@ -10,6 +10,7 @@ import pandas as pd
 
 from normexp import analysis, results, rundir
 from normexp.errors import UsageError
+from normexp.analysis import SPIKES
 from normexp.metric_names import GRAD_NORM, VAL_LOSS, family
 
 SIDE_BY_SIDE = ("status", "steps", "final_val_loss", "best_val_loss", "tokens_per_s")
@@ -124,7 +125,8 @@ def _age(seconds):
 
 
 def listing(path, now=None):
-    """`normexp ls`: run, status, step/steps, val loss, age (since its last write)."""
+    """`normexp ls`: run, status, step/steps, val loss, the spike scores, age (since its last
+    write)."""
     now = time.time() if now is None else now
     rows = []
     for d in find_runs(path):
@@ -137,5 +139,6 @@ def listing(path, now=None):
                      "status": rundir.status(d, probe=True),
                      "steps": _steps({"steps": done, "train.steps": config.get("train.steps")}),
                      "val_loss": final if final is not None else vals[-1] if vals else None,
+                     **{k: getattr(summary, k) if summary else None for k in SPIKES},
                      "age": _age(now - latest)})
-    return pd.DataFrame(rows, columns=["run", "status", "steps", "val_loss", "age"])
+    return pd.DataFrame(rows, columns=["run", "status", "steps", "val_loss", *SPIKES, "age"])

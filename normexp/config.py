@@ -187,6 +187,10 @@ class LogConfig:
                                    "saturation and alpha")
     attention: bool = opt(False, "instability diagnostics at log steps: attention logits, "
                                  "entropy, sinks, massive activations, log Z, gradient RMS")
+    spike_sigma: float = opt(6.0, "the spike score's threshold: a loss or gradient norm more "
+                                  "than this many standard deviations above the mean of the "
+                                  "previous spike_window steps is a spike (OLMo 2: 7)", positive)
+    spike_window: int = opt(128, "the spike score's window, in steps (OLMo 2: 1000)", positive)
     tensorboard: bool = opt(True, "also write TensorBoard events (tensorboardX)")
     progress: bool = opt(True, "say what runs where, the compile time and the progress (a bar "
                                "on a terminal, a line per log step otherwise) on stderr")

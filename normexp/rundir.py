@@ -139,6 +139,8 @@ class Summary:
     diverged_step: int | None = None
     final_val_loss: float | None = None
     best_val_loss: float | None = None
+    loss_spike_score: float | None = None
+    grad_norm_spike_score: float | None = None
     tokens_per_s: float | None = None
     compile_seconds: float | None = None
     data_fingerprint: dict | None = None

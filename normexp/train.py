@@ -29,12 +29,13 @@ from normexp.checkpoint import Checkpoints, resume_step
 from normexp.console import Console
 from normexp.lanes import Group, Single
 from normexp.errors import StorageError, UsageError
-from normexp.metric_names import VAL_LOSS, due
+from normexp.metric_names import GRAD_NORM, LOSS, VAL_LOSS, due
 from normexp.metrics import per_block
 from normexp.model import norm_report
 from normexp.parallel import Devices, is_primary
 from normexp.rundir import (COMPLETED, DIVERGED, FAILED, FINISHED, INTERRUPTED, RUNNING,
                             Summary)
+from normexp.spikes import spike_scores
 from normexp.step import init_state, make_eval_step, make_train_step
 from normexp.stop import StopRequests
 from normexp.tracking import Tracker, require_wandb
@@ -88,6 +89,7 @@ class Member:
         self.best = self.last_val = None
         self.last_step = None
         self.tracker = self.checkpoints = None
+        self.series = []  # step, loss and gradient norm of every log step: the spike scores
 
     def start(self, summary, start_step):
         """Mark the run running (`summary`, which this run completes) and open its writers at
@@ -101,6 +103,13 @@ class Member:
         self.tracker.hparams(config_lib.flatten(self.cfg))
         self.best = min((r[VAL_LOSS] for r in self.tracker.kept
                          if r.get(VAL_LOSS) is not None), default=None)
+        for record in self.tracker.kept:
+            self.logged(record)
+
+    def logged(self, record):
+        """Keep what the spike scores read of a record the run logged."""
+        if LOSS in record:
+            self.series.append({k: record[k] for k in ("step", LOSS, GRAD_NORM) if k in record})
 
     def evaluated(self, loss):
         self.last_val = float(loss)
@@ -322,6 +331,7 @@ def _loop(members, lanes, graphdef, tx, state, start, stop, *, batches, val_batc
         for m in members:
             if records.get(id(m)):
                 m.tracker.log(s, records[id(m)])
+                m.logged({"step": s, **records[id(m)]})
         if all(m.status is not None for m in members):
             break  # every run diverged
         signum = stop.decide(log_step)  # the one reading of the stop request at this step
@@ -355,5 +365,6 @@ def _finish(members, s, start, evaluate, compile_seconds, tokens_per_s):
             status=m.status, steps=m.last_step + 1, compile_seconds=compile_seconds,
             final_val_loss=rundir.finite_or_none(m.last_val) if m.status == COMPLETED else None,
             best_val_loss=rundir.finite_or_none(m.best) if m.best is not None else None,
-            tokens_per_s=tokens_per_s(m.last_step + 1 - start))
+            tokens_per_s=tokens_per_s(m.last_step + 1 - start),
+            **spike_scores(m.series, sigma=m.cfg.log.spike_sigma, window=m.cfg.log.spike_window))
 

@@ -172,11 +172,13 @@ def tiny_args(out):
 
 @pytest.fixture(scope="session")
 def study(tmp_path_factory):
-    """A tiny finished sweep: placement x lr (1e30 diverges) x 2 seeds, 8 runs."""
+    """A tiny finished sweep: placement x lr (1e30 diverges) x 2 seeds, 8 runs, with spike
+    scores over 4 steps."""
     from normexp import sweep as sweep_lib
     tmp = tmp_path_factory.mktemp("study")
     sweep = sweep_lib.load(write_sweep(tmp, grid={"model.placement": ["pre", "post"],
                                                   "optim.lr": [3e-3, 1e30]},
-                                       seeds=2, vectorize="seeds"))
+                                       seeds=2, vectorize="seeds",
+                                       base=tiny_base("log.spike_window=4")))
     assert sweep_lib.run(sweep, progress=False) == 0
     return sweep

@@ -2,8 +2,11 @@
 
 import os
 
+import pandas as pd
+
 from normexp import analysis
-from normexp.compare import compare, listing
+from normexp.compare import compare, find_runs, listing
+from normexp.rundir import read_summary
 
 from conftest import normexp
 
@@ -47,6 +50,12 @@ def test_ls_lists_every_run_and_writes_nothing(study):
     assert tree(study.out_dir) == before
     assert len(frame) == 8 and set(frame["status"]) == {"completed", "diverged"}
     assert set(frame["steps"]) >= {"12/12"} and all(frame["age"].str.endswith(("h", "min")))
+    for run_dir, row in zip(find_runs(study.out_dir), frame.itertuples()):  # as summary.json
+        summary = read_summary(run_dir)
+        shown = [None if pd.isna(v) else v for v in (row.loss_spike_score,
+                                                     row.grad_norm_spike_score)]
+        assert shown == [summary.loss_spike_score, summary.grad_norm_spike_score]
+    assert frame["loss_spike_score"].notna().sum() >= 4  # the runs that trained have one
     done = normexp("ls", study.out_dir)
     assert done.returncode == 0 and len(done.stdout.splitlines()) == 9  # header and 8 runs
     assert tree(study.out_dir) == before

@@ -25,11 +25,12 @@ def test_results_lists_every_run_and_writes_csv_and_parquet_or_jsonl(tmp_path, m
     table = results_lib.table(sweep.out_dir)
     assert list(table.columns) == ["run", "optim.lr", "status", "diverged_step",
                                    "final_val_loss", "best_val_loss", "max_grad_norm",
+                                   "loss_spike_score", "grad_norm_spike_score",
                                    "tokens_per_s", "steps"]
     assert list(table["optim.lr"]) == [1e-3, 2e-3]
     assert table["max_grad_norm"][0] == max(m["grad_norm"] for m in metrics_of(
         sweep.runs[0].cfg.run.dir) if "grad_norm" in m)
-    rows = [{k: (None if v is pd.NA else v) for k, v in r.items()}
+    rows = [{k: (None if pd.isna(v) else v) for k, v in r.items()}  # a missing value: null
             for r in table.astype(object).to_dict("records")]
     assert rows[0]["steps"] == 2 and rows[0]["diverged_step"] is None
     paths = results_lib.write(table, sweep.out_dir)
@@ -64,14 +65,18 @@ def test_a_value_prints_alike_wherever_it_is_missing_or_large():
                          "status": ["completed", "running"], "diverged_step": [float("nan")] * 2,
                          "final_val_loss": [2.90412, float("nan")], "best_val_loss": [2.9, None],
                          "max_grad_norm": [1e31, float("inf")],
+                         "loss_spike_score": [0.0, float("nan")],
+                         "grad_norm_spike_score": [1.25, float("nan")],
                          "tokens_per_s": [123456.7, float("nan")],
                          "steps": [10000.0, float("nan")]})  # as load_runs reads them: floats
     header, rows = results_lib.rows(results_lib.frame(runs, ["optim.lr"]))
     assert header == ["run", "optim.lr", "status", "diverged_step", "final_val_loss",
-                      "best_val_loss", "max_grad_norm", "tokens_per_s", "steps"]
+                      "best_val_loss", "max_grad_norm", "loss_spike_score",
+                      "grad_norm_spike_score", "tokens_per_s", "steps"]
     # a count is a whole number, not 1e+04; throughput keeps its digits, not 1.235e+05
-    assert rows == [["a", "0.003", "completed", "-", "2.904", "2.9", "1e+31", "123,457", "10000"],
-                    ["b", "0.01", "running", "-", "-", "-", "inf", "-", "-"]]
+    assert rows == [["a", "0.003", "completed", "-", "2.904", "2.9", "1e+31", "0", "1.25",
+                     "123,457", "10000"],
+                    ["b", "0.01", "running", "-", "-", "-", "inf", "-", "-", "-", "-"]]
     assert [results_lib.cell(v) for v in (None, pd.NA, float("nan"), True, 7)] == [
         "-", "-", "-", "True", "7"]
 

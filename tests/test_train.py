@@ -13,6 +13,7 @@ from normexp import data as data_lib
 from normexp import train as train_lib
 from normexp.checkpoint import Checkpoints
 from normexp.rundir import read_metrics
+from normexp.spikes import spike_scores
 from normexp.step import init_state, make_train_step
 from normexp.train import run
 
@@ -40,7 +41,8 @@ def test_bfloat16_trains_with_finite_loss(tiny, tmp_path):
 
 
 def test_tiny_run_end_to_end(tiny, tmp_path):
-    cfg = tiny("train.steps=40", "log.every=5", "train.eval_every=20", "log.tensorboard=true")
+    cfg = tiny("train.steps=40", "log.every=5", "train.eval_every=20", "log.tensorboard=true",
+               "log.spike_window=10", "log.spike_sigma=0.5")
     summary = run(cfg)
     run_dir = tmp_path / "run"
     assert sorted(os.listdir(run_dir / "checkpoints")) == ["36", "40"]  # every 4, the last 2 kept
@@ -59,6 +61,10 @@ def test_tiny_run_end_to_end(tiny, tmp_path):
     assert vals[-1][1] < vals[0][1] - 0.5  # it learns
     assert on_disk["final_val_loss"] == pytest.approx(vals[-1][1])
     assert on_disk["best_val_loss"] == pytest.approx(min(v for _, v in vals))
+    # the spike scores of what it logged (steps 10 to 39 each have a window of two values)
+    scores = spike_scores(train, sigma=0.5, window=10)
+    assert {k: on_disk[k] for k in scores} == scores
+    assert all(score is not None for score in scores.values())
     values = tensorboard_values(run_dir)
     assert {"loss", "grad_norm/block_00/mlp", "update_ratio/block_01", "val_loss"} <= set(values)
     # the HParams dashboard: the run's config as its hyperparameters, in its own event file
