@@ -290,13 +290,13 @@ class DynamicTanh(Norm, nnx.Module):
     `alpha_final`: the paper's LLaMA recipe uses a larger alpha before attention).
     """
 
+    squashes = True
+
     def __init__(self, dim, cfg, site, rngs):
         self.dtype = site.dtype
         alpha = {"attn": cfg.alpha_attn, "mlp": cfg.alpha_mlp}.get(site.role, cfg.alpha_final)
         self.alpha = nnx.Param(jnp.full((), alpha, jnp.float32))
         self.gain_and_bias(dim, cfg)
-
-    squashes = True
 
     def __call__(self, x):
         y = jnp.tanh(self.alpha[...].astype(self.dtype) * x.astype(self.dtype))
