@@ -184,7 +184,8 @@ class LogConfig:
                                    "stream mean, variance, RMS, excess kurtosis; each "
                                    "sublayer's residual update ratio; the RMS of each sublayer "
                                    "norm's and each linear layer's output; DyT and Derf "
-                                   "saturation and alpha")
+                                   "saturation and alpha; AdamW's moments and the gradient's "
+                                   "outliers per block")
     attention: bool = opt(False, "instability diagnostics at log steps: attention logits, "
                                  "entropy, sinks, massive activations, log Z, gradient RMS")
     spike_sigma: float = opt(6.0, "the spike score's threshold: a loss or gradient norm more "

@@ -22,6 +22,7 @@ GRAD_RMS = "grad_rms"  # the gradient's RMS over every entry (log.attention)
 ACT = "act"  # the residual stream, its updates, norms' and linears' outputs (log.activations)
 ATTN = "attn"  # attention's logits, entropy and weights, per block (log.attention)
 LOGITS = "logits"  # the output logits: logits/lse_mean, logits/max (log.attention)
+ADAM = "adam"  # AdamW's moments and the gradient's outliers, per block (log.activations)
 
 BLOCK = "block"
 _PER_BLOCK = re.compile(r"^(?P<prefix>.*)/block_(?P<index>\d+)(?P<part>/.*)?$")

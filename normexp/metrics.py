@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from normexp.metric_names import ACT, ATTN, BLOCK, GRAD_NORM, PARAM_NORM, UPDATE_RATIO, block_metric
+from normexp.optim import adam_moments
 from normexp.weights import effective
 
 
@@ -207,6 +208,37 @@ def output_logit_stats(logits_NxV):
     its drift is output-logit divergence), and `max`, the largest logit."""
     logits = jax.lax.stop_gradient(logits_NxV).astype(jnp.float32)
     return {"lse_mean": jax.nn.logsumexp(logits, axis=-1).mean(), "max": logits.max()}
+
+
+def block_sums(tree):
+    """The sum of the entries of every block parameter's leaf, per block ([L]), in float32."""
+    total = 0.0
+    for keypath, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        if param_group(path_names(keypath))[0] == BLOCK:
+            total = total + jnp.sum(leaf.astype(jnp.float32), axis=tuple(range(1, leaf.ndim)))
+    return total
+
+
+ADAM_OUTLIER_K = 6.0
+
+
+def adam_stats(grads, before, after):
+    """What AdamW holds per block ([L]), from the optimizer states `before` and `after` the
+    step (OLMo-core logs these to trace spikes to layers): `m_rms`, the RMS of the first
+    moment m after the step; `v_sqrt_rms`, the RMS of sqrt(v) (sqrt of the mean v); and
+    `outliers`, the share of the block's gradient entries (the raw gradient, before clipping)
+    with |g| > 6 sqrt(v_hat), v_hat = v / (1 - b2^t) the bias-corrected second moment of the
+    t steps before this one (0 at the first step, which has no history)."""
+    mu, nu, _, _ = adam_moments(after)
+    _, nu_before, t, b2 = adam_moments(before)
+    entries = block_sums(jax.tree.map(jnp.ones_like, grads))
+    correction = 1.0 - jnp.power(b2.astype(jnp.float32), t.astype(jnp.float32))
+    outside = jax.tree.map(
+        lambda g, v: jnp.abs(g.astype(jnp.float32)) > ADAM_OUTLIER_K * jnp.sqrt(
+            v.astype(jnp.float32) / jnp.maximum(correction, 1e-30)), grads, nu_before)
+    return {"m_rms": jnp.sqrt(group_sums_of_squares(mu)[BLOCK] / entries),
+            "v_sqrt_rms": jnp.sqrt(block_sums(nu) / entries),
+            "outliers": jnp.where(t > 0, block_sums(outside) / entries, 0.0)}
 
 
 def grad_rms(grads):

@@ -39,6 +39,13 @@ def make_optimizer(cfg, total_steps):
     return optax.chain(optax.identity(), adamw)
 
 
+def adam_moments(opt_state):
+    """(mu, nu, count, b2) of the AdamW inside `make_optimizer`'s state: the first and second
+    moment trees, the updates they have seen, and beta2."""
+    adam = opt_state[1].inner_state[0]  # chain(clip | identity, inject(adamw)); adamw's first
+    return adam.mu, adam.nu, adam.count, opt_state[1].hyperparams["b2"]
+
+
 def learning_rate(opt_state, peak):
     """The learning rate of the update: the schedule's factor times the run's peak lr."""
     return opt_state[1].hyperparams["learning_rate"] * peak

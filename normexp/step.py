@@ -11,9 +11,10 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from normexp.metric_names import (BLOCK, GRAD_NORM, GRAD_RMS, LOGITS, LOSS, LR, Z_LOSS, due,
-                                  family)
-from normexp.metrics import block_observer, grad_rms, layer_stats, output_logit_stats, when
+from normexp.metric_names import (ADAM, BLOCK, GRAD_NORM, GRAD_RMS, LOGITS, LOSS, LR, Z_LOSS,
+                                  due, family)
+from normexp.metrics import (adam_stats, block_observer, grad_rms, layer_stats,
+                             output_logit_stats, when)
 from normexp.model import evaluation_view, make_model
 from normexp.optim import learning_rate, make_optimizer
 from normexp.weights import project
@@ -48,7 +49,7 @@ def make_train_step(graphdef, tx, *, grad_norms=False, activations=False, attent
     steps - 1)` for log = (every, steps) (None: every step), and zeros at the others:
     grad_norms: per-layer gradient, parameter and update norms (`grad_norm/...`,
     `param_norm/...`, `update_ratio/...`); activations: the blocks' activation statistics
-    (`act/block/...`); attention: the instability diagnostics (`attn/block/...`,
+    (`act/block/...`) and AdamW's moments (`adam/block/...`); attention: the instability diagnostics (`attn/block/...`,
     `act/block/massive`, `logits/...`, `grad_rms/...`). The loss, the global `grad_norm` and
     the divergence tracking are every step's.
     z_loss: c > 0 minimises loss + c * mean(log^2 Z) (PaLM); `loss` stays the cross entropy
@@ -94,6 +95,9 @@ def make_train_step(graphdef, tx, *, grad_norms=False, activations=False, attent
         for prefix, stats in observed.items():  # per block, but the output logits
             metrics.update({(f"{prefix}/{name}" if prefix == LOGITS else family(prefix, name)): v
                             for name, v in stats.items()})
+        if activations:
+            metrics.update({family(ADAM, name): v for name, v in when(
+                record, adam_stats, grads, state["opt"], opt).items()})
         if attention:
             rms = when(record, grad_rms, grads)
             metrics.update({family(GRAD_RMS): rms[BLOCK], GRAD_RMS: rms["all"]})

@@ -308,3 +308,37 @@ def test_grad_rms_is_taken_before_clipping(tiny):
     assert metrics["grad_rms"] == pytest.approx(np.sqrt(np.mean(every ** 2)), rel=1e-4)
     block = np.concatenate([v.ravel() for p, v in grads.items() if p[:2] == ("blocks", 1)])
     assert metrics["grad_rms/block_01"] == pytest.approx(np.sqrt(np.mean(block ** 2)), rel=1e-4)
+
+
+def test_adam_moments_and_gradient_outliers_match_a_numpy_reference(tiny):
+    from normexp import data as data_lib
+    from normexp.metrics import ADAM_OUTLIER_K, per_block
+    from normexp.step import init_state, make_grad_step, make_train_step
+    cfg = tiny("optim.warmup_steps=0", "optim.beta2=0.95")
+    graphdef, tx, state = init_state(cfg, 64)
+    step = make_train_step(graphdef, tx, activations=True)  # statistics at every step
+    grad_of = make_grad_step(graphdef)
+    corpus = data_lib.load_corpus("", 0, T)
+    blocks = lambda tree: [np.asarray(v, np.float64).reshape(2, -1)  # [L, entries] per leaf
+                           for path, v in nnx.to_flat_state(tree) if path[0] == "blocks"]
+    for i in range(3):
+        x, y = (jnp.asarray(b) % 64 for b in data_lib.batch(
+            corpus.train, seed=0, step=i, batch_size=4, seq_len=T))
+        grads = blocks(grad_of(state["params"], state["rest"], x, y))
+        nu_before = blocks(state["opt"][1].inner_state[0].nu)
+        state, metrics = step(state, x, y)
+        stats = per_block(jax.device_get({k: v for k, v in metrics.items()
+                                          if k.startswith("adam/")}))
+        mu, nu = (blocks(getattr(state["opt"][1].inner_state[0], m)) for m in ("mu", "nu"))
+        g, m, v, v_before = (np.concatenate(a, axis=1) for a in (grads, mu, nu, nu_before))
+        v_hat = v_before / (1 - 0.95 ** i) if i else np.full_like(v_before, np.inf)
+        outliers = np.mean(np.abs(g) > ADAM_OUTLIER_K * np.sqrt(v_hat), axis=1)
+        for b in range(2):
+            assert stats[f"adam/block_{b:02d}/m_rms"] == pytest.approx(
+                np.sqrt(np.mean(m[b] ** 2)), rel=1e-5)
+            assert stats[f"adam/block_{b:02d}/v_sqrt_rms"] == pytest.approx(
+                np.sqrt(np.mean(v[b])), rel=1e-5)
+            assert stats[f"adam/block_{b:02d}/outliers"] == pytest.approx(outliers[b], abs=1e-6)
+        if i == 0:
+            assert np.all(outliers == 0)  # no history yet
+    assert outliers.max() > 0  # the rule can flag entries
