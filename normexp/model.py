@@ -85,9 +85,8 @@ class Attention(nnx.Module):
 
     def __call__(self, x_NxC, seq_len, seen=None):
         """The attention output; with `seen` (a dict) it also keeps the queries and keys the
-        logits are made of, `attn_q` and `attn_k` ([B, T, H, K], after any norm), and the
-        outputs of its linear layers in `seen["linear"]`: `q`, `k`, `v` (the QKV projection's,
-        before any norm) and `proj`."""
+        logits are made of, `attn_q` and `attn_k` ([B, T, H, K], after any norm), and its
+        linear layers' outputs in `seen["linear"]`: `q`, `k`, `v` (before any norm), `proj`."""
         N, C = x_NxC.shape
         T, H = seq_len, self.n_head
         B, K = N // T, C // H
@@ -146,8 +145,7 @@ class MLP(nnx.Module):
             None, 1.0)
 
     def __call__(self, x_NxC, seen=None):
-        """W2 act(W1 x); with `seen` (a dict) it also keeps its linear layers' outputs in
-        `seen["linear"]`: `up` (W1 x) and `down` (the MLP's output)."""
+        """W2 act(W1 x); with `seen`, it keeps `up` (W1 x) and `down` in `seen["linear"]`."""
         u_NxF = self.up(x_NxC)
         if seen is not None:
             seen.setdefault("linear", {})["up"] = u_NxF
@@ -201,9 +199,8 @@ class RecordedNorms:
 
         def call(x):
             seen[name] = y = norm(x)
-            if norm.squashes:
-                alpha, shift = norm.squash_params()
-                seen[f"{name}_squash"] = {"x": x, "alpha": alpha, "shift": shift}
+            if norm.squashes:  # its input and (alpha, shift)
+                seen[f"{name}_squash"] = dict(zip(("alpha", "shift"), norm.squash_params()), x=x)
             return y
         return call
 
@@ -227,18 +224,15 @@ class Block(nnx.Module):
                        activation=activation, **shared)
 
     def __call__(self, stream, seq_len, depth, observe=None):
-        """The block's output stream; with `observe` also `observe(seen)`, where `seen` holds
-        the stream entering each sublayer's rule (`attn_in`, `mlp_in`) and leaving the block
-        (`stream`; ResiDual's: its x stream), the output of every sublayer norm
-        (RecordedNorms), the attention's queries and keys (`attn_q`, `attn_k`) and the linear
-        layers' outputs (`linear`)."""
+        """The block's output stream; with `observe` also `observe(seen)`: the stream entering
+        each sublayer's rule (`attn_in`, `mlp_in`) and leaving the block (`stream`; ResiDual's
+        x stream), each sublayer norm's output (RecordedNorms), `attn_q`, `attn_k`, `linear`."""
         if observe is None:
-            stream = self.place.attn(stream, lambda h: self.attn(h, seq_len), self.attn_norms,
-                                     depth)
-            return self.place.mlp(stream, self.mlp, self.mlp_norms, depth)
-        seen = {}
+            attn = lambda h: self.attn(h, seq_len)
+            return self.place.mlp(self.place.attn(stream, attn, self.attn_norms, depth),
+                                  self.mlp, self.mlp_norms, depth)
         x = lambda s: s[0] if isinstance(s, tuple) else s
-        seen["attn_in"] = x(stream)
+        seen = {"attn_in": x(stream)}
         stream = self.place.attn(stream, lambda h: self.attn(h, seq_len, seen),
                                  RecordedNorms(self.attn_norms, "attn", seen), depth)
         seen["mlp_in"] = x(stream)
