@@ -42,7 +42,8 @@ def make_optimizer(cfg, total_steps):
 def adam_moments(opt_state):
     """(mu, nu, count, b2) of the AdamW inside `make_optimizer`'s state: the first and second
     moment trees, the updates they have seen, and beta2."""
-    adam = opt_state[1].inner_state[0]  # chain(clip | identity, inject(adamw)); adamw's first
+    # chain(clip | identity, inject(adamw)); adamw is a chain whose first state is Adam's
+    adam = opt_state[1].inner_state[0]
     return adam.mu, adam.nu, adam.count, opt_state[1].hyperparams["b2"]
 
 

@@ -49,8 +49,8 @@ def make_train_step(graphdef, tx, *, grad_norms=False, activations=False, attent
     steps - 1)` for log = (every, steps) (None: every step), and zeros at the others:
     grad_norms: per-layer gradient, parameter and update norms (`grad_norm/...`,
     `param_norm/...`, `update_ratio/...`); activations: the blocks' activation statistics
-    (`act/block/...`) and AdamW's moments (`adam/block/...`); attention: the instability diagnostics (`attn/block/...`,
-    `act/block/massive`, `logits/...`, `grad_rms/...`). The loss, the global `grad_norm` and
+    (`act/block/...`) and AdamW's moments (`adam/block/...`); attention: the instability
+    diagnostics (`attn/block/...`, `act/block/massive`, `logits/...`, `grad_rms/...`). The loss, the global `grad_norm` and
     the divergence tracking are every step's.
     z_loss: c > 0 minimises loss + c * mean(log^2 Z) (PaLM); `loss` stays the cross entropy
     and the added term is logged as `z_loss`.
