@@ -50,8 +50,8 @@ def make_train_step(graphdef, tx, *, grad_norms=False, activations=False, attent
     grad_norms: per-layer gradient, parameter and update norms (`grad_norm/...`,
     `param_norm/...`, `update_ratio/...`); activations: the blocks' activation statistics
     (`act/block/...`) and AdamW's moments (`adam/block/...`); attention: the instability
-    diagnostics (`attn/block/...`, `act/block/massive`, `logits/...`, `grad_rms/...`). The loss, the global `grad_norm` and
-    the divergence tracking are every step's.
+    diagnostics (`attn/block/...`, `act/block/massive`, `logits/...`, `grad_rms/...`). The
+    loss, the global `grad_norm` and the divergence tracking are every step's.
     z_loss: c > 0 minimises loss + c * mean(log^2 Z) (PaLM); `loss` stays the cross entropy
     and the added term is logged as `z_loss`.
     vectorized: every argument has a leading axis of runs, trained independently (jax.vmap).
