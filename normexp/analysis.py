@@ -18,9 +18,9 @@ import pandas as pd
 from normexp import rundir
 from normexp.errors import UsageError
 from normexp.metric_names import GRAD_NORM, LOSS, VAL_LOSS, parse_metric
+from normexp.spikes import KEYS as SPIKES  # the spike scores' summary.json keys
 from normexp.sweep import read_manifest
 
-SPIKES = ("loss_spike_score", "grad_norm_spike_score")
 SUMMARY_COLUMNS = ("status", "steps", "diverged_step", "final_val_loss", "best_val_loss",
                    *SPIKES, "tokens_per_s", "compile_seconds", "vectorized_runs")
 # The results table's figures, after the run's name and the keys its study varied.

@@ -210,6 +210,13 @@ def output_logit_stats(logits_NxV):
     return {"lse_mean": jax.nn.logsumexp(logits, axis=-1).mean(), "max": logits.max()}
 
 
+def block_entries(tree):
+    """How many entries each block has in `tree`'s block leaves (a Python int)."""
+    return sum(leaf.size // leaf.shape[0] for path, leaf in
+               jax.tree_util.tree_flatten_with_path(tree)[0]
+               if param_group(path_names(path))[0] == BLOCK)
+
+
 def block_sums(tree):
     """The sum of the entries of every block parameter's leaf, per block ([L]), in float32."""
     total = 0.0
@@ -231,7 +238,7 @@ def adam_stats(grads, before, after):
     t steps before this one (0 at the first step, which has no history)."""
     mu, nu, _, _ = adam_moments(after)
     _, nu_before, t, b2 = adam_moments(before)
-    entries = block_sums(jax.tree.map(jnp.ones_like, grads))
+    entries = block_entries(grads)
     correction = 1.0 - jnp.power(b2.astype(jnp.float32), t.astype(jnp.float32))
     outside = jax.tree.map(
         lambda g, v: jnp.abs(g.astype(jnp.float32)) > ADAM_OUTLIER_K * jnp.sqrt(
@@ -247,13 +254,10 @@ def grad_rms(grads):
     gradient's scale. The train step passes the raw gradient of the loss it minimises (z-loss
     included), before `optim.clip_norm` clips it (the clipping is inside the optimizer)."""
     sums = group_sums_of_squares(grads)
-    leaves = jax.tree_util.tree_flatten_with_path(grads)[0]
-    in_block = sum(leaf.size // leaf.shape[0] for path, leaf in leaves
-                   if param_group(path_names(path))[0] == BLOCK)
     layers = [name for name in sums if "/" not in name]
     total = sum(jnp.sum(sums[layer]) for layer in layers)
-    return {BLOCK: jnp.sqrt(sums[BLOCK] / in_block),
-            "all": jnp.sqrt(total / sum(leaf.size for _, leaf in leaves))}
+    return {BLOCK: jnp.sqrt(sums[BLOCK] / block_entries(grads)),
+            "all": jnp.sqrt(total / sum(leaf.size for leaf in jax.tree.leaves(grads)))}
 
 
 def gradient_expectation(grads_per_batch):

@@ -16,6 +16,9 @@ import numpy as np
 from normexp.metric_names import GRAD_NORM, LOSS
 
 
+KEYS = tuple(f"{name}_spike_score" for name in (LOSS, GRAD_NORM))  # as summary.json names them
+
+
 def spike_score(points, *, sigma, window):
     """Percent of the scored values of `points` ([(step, value)] in step order) that exceed
     mean + sigma * std (the population std) of the values logged in [step - window, step);
@@ -40,6 +43,6 @@ def spike_score(points, *, sigma, window):
 
 def spike_scores(records, *, sigma, window):
     """{"loss_spike_score": ..., "grad_norm_spike_score": ...} of a run's metric records."""
-    return {f"{name}_spike_score": spike_score(
-        [(r["step"], r[name]) for r in records if name in r], sigma=sigma, window=window)
-        for name in (LOSS, GRAD_NORM)}
+    return {key: spike_score([(r["step"], r[name]) for r in records if name in r],
+                             sigma=sigma, window=window)
+            for key, name in zip(KEYS, (LOSS, GRAD_NORM))}
