@@ -14,11 +14,12 @@ import sys
 from normexp.errors import (EXIT_BUSY, EXIT_STORAGE, EXIT_USAGE, BusyError, StorageError,
                             UsageError)
 
-DESCRIPTION = ("Train and compare normalization layers in transformers with nine commands: "
+DESCRIPTION = ("Train and compare normalization layers in transformers with ten commands: "
                "train (one run), sweep (every run of a sweep file), compare (runs side by "
                "side), ls (the runs under a directory), results (a sweep's table), report "
-               "(figures and tables of runs), claims (published claims about norms, tested), "
-               "prepare (tokenize your own corpus) and bench (compile and step times).")
+               "(figures and tables of runs), prune (what each block of a trained run adds), "
+               "claims (published claims about norms, tested), prepare (tokenize your own "
+               "corpus) and bench (compile and step times).")
 
 # The commands that train, in this process or in the --worker processes they start (`sweep
 # --worker`: `normexp.workers`), and so may save checkpoints in the background: their process
@@ -128,6 +129,15 @@ def cmd_report(ns):
     return 0
 
 
+def cmd_prune(ns):
+    from normexp.prune import prune, table, write
+    for run in ns.runs:
+        numbers = prune(run, batches=ns.batches)
+        print(table(numbers))
+        print(f"wrote {write(numbers)}", file=sys.stderr)
+    return 0
+
+
 def cmd_claims(ns):
     from normexp.claims import run_claims
     from normexp.studies import SCALES, resized
@@ -205,13 +215,9 @@ def _depths(text):
 
 
 def _positive(text):
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value <= 0:
+    if not (text.isascii() and text.isdigit() and int(text) > 0):
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+    return int(text)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -308,6 +314,12 @@ def parser():
                     help="also write each figure as PDF or SVG, beside the PNGs the report "
                          "shows")
     rp.set_defaults(func=cmd_report)
+    pn = add("prune", help="a trained run's val loss with each block skipped in turn, and "
+                           "the angular distance across each block (writes prune.json)")
+    pn.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    pn.add_argument("--batches", type=_positive,
+                    help="validation batches (default: the run's data.eval_batches)")
+    pn.set_defaults(func=cmd_prune)
     cl = add("claims", help="test published claims about norms with small studies")
     cl.add_argument("--quick", action="store_true",
                     help="CPU-sized studies (minutes on 2 cores); default: the full studies, "

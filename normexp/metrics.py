@@ -116,6 +116,17 @@ def update_ratio(before_NxC, after_NxC):
     return jnp.sqrt(jnp.sum(jnp.square(after - before)) / jnp.sum(jnp.square(before)))
 
 
+def angular_distance(a_NxC, b_NxC):
+    """The angle between each token's two vectors over pi, averaged over tokens: 0 same
+    direction, 1/2 orthogonal (Gromov et al. 2024; Li et al. 2024, Fig. 3, between the inputs
+    of consecutive blocks). As 2 atan2(|u - v|, |u + v|) of the unit vectors: exact near 0,
+    where arccos of a float32 cosine is not."""
+    unit = lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+    u, v = (unit(jax.lax.stop_gradient(x).astype(jnp.float32)) for x in (a_NxC, b_NxC))
+    angle = 2 * jnp.arctan2(jnp.linalg.norm(u - v, axis=-1), jnp.linalg.norm(u + v, axis=-1))
+    return jnp.mean(angle) / jnp.pi
+
+
 def saturation(squash):
     """The share of a DyT or Derf norm's inputs where the squashing function saturates:
     |alpha x + s| > 2 (tanh(2) = 0.96, erf(2) = 0.995)."""

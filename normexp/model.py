@@ -304,9 +304,10 @@ class GPT(nnx.Module):
         self.whole_sequences = any(n.batch_statistics or n.leaks_across_positions
                                    for n in norm_modules(self))
 
-    def features(self, tokens_BxT, observe=None):
+    def features(self, tokens_BxT, observe=None, skip=None):
         """The residual stream after the last block (and final norm), as [N, C]; with `observe`
-        also what it returned for each block, stacked on a leading [L] axis (see `Block`)."""
+        also what it returned for each block, stacked on a leading [L] axis (see `Block`).
+        `skip`: a block index (may be traced) whose input passes on unchanged (layer pruning)."""
         B, T = tokens_BxT.shape
         if self.whole_sequences and T != self.max_len:
             raise ValueError(f"norm kind {self.norm_kind!r} pools over sequences of "
@@ -320,19 +321,16 @@ class GPT(nnx.Module):
         if self.sphere:
             x_NxC = unit(x_NxC)
         stream, observed = self._apply_blocks((x_NxC, x_NxC) if self.dual else x_NxC, T,
-                                              observe)
-        if self.dual:  # ResiDual's output: x_L + N(d_L)
-            x_NxC, d_NxC = stream
-            stream = x_NxC + self.dual_norm(d_NxC)
-        x_NxC = stream
+                                              observe, skip)
+        # ResiDual's output: x_L + N(d_L)
+        x_NxC = stream[0] + self.dual_norm(stream[1]) if self.dual else stream
         if self.final_norm is not None:
             x_NxC = self.final_norm(x_NxC)
         return x_NxC if observe is None else (x_NxC, observed)
 
-    def _apply_blocks(self, stream, seq_len, observe=None):
+    def _apply_blocks(self, stream, seq_len, observe=None, skip=None):
         graphdef, params, rest = nnx.split(self.blocks, nnx.Param, ...)
-        L, bounds = self.n_layer, self.segments
-        index_L = jnp.arange(L, dtype=jnp.int32)
+        L, bounds, index_L = self.n_layer, self.segments, jnp.arange(self.n_layer, dtype=jnp.int32)
         rests, observed = [], []
         for segment, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:])):
             if start == stop:
@@ -341,7 +339,9 @@ class GPT(nnx.Module):
             def one_block(stream, params, rest, index, segment=segment):
                 block = nnx.merge(graphdef, params, rest)
                 out = block(stream, seq_len, Depth(index, L, segment), observe)
-                stream, seen = out if observe is not None else (out, {})
+                new, seen = out if observe is not None else (out, {})
+                stream = new if skip is None else jax.tree.map(
+                    lambda a, b: jnp.where(index == skip, a, b), stream, new)
                 # the block's new non-parameter state (e.g. running statistics) and statistics
                 return stream, (nnx.state(block, nnx.Not(nnx.Param)), seen)
 
@@ -367,10 +367,10 @@ class GPT(nnx.Module):
         nnx.update(self.blocks, rest)
         return stream, observed
 
-    def __call__(self, tokens_BxT, observe=None):
+    def __call__(self, tokens_BxT, observe=None, skip=None):
         """Logits [N, V] through the tied output embedding, soft-capped with `logit_softcap`
         c > 0 as c * tanh(z / c) (and, with `observe`, what it returned for each block)."""
-        out = self.features(tokens_BxT, observe)
+        out = self.features(tokens_BxT, observe, skip)
         x_NxC, observed = out if observe is not None else (out, None)
         logits_NxV = self.tok_embed.attend(x_NxC)
         if self.logit_scale is not None:  # nGPT's s_z

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from normexp.metrics import block_observer, param_group, per_block
+from normexp.metrics import angular_distance, block_observer, param_group, per_block
 
 from conftest import T, model_of, tokens
 
@@ -342,3 +342,18 @@ def test_adam_moments_and_gradient_outliers_match_a_numpy_reference(tiny):
         if i == 0:
             assert np.all(outliers == 0)  # no history yet
     assert outliers.max() > 0  # the rule can flag entries
+
+
+def test_angular_distance_is_arccos_of_the_cosine_over_pi():
+    """Per token arccos(cos(a, b)) / pi in float64, averaged; exact at 0, 1/2 and 1."""
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(50, 16))
+    b = a + rng.normal(scale=[[0.01]] * 25 + [[3.0]] * 25, size=(50, 16))  # near and far
+    cos = np.sum(a * b, -1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
+    want = np.mean(np.arccos(np.clip(cos, -1, 1))) / np.pi
+    got = angular_distance(jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32))
+    assert float(got) == pytest.approx(want, rel=1e-5)
+    e = jnp.eye(4)
+    assert float(angular_distance(e, 3 * e)) == pytest.approx(0.0, abs=1e-7)
+    assert float(angular_distance(e, jnp.roll(e, 1, axis=1))) == pytest.approx(0.5, abs=1e-7)
+    assert float(angular_distance(e, -e)) == pytest.approx(1.0, abs=1e-7)

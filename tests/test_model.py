@@ -150,3 +150,22 @@ def test_relu_activation_is_w2_relu_w1_and_changes_the_output(tiny):
     block0 = nnx.merge(graphdef, jax.tree.map(lambda a: a[0], state))
     np.testing.assert_allclose(block0(jnp.asarray(x, jnp.float32)), expected, rtol=1e-4,
                                atol=1e-5)
+
+
+@pytest.mark.parametrize("placement", ["pre", "lns"])
+def test_skipping_a_block_equals_zeroing_its_residual_branches(tiny, placement):
+    """Layer pruning's `skip`: under x + F(N(x)) a block whose output projections are zero
+    passes its input on unchanged, as a skipped block does, in the scan and in the loop."""
+    cfg = ["model.n_layer=3", f"model.placement={placement}"]
+    model, loop = model_of(tiny, *cfg), model_of(tiny, *cfg, "model.scan=false")
+    whole = model(tokens())
+    np.testing.assert_array_equal(model(tokens(), skip=jnp.int32(-1)), whole)
+    for block in range(3):
+        zeroed = model_of(tiny, *cfg)
+        for linear in (zeroed.blocks.attn.proj, zeroed.blocks.mlp.down):
+            for var in (linear.kernel, linear.bias):
+                var[...] = var[...].at[block].set(0.0)
+        want = zeroed(tokens())
+        assert np.abs(want - whole).max() > 1e-3  # the block mattered
+        np.testing.assert_allclose(model(tokens(), skip=jnp.int32(block)), want, atol=2e-6)
+        np.testing.assert_allclose(loop(tokens(), skip=block), want, atol=2e-6)
