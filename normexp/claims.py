@@ -12,6 +12,9 @@ import json
 import os
 
 from normexp import plots
+from normexp.depth_study import depth_scale, measure_depth
+from normexp.depth_verdicts import (judge_angular, judge_mix_loss, judge_pruning,
+                                    judge_variance_growth)
 from normexp.lr_study import lr_sensitivity_sweep, measure_lr_sensitivity
 from normexp.lr_verdicts import judge_logit_growth, judge_qk_sensitivity
 from normexp.report import png, write_report
@@ -170,8 +173,39 @@ def _claim_8(scale, out):
             numbers, sweep.out_dir, judge_logit_growth, mine["runs"]), {"runs": mine["runs"]}
 
 
+def _depth_setup(scale):
+    scale = depth_scale(scale)
+    return _trained(scale, f"LayerNorm, GELU, N(0, 0.02) init without residual scaling, lr "
+                    f"1e-3, warmup {max(1, scale.steps // 10)}, Mix-LN alpha 0.25; each run "
+                    f"pruned at its last checkpoint on its validation batches (normexp prune)")
+
+
+def _claim_9(scale, out):
+    numbers = measure_depth(scale, out, pruned=("pre", "lns"))
+    figures = [_save(plots.depth_profiles(numbers["profiles"], "Pre-LN vs LayerNorm Scaling"),
+                     out, "curse_of_depth.png")] if numbers["profiles"] else []
+    yield ("Sun et al. 2025 (Fig. 1/6): under Pre-LN the output variance grows with depth; "
+           "LayerNorm Scaling (1/sqrt(l)) keeps it much flatter"), _depth_setup(scale), \
+        judge_variance_growth(numbers), {**numbers, "figures": figures}
+    yield ("Sun et al. 2025 (Fig. 4): Pre-LN's deep blocks can be pruned at little cost; "
+           "under LayerNorm Scaling they matter more"), _depth_setup(scale), \
+        judge_pruning(numbers), {"profiles": numbers["profiles"], "missing": numbers["missing"]}
+
+
+def _claim_10(scale, out):
+    numbers = measure_depth(scale, out, pruned=("pre", "mix", "post"))
+    figures = [_save(plots.depth_profiles(numbers["profiles"], "Pre-LN, Mix-LN, Post-LN"),
+                     out, "mix_ln.png")] if numbers["profiles"] else []
+    yield ("Li et al. 2024 (Fig. 3): deep in a Pre-LN stack a block barely changes the "
+           "stream's direction; Mix-LN's deep blocks change it more"), _depth_setup(scale), \
+        judge_angular(numbers), {**numbers, "figures": figures}
+    yield ("Li et al. 2024 (Table 1): Mix-LN trains at least as well as Pre-LN and "
+           "Post-LN"), _depth_setup(scale), judge_mix_loss(numbers), {
+        "losses": numbers["losses"], "missing": numbers["missing"]}
+
+
 CLAIMS = {1: _claim_1, 2: _claim_2, 3: _claim_3, 4: _claim_4, 5: _claim_5, 6: _claim_6,
-          7: _claim_7, 8: _claim_8}
+          7: _claim_7, 8: _claim_8, 9: _claim_9, 10: _claim_10}
 
 
 def run_claims(scale, out, only=None, echo=print):

@@ -314,8 +314,7 @@ def parser():
                     help="also write each figure as PDF or SVG, beside the PNGs the report "
                          "shows")
     rp.set_defaults(func=cmd_report)
-    pn = add("prune", help="a trained run's val loss with each block skipped in turn, and "
-                           "the angular distance across each block (writes prune.json)")
+    pn = add("prune", help="a trained run's val loss with each block skipped (prune.json)")
     pn.add_argument("runs", nargs="+", metavar="RUN_DIR")
     pn.add_argument("--batches", type=_positive,
                     help="validation batches (default: the run's data.eval_batches)")

@@ -10,7 +10,8 @@ import math
 import numpy as np
 
 from normexp.verdicts import (INCONCLUSIVE, NOT_SUPPORTED, SUPPORTED, Verdict, _failed, _geomean,
-                              _mean, _noise, missing_runs, missing_values)
+                              _mean, _noise, incomplete, missing_runs,
+                              missing_values)
 
 VAR_GROWTH = 2.0  # last block's output variance / first block's that counts as growing
 SEPARATION = 2.0  # geometric-mean ratio between two arms that counts as a difference
@@ -33,15 +34,17 @@ def deep_share(damage):
 def _profiles(numbers, arms, key):
     """{arm: [per seed profile]} or a Verdict: inconclusive where a run is missing or a seed
     diverged (no trained model to measure)."""
+    if numbers.get("missing") or not numbers.get("of", 1):
+        return incomplete(numbers.get("missing", []), numbers.get("of", 0))
+    diverged = [f"{a} seed {s}" for a in arms for s, v in enumerate(
+        numbers.get("losses", {}).get(a, [])) if v is not None and not math.isfinite(v)]
+    if diverged:
+        return Verdict(INCONCLUSIVE, f"inconclusive: diverged, so no trained profile: "
+                       f"{', '.join(diverged)}", "a profile is measured on a trained model; a "
+                       "diverged seed is counted, so none is judged without it")
     tree = {a: numbers.get("profiles", {}).get(a, {}).get(key) for a in arms}
-    if numbers.get("missing") or (gaps := missing_runs(tree, arms)):
-        diverged = [f"{a} seed {s}" for a in arms for s, v in enumerate(
-            numbers.get("losses", {}).get(a, [])) if v is not None and not math.isfinite(v)]
-        if diverged and not numbers.get("missing"):
-            return Verdict(INCONCLUSIVE, f"inconclusive: diverged, so no trained profile: "
-                           f"{', '.join(diverged)}", "a profile is measured on a trained "
-                           "model; a diverged seed is counted, so none is judged without it")
-        return gaps or missing_runs({a: None for a in arms}, arms)
+    if gaps := missing_runs(tree, arms):
+        return gaps
     return tree
 
 

@@ -10,6 +10,8 @@
   (Wortsman et al. 2023, Fig. 1), diverged runs marked;
 - `expected_gradients`: claim 1's numbers as Xiong et al. 2020's Fig. 3, the FFN's expected
   gradient per block and the last block's against depth.
+- `depth_profiles`: claims 9-10's numbers, per block: output variance, pruning damage, angular
+  distance, a line per placement.
 
 A *setup* is a group of runs that share the values of the `by` keys (by default every key the
 runs vary except the seed), so seeds are averaged. Figures are made without pyplot, so nothing
@@ -244,4 +246,28 @@ def expected_gradients(profiles, last, depth):
                  yscale="log", title="Last block's W2 against depth")
     by_block.legend(fontsize="small")
     by_depth.legend(fontsize="small")
+    return fig
+
+
+def depth_profiles(profiles, title=""):
+    """Claims 9-10 from `depth_study.measure_depth`: per block, each placement's output
+    variance (log), the val-loss damage of skipping the block, and the angular distance across
+    it (Sun et al. 2025, Figs. 1 and 4; Li et al. 2024, Fig. 3). Lines: the mean over seeds,
+    bands: their range; a placement with a seed unmeasured (diverged) is left out."""
+    fig = Figure(figsize=(12, 3.6), layout="constrained")
+    labels = {"var": "output variance", "damage": "val loss increase when skipped (nats)",
+              "angular": "angular distance across the block"}
+    for ax, (key, label) in zip(fig.subplots(1, 3), labels.items()):
+        for placement, by_key in profiles.items():
+            seeds = by_key.get(key) or []
+            if not seeds or any(s is None for s in seeds):
+                continue
+            rows = np.array(seeds, float)  # [seed, block]
+            blocks = np.arange(1, rows.shape[1] + 1)
+            (line,) = ax.plot(blocks, rows.mean(0), marker="o", markersize=3, label=placement)
+            ax.fill_between(blocks, rows.min(0), rows.max(0), alpha=0.2, color=line.get_color())
+        ax.set(xlabel="block", ylabel=label, yscale="log" if key == "var" else "linear")
+        ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
     return fig

@@ -49,6 +49,7 @@ class Scale:
     grad_batches: int = 8  # batches the expected gradient is averaged over
     lr_sweep: tuple = ()  # claim 8: settings replacing LR_SWEEP's own values (none: as shipped)
     failure_seeds: int = 5  # claim 2 (and 6, on its runs): seeds of a study that counts failures
+    depth_layers: int = 12  # claims 9-10: the depth study's blocks (Sun et al.: 12-24)
 
 
 # Claim 8 at --quick: Wortsman et al.'s setup as shipped, at CPU size. Every setting here is
@@ -64,10 +65,10 @@ _TINY_LR = _QUICK_LR + (("model.d_model", [16]), ("model.n_layer", 1), ("data.se
 
 SCALES = {
     "tiny": Scale("tiny", 2, 32, 16, 4, 12, 2, 3, 32, 2, depths=(2, 3), grad_batches=2,
-                  lr_sweep=_TINY_LR, failure_seeds=2),
+                  lr_sweep=_TINY_LR, failure_seeds=2, depth_layers=3),
     "quick": Scale("quick", 6, 64, 64, 16, 300, 3, 12, 128, 10, lr_sweep=_QUICK_LR),
     "full": Scale("full", 8, 128, 128, 32, 2000, 3, 12, 512, 20,
-                  depths=(6, 8, 10, 12, 14, 20, 32), grad_batches=16),
+                  depths=(6, 8, 10, 12, 14, 20, 32), grad_batches=16, depth_layers=24),
 }
 
 def resized(scale, settings):

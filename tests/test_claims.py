@@ -6,6 +6,7 @@ import subprocess
 import pytest
 
 from normexp import claims, workers
+from normexp.config import load
 from normexp.errors import UsageError
 from normexp.lr_study import lr_sensitivity_sweep
 from normexp.studies import SCALES, resized
@@ -18,9 +19,9 @@ VERDICTS = {SUPPORTED, NOT_SUPPORTED, INCONCLUSIVE}
 
 # --- every claim measured on a tiny setup -------------------------------------------------
 
-def test_every_claim_runs_on_a_tiny_setup_and_writes_its_table(tmp_path, monkeypatch):
+def test_claims_1_to_8_run_on_a_tiny_setup_and_write_their_table(tmp_path, monkeypatch):
     out = str(tmp_path / "claims")
-    results = claims.run_claims(SCALES["tiny"], out, echo=lambda line: None)
+    results = claims.run_claims(SCALES["tiny"], out, only=range(1, 9), echo=lambda line: None)
     assert [r.number for r in results] == [1, 1, 1, 2, 3, 4, 5, 6, 6, 7, 8, 8, 8, 8]
     assert {r.verdict.verdict for r in results} <= VERDICTS
     by_number = {r.number: r for r in results}
@@ -66,6 +67,27 @@ def test_every_claim_runs_on_a_tiny_setup_and_writes_its_table(tmp_path, monkeyp
     assert [r.verdict.figure for r in partial] == [
         f"inconclusive: 1 of {len(names)} runs missing in {sweep_dir} ({names[0]})"] * 4
     assert "1 failed" in open(os.path.join(sweep_dir, "report", "report.md")).read()
+
+
+def test_the_depth_claims_train_four_placements_and_prune_every_seed(tmp_path):
+    """Claims 9-10 at the tiny size: one study of four placements, each seed's run pruned."""
+    out = str(tmp_path / "claims")
+    results = claims.run_claims(SCALES["tiny"], out, only=[9, 10], echo=lambda line: None)
+    assert [r.number for r in results] == [9, 9, 10, 10]
+    assert {r.verdict.verdict for r in results} <= VERDICTS
+    seeds, L = SCALES["tiny"].seeds, SCALES["tiny"].depth_layers
+    runs = [r for r in os.listdir(os.path.join(out, "depth")) if r.startswith("placement=")]
+    assert len(runs) == 4 * seeds
+    assert all(load(os.path.join(out, "depth", r, "config.yaml")).model.n_layer == L
+               for r in runs)
+    profiles = {**results[0].numbers["profiles"], **results[2].numbers["profiles"]}
+    assert sorted(profiles) == ["lns", "mix", "post", "pre"]
+    for placement, by_key in profiles.items():
+        for key in ("var", "damage", "angular"):
+            assert [len(p) for p in by_key[key]] == [L] * seeds, (placement, key)
+    assert results[3].numbers["losses"].keys() == {"pre", "lns", "mix", "post"}
+    table = open(os.path.join(out, "claims.md")).read()
+    assert "![claim 9](curse_of_depth.png)" in table and "![claim 10](mix_ln.png)" in table
 
 
 def test_claims_check_a_sweep_that_trained_nothing_before_judging_it(tmp_path, monkeypatch):

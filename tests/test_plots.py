@@ -54,3 +54,14 @@ def test_expected_gradients_draws_the_profiles_and_the_depth_slopes():
     assert by_depth.get_xscale() == by_depth.get_yscale() == "log"
     theorem = by_depth.get_lines()[1]  # Pre-LN's L^-1/2 through its first depth
     assert theorem.get_ydata()[-1] == pytest.approx(1.1 * (3 / 2) ** -0.5)
+
+
+def test_depth_profiles_draw_each_placements_mean_and_leave_out_an_unmeasured_one():
+    seeds = [[1.0, 2.0, 4.0], [3.0, 4.0, 6.0]]  # [seed, block]
+    profiles = {"pre": {k: seeds for k in ("var", "damage", "angular")},
+                "lns": {k: [seeds[0], None] for k in ("var", "damage", "angular")}}
+    axes = plots.depth_profiles(profiles, "title").axes
+    assert [ax.get_yscale() for ax in axes] == ["log", "linear", "linear"]
+    for ax in axes:
+        (line,) = ax.get_lines()  # lns has a diverged seed: not drawn
+        assert line.get_label() == "pre" and line.get_ydata().tolist() == [2.0, 3.0, 5.0]
