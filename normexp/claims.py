@@ -11,12 +11,13 @@ import dataclasses
 import json
 import os
 
-from normexp import plots
+from normexp import analysis, plots
 from normexp.depth_study import depth_scale, measure_depth
 from normexp.depth_verdicts import (judge_angular, judge_mix_loss, judge_pruning,
                                     judge_variance_growth)
 from normexp.lr_study import lr_sensitivity_sweep, measure_lr_sensitivity
-from normexp.lr_verdicts import judge_logit_growth, judge_qk_sensitivity
+from normexp.lr_verdicts import judge_higher_lr, judge_logit_growth, judge_qk_sensitivity
+from normexp.qkv_study import measure_qkv, qkv_sweep, setup_name
 from normexp.report import png, write_report
 from normexp.rundir import write_atomic
 from normexp.studies import (measure_batchnorm, measure_expected_gradients,
@@ -204,8 +205,35 @@ def _claim_10(scale, out):
         "losses": numbers["losses"], "missing": numbers["missing"]}
 
 
+def _claim_11(scale, out):
+    numbers = measure_qkv(scale, out)
+    sweep = qkv_sweep(scale, out)
+    figures = []
+    if numbers["stable"]:
+        runs = analysis.load_runs(sweep.out_dir)
+        runs["setup"] = [setup_name(*r) for r in runs[["model.placement", "model.qk_norm",
+                                                        "model.attn_softcap"]].itertuples(
+            index=False)]
+        figures = [_save(plots.loss_vs_lr(runs, line="model.d_model", panel="setup"), out,
+                         "qkv_norm_loss_vs_lr.png")]
+    c = sweep.runs[0].cfg
+    widths = sorted({r.cfg.model.d_model for r in sweep.runs})
+    lrs = sorted({r.cfg.optim.lr for r in sweep.runs})
+    yield ("Rybakov et al. 2024: QK-norm with softmax capping, or a norm after the QKV "
+           "projection without the pre-norm, trains stably at a higher learning rate than "
+           "QK-norm alone (1.5x in the paper)"), (
+        f"QK-norm (per head) alone, with the attention logits soft-capped at 20, and placement "
+        f"qkv; widths {widths} x {c.model.n_layer} blocks, {c.model.n_head} heads, seq "
+        f"{c.data.seq_len}, batch {c.train.batch_size}, {c.train.steps} steps on the stdlib "
+        f"corpus, lr {lrs[0]:g}..{lrs[-1]:g} ({len(lrs)}, 3x apart), "
+        f"{len({r.cfg.run.seed for r in sweep.runs})} seeds; claim 8's optimizer, z-loss and "
+        f"no biases ({os.path.relpath(sweep.path)})"), _judged(
+        numbers, sweep.out_dir, judge_higher_lr, numbers["stable"], numbers.get("lrs", [])), {
+        **numbers, "figures": figures}
+
+
 CLAIMS = {1: _claim_1, 2: _claim_2, 3: _claim_3, 4: _claim_4, 5: _claim_5, 6: _claim_6,
-          7: _claim_7, 8: _claim_8, 9: _claim_9, 10: _claim_10}
+          7: _claim_7, 8: _claim_8, 9: _claim_9, 10: _claim_10, 11: _claim_11}
 
 
 def run_claims(scale, out, only=None, echo=print):

@@ -23,7 +23,7 @@ DESCRIPTION = ("Train and compare normalization layers in transformers with ten 
 
 # The commands that train, in this process or in the --worker processes they start (`sweep
 # --worker`: `normexp.workers`), and so may save checkpoints in the background: their process
-# gets the stderr filter that a failed background save needs (`checkpoint.StderrFilter`).
+# gets the stderr filter that a failed background save needs (`stderr_filter.StderrFilter`).
 TRAINING = ("train", "sweep", "claims")
 
 # A first argument like this is a forgotten `=`, not a config file name.
@@ -58,10 +58,12 @@ def _load(args):
 
 
 def cmd_train(ns):
+    cfg = _load(ns.config)  # a config error is reported before JAX is loaded
+    from normexp.parallel import initialize_distributed
+    initialize_distributed()  # before anything starts a backend
+    from normexp.console import end_line
     from normexp.rundir import INTERRUPTED
     from normexp.train import run
-    cfg = _load(ns.config)
-    from normexp.console import end_line
     summary = run(cfg, resume=ns.resume, overwrite=ns.overwrite, missing_ok=False)
     print(end_line(summary))
     if summary.status == INTERRUPTED:
@@ -371,13 +373,10 @@ def main(argv=None):
         (sub,) = [a for a in top._actions if isinstance(a, argparse._SubParsersAction)]
         sub.choices[ns.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     if ns.command in TRAINING:  # every process that may save in the background comes here
-        from normexp.checkpoint import StderrFilter
+        from normexp.stderr_filter import StderrFilter
         if not isinstance(sys.stderr, StderrFilter):
             sys.stderr = StderrFilter(sys.stderr)
     try:
-        if ns.command == "train":
-            from normexp.parallel import initialize_distributed
-            initialize_distributed()
         return ns.func(ns)
     except UsageError as e:
         print(f"normexp: error: {e}", file=sys.stderr)

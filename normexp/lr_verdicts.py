@@ -1,6 +1,8 @@
-"""The judges of claim 8 (Wortsman et al. 2023) on a learning-rate sweep with and without
-qk-norm: the LR sensitivity, and whether the max attention logit grows before the loss fails.
-Pure functions from `studies.lr_sensitivity_numbers` to a `verdicts.Verdict`, like the others.
+"""The judges of the learning-rate sweeps: claim 8 (Wortsman et al. 2023) with and without
+qk-norm, the LR sensitivity and whether the max attention logit grows before the loss fails;
+claim 11 (Rybakov et al. 2024), the largest stable learning rate of three attention setups.
+Pure functions from `lr_study.lr_sensitivity_numbers` and `qkv_study.stable_lrs` to a
+`verdicts.Verdict`, like the others.
 """
 
 import math
@@ -119,5 +121,31 @@ def judge_logit_growth(runs):
     if timed and grew_first == len(timed) and control <= CONTROL:
         return Verdict(SUPPORTED, figure, rule)
     if timed and (share <= 0.5 or control >= share):
+        return Verdict(NOT_SUPPORTED, figure, rule)
+    return Verdict(INCONCLUSIVE, figure, rule)
+
+
+def judge_higher_lr(stable, lrs):
+    """Rybakov et al. 2024: QK-norm with softmax capping, and a norm after QKV without the
+    pre-norm, each train stably at a higher learning rate than QK-norm alone. stable: {width:
+    {"qk_norm" | "qk_norm+softcap" | "qkv": the largest stable lr}}; lrs: the swept grid."""
+    arms = ("qk_norm", "qk_norm+softcap", "qkv")
+    if missing := missing_runs(stable, None, arms):
+        return missing
+    widths = sorted(stable, key=int)
+    step = {w: {a: lrs.index(stable[w][a]) - lrs.index(stable[w]["qk_norm"]) for a in arms[1:]}
+            for w in widths}
+    figure = "largest stable lr (qk_norm / +softcap / qkv): " + ", ".join(
+        f"width {w}: " + " / ".join(f"{stable[w][a]:g}" for a in arms) for w in widths)
+    rule = (f"a setup's largest stable lr: the highest swept lr at or above its best at which, "
+            f"and at every lr between, no seed diverged or ended > {FAIL} nats above the best "
+            f"mean; supported if both +softcap and qkv are higher than QK-norm alone at most "
+            f"widths and lower at none; not supported if either is lower at some width or "
+            f"higher at none; else inconclusive")
+    higher = {a: sum(step[w][a] > 0 for w in widths) for a in arms[1:]}
+    lower = {a: sum(step[w][a] < 0 for w in widths) for a in arms[1:]}
+    if all(lower[a] == 0 and higher[a] > len(widths) / 2 for a in arms[1:]):
+        return Verdict(SUPPORTED, figure, rule)
+    if any(lower[a] > 0 or higher[a] == 0 for a in arms[1:]):
         return Verdict(NOT_SUPPORTED, figure, rule)
     return Verdict(INCONCLUSIVE, figure, rule)

@@ -134,7 +134,7 @@ class Placement:
     attn: Callable  # rule around attention
     mlp: Callable = None  # rule around the MLP (default: the attention rule)
     embed_norm: bool = False  # normalize the embeddings (Peri-LN)
-    qkv_norm: bool = False  # norms on the projected queries, keys and values (HybridNorm)
+    qkv_norm: bool = False  # norms on the projected queries, keys and values (HybridNorm, QKV)
     head_scale: bool = False  # learned per-head output scale before the projection (NormFormer)
     mid_norm: bool = False  # a norm after the MLP's activation (NormFormer)
     init_gain: Callable = None  # n_layer -> gain of v, proj and MLP init (DeepNet)
@@ -175,6 +175,7 @@ PLACEMENTS = {
     "deepnorm": Placement(deepnorm, init_gain=deepnorm_beta),
     "mix": Placement(mix, segments=lambda L, cfg: (0, mix_split(L, cfg.mix_alpha), L)),
     "hybrid": Placement(residual, mlp=post, qkv_norm=True),
+    "qkv": Placement(residual, mlp=pre, qkv_norm=True),
     "normformer": Placement(sandwich, mlp=pre, head_scale=True, mid_norm=True),
     "lns": Placement(lns),
     "resi_dual": Placement(resi_dual, dual=True),

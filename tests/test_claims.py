@@ -5,7 +5,7 @@ import subprocess
 
 import pytest
 
-from normexp import claims, workers
+from normexp import analysis, claims, workers
 from normexp.config import load
 from normexp.errors import UsageError
 from normexp.lr_study import lr_sensitivity_sweep
@@ -90,6 +90,22 @@ def test_the_depth_claims_train_four_placements_and_prune_every_seed(tmp_path):
     assert "![claim 9](curse_of_depth.png)" in table and "![claim 10](mix_ln.png)" in table
 
 
+def test_the_qkv_claim_finds_each_setups_largest_stable_lr_in_its_sweep(tmp_path):
+    """Claim 11 at the tiny size: the shipped qkv_norm sweep with claim 8's sizes."""
+    out = str(tmp_path / "claims")
+    (result,) = claims.run_claims(SCALES["tiny"], out, only=[11], echo=lambda line: None)
+    assert result.number == 11 and result.verdict.verdict in VERDICTS
+    runs = analysis.load_runs(os.path.join(out, "qkv_norm"))
+    assert len(runs) == 3 * 7 * SCALES["tiny"].seeds and set(runs["model.d_model"]) == {16}
+    assert set(runs["model.placement"]) == {"pre", "qkv"}
+    stable, lrs = result.numbers["stable"], result.numbers["lrs"]
+    assert set(stable[16]) == {"qk_norm", "qk_norm+softcap", "qkv"}
+    table = {row["setup"]: row for row in result.numbers["table"]}
+    for setup, lr in stable[16].items():  # at or above the setup's best lr, on the grid
+        assert lr in lrs and lr >= table[setup]["best_lr"]
+    assert "![claim 11](qkv_norm_loss_vs_lr.png)" in open(os.path.join(out, "claims.md")).read()
+
+
 def test_claims_check_a_sweep_that_trained_nothing_before_judging_it(tmp_path, monkeypatch):
     """`normexp claims --quick` once ended in a traceback (KeyError: 'off') when claim 8's
     sweep exited 0 with runs untrained: now each of its verdicts is inconclusive and says why."""
@@ -113,8 +129,8 @@ def test_claims_command_runs_one_claim_at_a_changed_size_and_rejects_bad_numbers
     table = (tmp_path / "claims" / "quick-d_model=32" / "claims.md").read_text()
     assert table.startswith("# Claims checked by normexp (quick-d_model=32 scale)")
     assert "32 wide" in table
-    bad = normexp("claims", "--only", "9")
-    assert bad.returncode == 2 and "expected claim numbers from 1 to 8" in bad.stderr
+    bad = normexp("claims", "--only", "12")
+    assert bad.returncode == 2 and "expected claim numbers from 1 to 11" in bad.stderr
     bad = normexp("claims", "--quick", "--scale", "init_widht=512", cwd=tmp_path)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1, bad.stderr
     assert "--scale init_widht=512: expected FIELD=VALUE with FIELD one of n_layer, d_model" \

@@ -112,3 +112,26 @@ def test_logit_growth_judge_without_a_failed_runs_reference_is_inconclusive():
     _inconclusive(lr_verdicts.judge_logit_growth(runs), "1 of 4 runs missing (width 16 lr 0.001 "
                                                      "seed 1)")
     _inconclusive(lr_verdicts.judge_logit_growth([]), "no runs to judge")
+
+
+LRS = [1e-3, 3e-3, 1e-2, 3e-2, 1e-1]
+
+
+def test_higher_lr_judge_both_ways():
+    def stable(*per_width):  # (qk_norm, +softcap, qkv) per width
+        return {w: dict(zip(("qk_norm", "qk_norm+softcap", "qkv"), lrs))
+                for w, lrs in zip((16, 32, 64), per_width)}
+    judge = lr_verdicts.judge_higher_lr
+    verdict = judge(stable((3e-3, 1e-2, 1e-2), (3e-3, 3e-2, 1e-2), (1e-2, 1e-2, 3e-2)), LRS)
+    assert verdict.verdict == SUPPORTED and "width 32: 0.003 / 0.03 / 0.01" in verdict.figure
+    # one setup below QK-norm alone at one width, or never above it
+    assert judge(stable((3e-3, 1e-2, 1e-2), (3e-3, 1e-3, 1e-2), (1e-2, 3e-2, 3e-2)),
+                 LRS).verdict == NOT_SUPPORTED
+    assert judge(stable((3e-3, 3e-3, 1e-2), (3e-3, 3e-3, 1e-2), (1e-2, 1e-2, 3e-2)),
+                 LRS).verdict == NOT_SUPPORTED
+    # higher at one width of three, equal at the others: neither
+    assert judge(stable((3e-3, 1e-2, 1e-2), (3e-3, 3e-3, 3e-3), (1e-2, 1e-2, 1e-2)),
+                 LRS).verdict == INCONCLUSIVE
+    no_qkv = stable((3e-3, 1e-2, 1e-2))
+    del no_qkv[16]["qkv"]
+    assert judge(no_qkv, LRS).verdict == INCONCLUSIVE

@@ -108,6 +108,9 @@ def test_placement_extras_exist_where_their_papers_put_them(tiny):
     hybrid = model("model.placement=hybrid")
     assert hybrid.blocks.attn.q_norm is not None and hybrid.blocks.attn_norms.input is None
     assert hybrid.blocks.mlp_norms.output is not None
+    qkv = model("model.placement=qkv")  # Rybakov et al.: no norm before the QKV projection
+    assert qkv.blocks.attn.v_norm is not None and qkv.blocks.attn_norms.input is None
+    assert qkv.blocks.mlp_norms.input is not None and qkv.blocks.mlp_norms.output is None
     normformer = model("model.placement=normformer")
     assert normformer.blocks.attn.head_scale is not None
     assert normformer.blocks.mlp.mid_norm.scale.shape == (2, 4 * 32)  # [L, F]
