@@ -13,6 +13,8 @@ import os
 
 from normexp import analysis, plots
 from normexp.depth_study import depth_scale, measure_depth
+from normexp.dyt_study import ALPHAS, dyt_scale, measure_dyt
+from normexp.dyt_verdicts import judge_alpha_width, judge_dyt_matches
 from normexp.depth_verdicts import (judge_angular, judge_mix_loss, judge_pruning,
                                     judge_variance_growth)
 from normexp.lr_study import lr_sensitivity_sweep, measure_lr_sensitivity
@@ -232,8 +234,30 @@ def _claim_11(scale, out):
         **numbers, "figures": figures}
 
 
+def _claim_12(scale, out):
+    numbers = measure_dyt(scale, out)
+    figures = []
+    if not numbers["missing"]:
+        runs = analysis.load_runs(numbers["run_dirs"])
+        figures = [_save(plots.loss_vs_lr(runs[runs["model.norm.kind"] == "dyt"],
+                                          line="model.n_layer", panel="model.d_model",
+                                          lr="model.norm.alpha_attn"), out, "dyt_alpha.png")]
+    batch = dyt_scale(scale, 1, 1).batch_size
+    setup = (f"widths {list(scale.dyt_widths)} x {list(scale.dyt_depths)} blocks, seq "
+             f"{scale.seq_len}, batch {batch}, embedded corpus, {scale.steps} steps, "
+             f"{scale.seeds} seeds; Pre-LN with DyT at every norm, alpha0 in {list(ALPHAS)} "
+             f"(one value at every norm), against LayerNorm; lr 1e-3, warmup "
+             f"{max(1, scale.steps // 10)}")
+    yield ("Zhu et al. 2025: DyT (tanh(alpha x) in place of the norm) matches LayerNorm's "
+           "loss"), setup, judge_dyt_matches(numbers), {
+        **{k: v for k, v in numbers.items() if k != "run_dirs"}, "figures": figures}
+    yield ("Zhu et al. 2025 (Table 12): DyT's best alpha0 depends on the width, not the "
+           "depth"), setup, judge_alpha_width(numbers), {
+        "losses": numbers["losses"], "missing": numbers["missing"]}
+
+
 CLAIMS = {1: _claim_1, 2: _claim_2, 3: _claim_3, 4: _claim_4, 5: _claim_5, 6: _claim_6,
-          7: _claim_7, 8: _claim_8, 9: _claim_9, 10: _claim_10, 11: _claim_11}
+          7: _claim_7, 8: _claim_8, 9: _claim_9, 10: _claim_10, 11: _claim_11, 12: _claim_12}
 
 
 def run_claims(scale, out, only=None, echo=print):

@@ -212,7 +212,9 @@ class RunConfig:
 
 
 # What may differ between the runs of one vectorized group: everything else shapes the program.
-GROUP_KEYS = ("run.seed", "optim.lr", "run.name", "run.out_dir")
+# (DyT's and Derf's alphas are the initial values of learned scalars, so they do not.)
+GROUP_KEYS = ("run.seed", "optim.lr", "model.norm.alpha_attn", "model.norm.alpha_mlp",
+              "model.norm.alpha_final", "run.name", "run.out_dir")
 
 
 @dataclass(frozen=True)

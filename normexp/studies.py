@@ -50,6 +50,8 @@ class Scale:
     lr_sweep: tuple = ()  # claim 8: settings replacing LR_SWEEP's own values (none: as shipped)
     failure_seeds: int = 5  # claim 2 (and 6, on its runs): seeds of a study that counts failures
     depth_layers: int = 12  # claims 9-10: the depth study's blocks (Sun et al.: 12-24)
+    dyt_widths: tuple = (32, 64)  # claim 12: the DyT study's widths and depths
+    dyt_depths: tuple = (2, 4)
 
 
 # Claim 8 at --quick: Wortsman et al.'s setup as shipped, at CPU size. Every setting here is
@@ -65,18 +67,22 @@ _TINY_LR = _QUICK_LR + (("model.d_model", [16]), ("model.n_layer", 1), ("data.se
 
 SCALES = {
     "tiny": Scale("tiny", 2, 32, 16, 4, 12, 2, 3, 32, 2, depths=(2, 3), grad_batches=2,
-                  lr_sweep=_TINY_LR, failure_seeds=2, depth_layers=3),
+                  lr_sweep=_TINY_LR, failure_seeds=2, depth_layers=3, dyt_widths=(16,),
+                  dyt_depths=(1,)),
     "quick": Scale("quick", 6, 64, 64, 16, 300, 3, 12, 128, 10, lr_sweep=_QUICK_LR),
     "full": Scale("full", 8, 128, 128, 32, 2000, 3, 12, 512, 20,
-                  depths=(6, 8, 10, 12, 14, 20, 32), grad_batches=16, depth_layers=24),
+                  depths=(6, 8, 10, 12, 14, 20, 32), grad_batches=16, depth_layers=24,
+                  dyt_widths=(128, 512), dyt_depths=(4, 12)),
 }
 
 def resized(scale, settings):
     """`scale` with some sizes changed, from "field=value" strings (`normexp claims --scale`):
-    an int field, or `depths` as comma-separated ints. Its name records them, so that its runs
-    go to their own directory and its table says what changed."""
+    an int field, or a tuple field (`depths`, `dyt_widths`, ...) as comma-separated ints. Its
+    name records them, so that its runs go to their own directory and its table says what
+    changed."""
     fields = {f.name: f for f in dataclasses.fields(Scale) if f.name not in ("name",
                                                                               "lr_sweep")}
+    tuples = {name for name, f in fields.items() if isinstance(f.default, tuple)}
     changes = {}
     for text in settings:
         key, sep, value = text.partition("=")
@@ -87,11 +93,11 @@ def resized(scale, settings):
             numbers = tuple(int(v) for v in value.split(","))
         except ValueError:
             numbers = ()
-        if not numbers or min(numbers) < 1 or key != "depths" and len(numbers) > 1:
-            wanted = "positive integers separated by commas" if key == "depths" else \
+        if not numbers or min(numbers) < 1 or key not in tuples and len(numbers) > 1:
+            wanted = "positive integers separated by commas" if key in tuples else \
                 "a positive integer"
             raise UsageError(f"--scale {text}: {key} takes {wanted}")
-        changes[key] = numbers if key == "depths" else numbers[0]
+        changes[key] = numbers if key in tuples else numbers[0]
     if not changes:
         return scale
     name = scale.name + "".join(f"-{k}={v if isinstance(v, int) else ','.join(map(str, v))}"
@@ -160,7 +166,9 @@ def measure_expected_gradients(scale):
 
 # -- 2. Post-Norm needs warmup, Pre-Norm does not --------------------------------------------
 
-def _train_cfgs(scale, out, study, overrides):
+def train_cfgs(scale, out, study, overrides):
+    """One setup's runs, a seed each: the scale's sizes with `overrides` on top, named by the
+    overrides and the seed, under `<out>/<study>/`."""
     cfgs = []
     for seed in range(scale.seeds):
         name = ",".join(f"{k.split('.')[-1]}={v}" for k, v in overrides) + f",seed={seed}"
@@ -179,7 +187,7 @@ def _train_cfgs(scale, out, study, overrides):
 def train_seeds(scale, out, study, overrides):
     """Train (or reuse) one vectorized group of seeds; returns their summaries (each names its
     run_dir)."""
-    return run_group(_train_cfgs(scale, out, study, overrides), resume=True)
+    return run_group(train_cfgs(scale, out, study, overrides), resume=True)
 
 
 def warmup_overrides(scale, placement, warmup):
@@ -237,7 +245,7 @@ def measure_rmsnorm(scale, out):
         overrides = [("model.norm.kind", kind), ("optim.lr", 3e-3)]
         runs = train_seeds(scale, out, "rmsnorm", overrides)
         losses[kind], dirs = final_losses(runs), dirs + [r.run_dir for r in runs]
-        cfgs[kind] = _train_cfgs(scale, out, "rmsnorm", overrides)[0]
+        cfgs[kind] = train_cfgs(scale, out, "rmsnorm", overrides)[0]
     corpus = data_lib.load_corpus("", 0, scale.seq_len)
     batch = data_lib.batch(corpus.train, seed=0, step=0, batch_size=scale.batch_size,
                            seq_len=scale.seq_len)
@@ -256,7 +264,7 @@ def measure_batchnorm(scale, out):
     [1, 1]), how much its logits differ between tokens and its loss, in both modes."""
     overrides = [("model.norm.kind", "batchnorm"), ("optim.lr", 3e-3)]
     scale = dataclasses.replace(scale, seeds=1)
-    cfg = _train_cfgs(scale, out, "batchnorm", overrides)[0]
+    cfg = train_cfgs(scale, out, "batchnorm", overrides)[0]
     found = completeness([r.run_dir for r in train_seeds(scale, out, "batchnorm", overrides)])
     if found["missing"]:  # its last checkpoint is not the trained model
         return found

@@ -28,8 +28,8 @@ KEYS = {"base": "a config file (relative to the sweep file) or inline config key
         "zip": "dotted key -> list of values, all lists varied together (or a list of such)",
         "seeds": "a count n (seeds 0..n-1) or a list of seeds, for run.seed",
         "out_dir": "where the runs go (default sweeps/<sweep file stem>)",
-        "vectorize": "none, or seeds: train runs that differ only in seed and optim.lr "
-                     "together with jax.vmap"}
+        "vectorize": "none, or seeds: train runs that differ only in seed, optim.lr and "
+                     "the DyT/Derf alpha inits together with jax.vmap"}
 RESERVED = ("run.name", "run.out_dir", "run.seed")
 MANIFEST = rundir.SWEEP_MANIFEST
 

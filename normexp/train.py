@@ -1,7 +1,7 @@
 """Training runs: the loop around the pure step of normexp.step.
 
-`run(cfg)` trains one run; `run_group(cfgs)` trains runs that differ only in seed and peak
-learning rate (config.GROUP_KEYS) together, one `jax.vmap`-ed step over their stacked states
+`run(cfg)` trains one run; `run_group(cfgs)` trains runs that differ only in seed, peak
+learning rate and DyT's alpha inits (config.GROUP_KEYS) together, one `jax.vmap`-ed step over their stacked states
 (a sweep's `vectorize: seeds`), each writing the run directory `normexp train` would have
 written for it. The loop (`_loop`) reads top to bottom as its phases: evaluate, step, log,
 stop, checkpoint, and at the end finish.
@@ -70,7 +70,7 @@ def check_group(cfgs):
         if differ:
             raise UsageError(f"runs {cfgs[0].run.name!r} and {other.run.name!r} cannot train as "
                              f"one vectorized group: they differ in {', '.join(differ)} (only "
-                             f"{', '.join(keys[:2])} may differ)")
+                             f"{', '.join(keys[:-2])} may differ)")
 
 
 class Member:

@@ -19,8 +19,8 @@ shown_under() {
   echo "$(dirname "$1")/$file"
 }
 
-# 1. every claim at --quick: Xiong et al.'s Fig. 3 at width 128 (claim 1) and Wortsman et al.'s
-#    Fig. 1 at 100 steps (claim 8, the report of its sweep)
+# 1. every claim at --quick: Xiong et al.'s Fig. 3 at width 128 (claim 1), Wortsman et al.'s
+#    Fig. 1 at 100 steps (claim 8, the report of its sweep), the depth study (claims 9, 10)
 "$normexp" claims --quick --out "$runs/claims_quick"
 cp "$runs/claims_quick/expected_gradients.png" "$dest/xiong_fig3_quick.png"
 report="$runs/claims_quick/lr_sensitivity/report/report.md"
@@ -28,6 +28,9 @@ cp "$(shown_under "$report" "Final loss vs learning rate: placement=pre")" \
   "$dest/wortsman_pre_100_steps.png"
 cp "$(shown_under "$report" "Final loss vs learning rate: placement=peri")" \
   "$dest/wortsman_peri_100_steps.png"
+# claims 9 and 10: per-block variance, pruning damage and angular distance (the depth study)
+cp "$runs/claims_quick/curse_of_depth.png" "$dest/curse_of_depth_quick.png"
+cp "$runs/claims_quick/mix_ln.png" "$dest/mix_ln_quick.png"
 
 # 2. claim 1 at the paper's width, 512
 "$normexp" claims --quick --only 1 --scale init_width=512 --out "$runs/claims_width512"
@@ -53,6 +56,29 @@ for judge, arg in ((lr_verdicts.judge_qk_sensitivity, numbers["sensitivity"]["pr
                    (lr_verdicts.judge_logit_growth, numbers["runs"]["pre"])):
     verdict = judge(arg)
     print(f"{verdict.verdict}: {verdict.figure}")
+EOF
+
+# 4. claim 11's sweep at 1000 steps: the largest stable lr of each attention setup
+"$normexp" sweep configs/sweeps/qkv_norm.yaml --out "$runs/qkv1000" --max-parallel 2 \
+  --set 'model.d_model=[16,32,64]' model.n_layer=2 model.n_head=2 data.seq_len=32 \
+  data.eval_batches=4 train.batch_size=8 train.steps=1000 optim.warmup_steps=50 log.every=10 \
+  log.grad_norms=false train.eval_every=1000 train.checkpoint_every=1000
+"${PYTHON:-.venv/bin/python}" - "$runs/qkv1000" "$dest/rybakov_1000_steps.png" <<'EOF' \
+  | tee "$runs/qkv1000/verdicts.txt"
+import sys
+from normexp import analysis, plots, qkv_study, lr_verdicts
+from normexp.report import png
+numbers = qkv_study.stable_lrs(sys.argv[1])
+verdict = lr_verdicts.judge_higher_lr(numbers["stable"], numbers["lrs"])
+print(f"{verdict.verdict}: {verdict.figure}")
+for row in numbers["table"]:
+    print(f"width {row['model.d_model']} {row['setup']}: LR sensitivity "
+          f"{row['lr_sensitivity']:.3f}, best lr {row['best_lr']:g}, loss {row['best_loss']:.3f}")
+runs = analysis.load_runs(sys.argv[1])
+runs["setup"] = [qkv_study.setup_name(*r) for r in runs[list(qkv_study.SETUP)].itertuples(
+    index=False)]
+with open(sys.argv[2], "wb") as f:
+    f.write(png(plots.loss_vs_lr(runs, line="model.d_model", panel="setup")))
 EOF
 
 echo "figures.sh: wrote $(ls "$dest" | wc -l) figures in $dest; claims table: \

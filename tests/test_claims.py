@@ -6,6 +6,7 @@ import subprocess
 import pytest
 
 from normexp import analysis, claims, workers
+from normexp.compare import find_runs
 from normexp.config import load
 from normexp.errors import UsageError
 from normexp.lr_study import lr_sensitivity_sweep
@@ -106,6 +107,29 @@ def test_the_qkv_claim_finds_each_setups_largest_stable_lr_in_its_sweep(tmp_path
     assert "![claim 11](qkv_norm_loss_vs_lr.png)" in open(os.path.join(out, "claims.md")).read()
 
 
+def test_the_dyt_claim_trains_each_alpha0_grid_cell_as_one_group(tmp_path):
+    """Claim 12 at the tiny size (one width and depth): a LayerNorm group and a DyT group of
+    every alpha0 and seed; the saturation of each DyT run."""
+    out = str(tmp_path / "claims")
+    results = claims.run_claims(SCALES["tiny"], out, only=[12], echo=lambda line: None)
+    assert [r.number for r in results] == [12, 12]
+    assert {r.verdict.verdict for r in results} <= VERDICTS
+    numbers, seeds = results[0].numbers, SCALES["tiny"].seeds
+    assert sorted(numbers["losses"]) == [16]
+    for width, by_depth in numbers["losses"].items():
+        arms = by_depth[1]
+        assert list(arms) == ["layernorm", 0.2, 1.0, 5.0]
+        assert all(len(v) == seeds for v in arms.values())
+        for alpha in (0.2, 1.0, 5.0):
+            assert all(0 <= s <= 1 for s in numbers["saturation"][width][1][alpha])
+    summary = json.load(open(os.path.join(out, "claims.json")))
+    assert [s["number"] for s in summary] == [12, 12]
+    runs = analysis.load_runs(find_runs(os.path.join(out, "dyt")))  # at any depth
+    dyt = runs[runs["model.norm.kind"] == "dyt"]
+    assert len(runs) == 4 * seeds and set(dyt["vectorized_runs"]) == {3 * seeds}
+    assert "![claim 12](dyt_alpha.png)" in open(os.path.join(out, "claims.md")).read()
+
+
 def test_claims_check_a_sweep_that_trained_nothing_before_judging_it(tmp_path, monkeypatch):
     """`normexp claims --quick` once ended in a traceback (KeyError: 'off') when claim 8's
     sweep exited 0 with runs untrained: now each of its verdicts is inconclusive and says why."""
@@ -129,8 +153,8 @@ def test_claims_command_runs_one_claim_at_a_changed_size_and_rejects_bad_numbers
     table = (tmp_path / "claims" / "quick-d_model=32" / "claims.md").read_text()
     assert table.startswith("# Claims checked by normexp (quick-d_model=32 scale)")
     assert "32 wide" in table
-    bad = normexp("claims", "--only", "12")
-    assert bad.returncode == 2 and "expected claim numbers from 1 to 11" in bad.stderr
+    bad = normexp("claims", "--only", "13")
+    assert bad.returncode == 2 and "expected claim numbers from 1 to 12" in bad.stderr
     bad = normexp("claims", "--quick", "--scale", "init_widht=512", cwd=tmp_path)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1, bad.stderr
     assert "--scale init_widht=512: expected FIELD=VALUE with FIELD one of n_layer, d_model" \
@@ -151,6 +175,7 @@ def test_a_bad_scale_setting_names_the_field_and_what_it_takes():
     wider = resized(SCALES["quick"], ["init_width=512", "depths=6,8"])
     assert (wider.name, wider.init_width, wider.depths) == ("quick-init_width=512-depths=6,8",
                                                             512, (6, 8))
+    assert resized(SCALES["quick"], ["dyt_widths=32,128"]).dyt_widths == (32, 128)
 
 
 def test_every_readme_figure_is_made_by_the_figures_script():

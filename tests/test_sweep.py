@@ -188,6 +188,25 @@ def assert_same_metrics(a, b, rtol):
                 np.testing.assert_allclose(ra[key], rb[key], rtol=rtol, atol=1e-7, err_msg=key)
 
 
+def test_dyt_alpha_inits_vectorize_and_equal_runs_trained_one_by_one(tmp_path):
+    """DyT's alpha0 is a learned scalar's starting value: runs over it share one program."""
+    spec = {"grid": {"model.norm.alpha_attn": [0.25, 2.0]}, "seeds": 1,
+            "base": tiny_base("model.norm.kind=dyt", "train.steps=4", "log.activations=true")}
+    vec = sweep_lib.load(write_sweep(tmp_path, "v", vectorize="seeds", **spec,
+                                     out_dir=str(tmp_path / "v")))
+    seq = sweep_lib.load(write_sweep(tmp_path, "q", **spec, out_dir=str(tmp_path / "q")))
+    assert len(vec.units()) == 1 and len(seq.units()) == 2
+    assert sweep_lib.run(vec, progress=False) == sweep_lib.run(seq, progress=False) == 0
+    first = {}
+    for r in vec.runs:
+        v, q = metrics_of(r.cfg.run.dir), metrics_of(os.path.join(tmp_path / "q", r.name))
+        for key in ("loss", "val_loss", "act/block_01/mlp_input_norm_alpha"):
+            np.testing.assert_allclose([m.get(key, 0) for m in v], [m.get(key, 0) for m in q],
+                                       rtol=1e-5, err_msg=key)
+        first[r.name] = v[0]["act/block_00/attn_input_norm_alpha"]  # its alpha at step 0
+    assert first == {"alpha_attn=0.25,seed=0": 0.25, "alpha_attn=2,seed=0": 2.0}
+
+
 def test_vectorized_seeds_and_lrs_equal_runs_trained_one_by_one(tmp_path):
     # lr 1e30 diverges within a few steps: a diverged member must not disturb the others
     spec = {"grid": {"optim.lr": [3e-3, 1e30]}, "seeds": 2}
