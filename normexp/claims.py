@@ -246,7 +246,8 @@ def _claim_12(scale, out):
     setup = (f"widths {list(scale.dyt_widths)} x {list(scale.dyt_depths)} blocks, seq "
              f"{scale.seq_len}, batch {batch}, embedded corpus, {scale.steps} steps, "
              f"{scale.seeds} seeds; Pre-LN with DyT at every norm, alpha0 in {list(ALPHAS)} "
-             f"(one value at every norm), against LayerNorm; lr 1e-3, warmup "
+             f"(one value at every norm), against LayerNorm; Xavier init (unit-scale "
+             f"embeddings), lr 1e-3, warmup "
              f"{max(1, scale.steps // 10)}")
     yield ("Zhu et al. 2025: DyT (tanh(alpha x) in place of the norm) matches LayerNorm's "
            "loss"), setup, judge_dyt_matches(numbers), {

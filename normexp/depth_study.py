@@ -4,11 +4,11 @@ trained at one depth over the same seeds, then every seed's trained run pruned b
 distance across each block.
 
 Sun et al. 2025 (the Curse of Depth, arXiv 2502.05795) train LLaMA-style models (130M-1B,
-RMSNorm, SwiGLU) for 1k-10k+ steps and turn the scaled residual init off with LNS; Li et al. 2024
-(Mix-LN, arXiv 2412.13795) the same family from 71M up. Here: byte-level models of
-`Scale.depth_layers` blocks (`depth_scale`) on the embedded corpus, LayerNorm and GELU, GPT-2's N(0, 0.02) init
-without the residual scaling in every arm, a final norm where the stream ends unnormalized
-(not under Post-LN), Mix-LN's alpha 0.25 (its paper's best at 71M-1B, Table 5).
+RMSNorm, SwiGLU) for 1k-10k+ steps and turn the scaled residual init off with LNS; Li et al.
+2024 (Mix-LN, arXiv 2412.13795) the same family from 71M up. Here: byte-level models of
+`Scale.depth_layers` blocks (`depth_scale`) on the embedded corpus, LayerNorm and GELU, GPT-2's
+N(0, 0.02) init without the residual scaling in every arm, a final norm where the stream ends
+unnormalized (not under Post-LN), Mix-LN's alpha 0.25 (its paper's best at 71M-1B, Table 5).
 """
 
 import dataclasses

@@ -23,6 +23,7 @@ import textwrap
 
 import numpy as np
 from matplotlib.colors import LogNorm
+from matplotlib.ticker import NullFormatter
 from matplotlib.figure import Figure
 
 from normexp.analysis import clipped_losses, varying_keys
@@ -201,6 +202,7 @@ def loss_vs_lr(runs, line=None, panel=None, title="", lr="optim.lr", loss="final
             ax.plot(bad[lr], bad["_clipped"], "x", color=drawn.get_color(), markersize=9,
                     markeredgewidth=2)
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())  # a range under a decade labels them all
         ax.set(xlabel=lr, title=f"{panel}={_text(value)}" if panel else "")
     axes[0].set_ylabel(f"{loss.replace('_', ' ')} (x: diverged, at the initial loss)")
     axes[-1].legend(fontsize="small")

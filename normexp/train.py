@@ -1,10 +1,10 @@
 """Training runs: the loop around the pure step of normexp.step.
 
 `run(cfg)` trains one run; `run_group(cfgs)` trains runs that differ only in seed, peak
-learning rate and DyT's alpha inits (config.GROUP_KEYS) together, one `jax.vmap`-ed step over their stacked states
-(a sweep's `vectorize: seeds`), each writing the run directory `normexp train` would have
-written for it. The loop (`_loop`) reads top to bottom as its phases: evaluate, step, log,
-stop, checkpoint, and at the end finish.
+learning rate and DyT's alpha inits (config.GROUP_KEYS) together, one `jax.vmap`-ed step over
+their stacked states (a sweep's `vectorize: seeds`), each writing the run directory `normexp
+train` would have written for it. The loop (`_loop`) reads top to bottom as its phases:
+evaluate, step, log, stop, checkpoint, and at the end finish.
 
 Why the group path is isolated rather than a single run being a group of one: a single run
 then compiles exactly the step in normexp.step, with no run axis of size one, so what a user

@@ -46,21 +46,24 @@ from normexp.config import load  # noqa: E402
 # --durations), run first: pytest-xdist hands tests out in order, so these overlap the rest
 # instead of ending the suite alone. README's Tests section lists them with their cost.
 SLOW_FIRST = (
-    "test_parallel.py::test_two_processes_train_as_one_job_stop_together_and_resume",  # 78
-    "test_claims.py::test_every_claim_runs_on_a_tiny_setup_and_writes_its_table",  # 49
-    "test_bench.py::test_quick_bench_produces_every_figure",  # 28
-    "test_sweep.py::test_a_killed_sweep_reruns_to_the_table_of_an_uninterrupted_one",  # 24
+    "test_parallel.py::test_two_processes_train_as_one_job_stop_together_and_resume",  # 74
+    "test_claims.py::test_claims_1_to_8_run_on_a_tiny_setup_and_write_their_table",  # 47
+    "test_bench.py::test_quick_bench_produces_every_figure",  # 26
+    "test_sweep.py::test_a_killed_sweep_reruns_to_the_table_of_an_uninterrupted_one",  # 20
+    "test_claims.py::test_the_qkv_claim_finds_each_setups_largest_stable_lr_in_its_sweep",  # 20
     "test_scheduler.py::test_a_killed_worker_is_named_and_its_run_taken_over",  # 18
-    "test_accelerator.py::test_quick_check_produces_every_field_on_two_host_devices",  # 17
-    "test_parallel.py::test_data_parallel_over_four_devices_equals_one_device",  # 16
-    "test_step.py::test_every_way_of_applying_the_blocks_gives_the_same_gradients",  # 14 + 9
+    "test_accelerator.py::test_quick_check_produces_every_field_on_two_host_devices",  # 16
+    "test_parallel.py::test_data_parallel_over_four_devices_equals_one_device",  # 15
+    "test_claims.py::test_the_depth_claims_train_four_placements_and_prune_every_seed",  # 14
     "test_rundir.py::test_existing_run_dir_is_never_replaced_silently",  # 14
-    "test_sweep.py::test_max_parallel_workers_train_each_run_once",  # 13
-    "test_claims.py::test_claims_command_runs_one_claim_at_a_changed_size",  # 13
-    "test_scheduler.py::test_sigterm_to_the_parent_stops_every_worker",  # 12
-    "test_scheduler.py::test_workers_die_with_their_parent",  # 10
-    "test_train.py::test_killed_and_resumed_run_equals_the_uninterrupted_one",  # 5 x 8-11
-    "test_notebook.py::test_the_analysis_notebook_executes_on_a_tiny_sweep",  # 5 with setup
+    "test_step.py::test_every_way_of_applying_the_blocks_gives_the_same_gradients",  # 13 + 9
+    "test_claims.py::test_claims_command_runs_one_claim_at_a_changed_size",  # 12
+    "test_scheduler.py::test_sigterm_to_the_parent_stops_every_worker",  # 11
+    "test_sweep.py::test_max_parallel_workers_train_each_run_once",  # 11
+    "test_scheduler.py::test_workers_die_with_their_parent",  # 9
+    "test_train.py::test_killed_and_resumed_run_equals_the_uninterrupted_one",  # 5 x 7-10
+    "test_claims.py::test_the_dyt_claim_trains_each_alpha0_grid_cell_as_one_group",  # 9
+    "test_notebook.py::test_the_analysis_notebook_executes_on_a_tiny_sweep",  # 10 with setup
 )
 
 

@@ -11,7 +11,8 @@ from normexp.errors import UsageError
 
 from conftest import normexp, tiny_base, write_sweep
 
-COMMANDS = ["train", "sweep", "compare", "ls", "results", "report", "prune", "claims", "prepare", "bench"]
+COMMANDS = ["train", "sweep", "compare", "ls", "results", "report", "prune", "claims", "prepare",
+            "bench"]
 
 
 def _existing_run(tmp_path):
