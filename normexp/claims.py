@@ -241,7 +241,8 @@ def _claim_12(scale, out):
         runs = analysis.load_runs(numbers["run_dirs"])
         figures = [_save(plots.loss_vs_lr(runs[runs["model.norm.kind"] == "dyt"],
                                           line="model.n_layer", panel="model.d_model",
-                                          lr="model.norm.alpha_attn"), out, "dyt_alpha.png")]
+                                          lr="model.norm.alpha_attn"), out, "dyt_alpha.png"),
+                   _save(plots.saturation_curves(numbers["curves"]), out, "dyt_saturation.png")]
     batch = dyt_scale(scale, 1, 1).batch_size
     setup = (f"widths {list(scale.dyt_widths)} x {list(scale.dyt_depths)} blocks, seq "
              f"{scale.seq_len}, batch {batch}, embedded corpus, {scale.steps} steps, "

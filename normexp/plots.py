@@ -12,6 +12,7 @@
   gradient per block and the last block's against depth.
 - `depth_profiles`: claims 9-10's numbers, per block: output variance, pruning damage, angular
   distance, a line per placement.
+- `saturation_curves`: claim 12's saturated share of DyT's inputs over training, per alpha0.
 
 A *setup* is a group of runs that share the values of the `by` keys (by default every key the
 runs vary except the seed), so seeds are averaged. Figures are made without pyplot, so nothing
@@ -270,6 +271,26 @@ def depth_profiles(profiles, title=""):
             ax.fill_between(blocks, rows.min(0), rows.max(0), alpha=0.2, color=line.get_color())
         ax.set(xlabel="block", ylabel=label, yscale="log" if key == "var" else "linear")
         ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def saturation_curves(curves, title=""):
+    """Claim 12 from `dyt_study.measure_dyt`: the share of DyT's inputs in saturation (|alpha x|
+    > 2, mean over the blocks' norms and the seeds) over training, one line per alpha0, one
+    panel per width x depth."""
+    cells = sorted(curves, key=lambda c: tuple(int(v) for v in c.split("x")))
+    fig = Figure(figsize=(1.5 + 3.2 * len(cells), 3.4), layout="constrained")
+    axes = fig.subplots(1, len(cells), sharey=True, squeeze=False)[0]
+    for ax, cell in zip(axes, cells):
+        for alpha, points in curves[cell].items():
+            steps, values = zip(*points) if points else ((), ())
+            ax.plot(steps, values, label=f"alpha0={_text(alpha)}")
+        width, depth = cell.split("x")
+        ax.set(xlabel="step", title=f"width {width} x {depth} blocks", ylim=(0, 1))
+    axes[0].set_ylabel("saturated share of DyT inputs")
+    axes[-1].legend(fontsize="small")
     if title:
         fig.suptitle(title)
     return fig

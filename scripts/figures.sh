@@ -20,7 +20,8 @@ shown_under() {
 }
 
 # 1. every claim at --quick: Xiong et al.'s Fig. 3 at width 128 (claim 1), Wortsman et al.'s
-#    Fig. 1 at 100 steps (claim 8, the report of its sweep), the depth study (claims 9, 10)
+#    Fig. 1 at 100 steps (claim 8, the report of its sweep), the depth study (claims 9, 10),
+#    DyT (claim 12)
 "$normexp" claims --quick --out "$runs/claims_quick"
 cp "$runs/claims_quick/expected_gradients.png" "$dest/xiong_fig3_quick.png"
 report="$runs/claims_quick/lr_sensitivity/report/report.md"
@@ -31,6 +32,9 @@ cp "$(shown_under "$report" "Final loss vs learning rate: placement=peri")" \
 # claims 9 and 10: per-block variance, pruning damage and angular distance (the depth study)
 cp "$runs/claims_quick/curse_of_depth.png" "$dest/curse_of_depth_quick.png"
 cp "$runs/claims_quick/mix_ln.png" "$dest/mix_ln_quick.png"
+# claim 12: DyT's loss against alpha0, and its saturated share over training
+cp "$runs/claims_quick/dyt_alpha.png" "$dest/dyt_alpha_quick.png"
+cp "$runs/claims_quick/dyt_saturation.png" "$dest/dyt_saturation_quick.png"
 
 # 2. claim 1 at the paper's width, 512
 "$normexp" claims --quick --only 1 --scale init_width=512 --out "$runs/claims_width512"

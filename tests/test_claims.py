@@ -127,7 +127,8 @@ def test_the_dyt_claim_trains_each_alpha0_grid_cell_as_one_group(tmp_path):
     runs = analysis.load_runs(find_runs(os.path.join(out, "dyt")))  # at any depth
     dyt = runs[runs["model.norm.kind"] == "dyt"]
     assert len(runs) == 4 * seeds and set(dyt["vectorized_runs"]) == {3 * seeds}
-    assert "![claim 12](dyt_alpha.png)" in open(os.path.join(out, "claims.md")).read()
+    table = open(os.path.join(out, "claims.md")).read()
+    assert "![claim 12](dyt_alpha.png)" in table and "![claim 12](dyt_saturation.png)" in table
 
 
 def test_claims_check_a_sweep_that_trained_nothing_before_judging_it(tmp_path, monkeypatch):

@@ -65,3 +65,12 @@ def test_depth_profiles_draw_each_placements_mean_and_leave_out_an_unmeasured_on
     for ax in axes:
         (line,) = ax.get_lines()  # lns has a diverged seed: not drawn
         assert line.get_label() == "pre" and line.get_ydata().tolist() == [2.0, 3.0, 5.0]
+
+
+def test_saturation_curves_draw_a_line_per_alpha_and_a_panel_per_cell():
+    curves = {"64x4": {0.2: [(0, 0.0), (10, 0.1)], 5.0: [(0, 0.5), (10, 0.9)]},
+              "32x2": {0.2: [(0, 0.0), (10, 0.05)], 5.0: [(0, 0.4), (10, 0.8)]}}
+    axes = plots.saturation_curves(curves).axes
+    assert [ax.get_title() for ax in axes] == ["width 32 x 2 blocks", "width 64 x 4 blocks"]
+    assert [line.get_ydata().tolist() for line in axes[1].get_lines()] == [[0.0, 0.1],
+                                                                           [0.5, 0.9]]
