@@ -13,7 +13,7 @@ from normexp.errors import UsageError
 from normexp.analysis import SPIKES
 from normexp.metric_names import GRAD_NORM, VAL_LOSS, family
 
-SIDE_BY_SIDE = ("status", "steps", "final_val_loss", "best_val_loss", "tokens_per_s")
+SIDE_BY_SIDE = ("status", "steps", "final_val_loss", "best_val_loss", *SPIKES, "tokens_per_s")
 
 
 def _steps(row):

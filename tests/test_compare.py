@@ -34,8 +34,11 @@ def test_compare_shows_what_differs_and_both_gradient_profiles(study, tmp_path):
     assert lines[0] == "2 runs; they differ in model.placement"
     placement = next(line for line in lines if line.startswith("model.placement"))
     assert placement.split()[1:] == ["post", "pre"]
-    for row in ("status", "steps", "final_val_loss", "best_val_loss", "tokens_per_s"):
+    for row in ("status", "steps", "final_val_loss", "best_val_loss", "loss_spike_score",
+                "grad_norm_spike_score", "tokens_per_s"):
         assert any(line.startswith(row) for line in lines), row
+    spikes = next(line for line in lines if line.startswith("loss_spike_score")).split()[1:]
+    assert len(spikes) == 2 and "-" not in spikes  # the study's window of 4 steps scores them
     assert next(line for line in lines if line.startswith("steps")).split()[1:] == [
         "12/12", "12/12"]
     blocks = [line.split()[0] for line in lines if line[:2].isdigit()]
