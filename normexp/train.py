@@ -9,8 +9,8 @@ evaluate, step, log, stop, checkpoint, and at the end finish.
 Why the group path is isolated rather than a single run being a group of one: a single run
 then compiles exactly the step in normexp.step, with no run axis of size one, so what a user
 reads is what runs and its numbers do not depend on how XLA treats a vmap of one. Everything
-that differs for a group is in its lanes (normexp.lanes: `Single`, `Group`): how states stack, how batches
-join and how fetched values split per run. The loop never asks which it has.
+that differs for a group is in its lanes (normexp.lanes: `Single`, `Group`): how states stack,
+how batches join and how fetched values split per run. The loop never asks which it has.
 """
 
 import contextlib
