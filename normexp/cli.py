@@ -62,10 +62,12 @@ def cmd_train(ns):
     from normexp.parallel import initialize_distributed
     initialize_distributed()  # before anything starts a backend
     from normexp.console import end_line
+    from normexp.parallel import is_primary
     from normexp.rundir import INTERRUPTED
     from normexp.train import run
     summary = run(cfg, resume=ns.resume, overwrite=ns.overwrite, missing_ok=False)
-    print(end_line(summary))
+    if is_primary():  # a job's other processes speak only when they fail
+        print(end_line(summary))
     if summary.status == INTERRUPTED:
         return 128 + signal.Signals[summary.signal].value
     return 0

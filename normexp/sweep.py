@@ -153,6 +153,9 @@ def load(path, out_dir=None, settings=()):
     elif not isinstance(base, dict):
         raise UsageError(f"{path}: base: expected a config file path or config keys, got "
                          f"{base!r}")
+    if config_lib.flatten(base).get("run.out_dir"):  # each run of a sweep gets its own
+        raise UsageError(f"{path}: base: run.out_dir: the sweep places each run under its own "
+                         f"out_dir; set the sweep file's top-level out_dir: (or --out) instead")
     grid = raw.get("grid") or {}
     if not isinstance(grid, dict):
         raise UsageError(f"{path}: grid: expected a mapping of dotted key -> list of values")

@@ -14,6 +14,11 @@
 #     of the same array skips finished runs and resumes interrupted ones; a task killed by the
 #     scheduler leaves a lock that the next task takes over. A task exits 0 only when every run
 #     of its shard is finished; one whose runs another task still trains waits for it.
+# The sizes below (8 cores, 16G, 4 hours) are requests, and sbatch's own options override them:
+#
+#   sbatch --array=1-8 --cpus-per-task=2 --mem=4G scripts/slurm_sweep.sh SWEEP.yaml
+#
+# (a node smaller than the request refuses it: "Requested node configuration is not available").
 # On GPU nodes add e.g. `#SBATCH --gpus-per-task=1`; with --max-parallel K the task's GPUs are
 # divided among its K workers (one each when K equals their count; workers that share one GPU
 # each take their part of its memory). See README, Accelerators.

@@ -107,12 +107,15 @@ def launch(out, *extra, kill=None, processes=2, env=None):
     return children
 
 
-def finish(children, timeout=240):
-    """[(exit code, stderr)] of each process, after all have ended."""
+def finish(children, timeout=240, outputs=None):
+    """[(exit code, stderr)] of each process, after all have ended; their stdout appended to
+    `outputs` where given."""
     results = []
     for child in children:
-        _, err = child.communicate(timeout=timeout)
+        out, err = child.communicate(timeout=timeout)
         results.append((child.returncode, err))
+        if outputs is not None:
+            outputs.append(out)
     return results
 
 
@@ -130,8 +133,11 @@ def test_two_processes_train_as_one_job_stop_together_and_resume(tmp_path):
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert single.returncode == 0, single.stderr
     reference = tmp_path / "reference"
-    results = finish(launch(reference))
+    outputs = []
+    results = finish(launch(reference), outputs=outputs)
     assert [code for code, _ in results] == [0, 0], results
+    # the end line once, from process 0
+    assert [out.count(": completed") for out in outputs] == [1, 0], outputs
     assert_close(records(tmp_path / "single"), records(reference))
     summary = json.loads((reference / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["devices"] == 2

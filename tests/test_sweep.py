@@ -150,6 +150,10 @@ def test_dry_run_lists_runs_and_count_and_writes_nothing(tmp_path):
     ({"grid": {"optim.lr": [1e-3, 1e-3]}}, "an axis repeats a value"),
     ({"vectorize": "all"}, "vectorize: must be none or seeds"),
     ({"base": "missing.yaml"}, "missing.yaml: no such config file"),
+    # once ignored without a word: the runs went to sweeps/<stem>/
+    ({"base": {"run": {"out_dir": "elsewhere"}}, "grid": {"optim.lr": [1e-3]}},
+     "base: run.out_dir: the sweep places each run under its own out_dir; set the sweep file's "
+     "top-level out_dir:"),
 ])
 def test_bad_sweep_files_name_the_problem(tmp_path, spec, message):
     with pytest.raises(UsageError, match=message.replace("?", r"\?").replace(".", r"\.")):
