@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test bench clean
+.PHONY: demo test test-slurm bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,6 +15,13 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest
+
+# the tests marked `slurm`, against a one-node SLURM cluster that scripts/slurm_cluster.sh
+# brings up when none answers (and stops afterwards, if it started it)
+test-slurm: $(VENV)/.installed
+	scripts/slurm_cluster.sh up
+	$(BIN)/python -m pytest -m slurm --numprocesses=0; status=$$?; \
+	  scripts/slurm_cluster.sh down; exit $$status
 
 bench: $(VENV)/.installed
 	$(BIN)/normexp bench

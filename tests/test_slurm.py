@@ -1,0 +1,62 @@
+"""normexp's SLURM launches against a running scheduler (`make test-slurm` brings up a one-node
+cluster with scripts/slurm_cluster.sh): nothing here sets SLURM's variables by hand. Skipped,
+with the reason, where no scheduler answers."""
+
+import json
+import os
+import shutil
+import subprocess
+
+import pytest
+
+from conftest import ROOT, write_sweep, tiny_base
+
+pytestmark = pytest.mark.slurm
+
+
+def _answers():
+    if shutil.which("sinfo") is None:
+        return False
+    return subprocess.run(["sinfo", "-h"], capture_output=True, timeout=10).returncode == 0
+
+
+if not _answers():
+    pytestmark = [pytestmark, pytest.mark.skip(reason="no SLURM scheduler answers (sinfo); "
+                                                      "make test-slurm starts one")]
+
+
+def sbatch(tmp_path, *args):
+    """Submit from the repository root and wait for the job; returns the CompletedProcess."""
+    return subprocess.run(["sbatch", "--wait", "--cpus-per-task=1", "--mem=2G",
+                           f"--output={tmp_path}/slurm-%A_%a.out", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+
+
+def task_outputs(tmp_path):
+    return {name: (tmp_path / name).read_text() for name in sorted(os.listdir(tmp_path))
+            if name.startswith("slurm-")}
+
+
+def test_an_array_sweep_trains_every_run_once_and_a_resubmission_nothing(tmp_path):
+    out = tmp_path / "sweep"
+    path = write_sweep(tmp_path, grid={"optim.lr": [1e-3, 3e-3]}, seeds=2, out_dir=str(out),
+                       base=tiny_base("train.steps=6"))
+    done = sbatch(tmp_path, "--array=1-2", "scripts/slurm_sweep.sh", path)
+    assert done.returncode == 0, (done.stderr, task_outputs(tmp_path))
+    runs = [d for d in sorted(os.listdir(out)) if os.path.isfile(out / d / "summary.json")]
+    assert len(runs) == 4
+    first = {}
+    for run in runs:
+        summary = json.loads((out / run / "summary.json").read_text())
+        assert summary["status"] == "completed" and not summary.get("history"), run
+        lines = (out / run / "metrics.jsonl").read_text().splitlines()
+        steps = [json.loads(line)["step"] for line in lines]
+        assert steps == sorted(set(steps)), run  # each step logged once: trained once
+        first[run] = os.path.getmtime(out / run / "summary.json")
+    assert (out / "results.csv").is_file()
+    outputs = task_outputs(tmp_path)
+    assert len(outputs) == 2 and all("\r" not in text for text in outputs.values()), outputs
+    # the same array again: every run is finished, so nothing is trained or rewritten
+    again = sbatch(tmp_path, "--array=1-2", "scripts/slurm_sweep.sh", path)
+    assert again.returncode == 0, again.stderr
+    assert {run: os.path.getmtime(out / run / "summary.json") for run in runs} == first
