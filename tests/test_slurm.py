@@ -60,3 +60,28 @@ def test_an_array_sweep_trains_every_run_once_and_a_resubmission_nothing(tmp_pat
     again = sbatch(tmp_path, "--array=1-2", "scripts/slurm_sweep.sh", path)
     assert again.returncode == 0, again.stderr
     assert {run: os.path.getmtime(out / run / "summary.json") for run in runs} == first
+
+
+def test_a_two_task_srun_trains_as_one_process_on_two_devices(tmp_path):
+    """`srun -n 2` of `normexp train` with NORMEXP_DISTRIBUTED=1: jax finds the job from SLURM;
+    the losses and gradient norms equal one process over the same global batch of 2 devices."""
+    from test_parallel import assert_close, records
+    from conftest import TINY
+    args = [*TINY, "log.every=1", "train.steps=8"]
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
+    single = subprocess.run([os.path.join(ROOT, ".venv", "bin", "normexp"), "train", *args,
+                             f"run.out_dir={tmp_path / 'single'}"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr
+    job = subprocess.run(["srun", "-n", "2", "--cpus-per-task=1", "--mem=2G", "--kill-on-bad-exit=1",
+                          "env", "NORMEXP_DISTRIBUTED=1", ".venv/bin/normexp", "train", *args,
+                          f"run.out_dir={tmp_path / 'job'}"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=600)
+    assert job.returncode == 0, job.stderr
+    assert_close(records(tmp_path / "single"), records(tmp_path / "job"))
+    summary = json.loads((tmp_path / "job" / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["devices"] == 2
+    assert job.stdout.count(": completed") == 1, job.stdout  # process 0's end line alone
+    shards = os.listdir(tmp_path / "job" / "checkpoints" / "8" / "default")
+    assert {"ocdbt.process_0", "ocdbt.process_1"} <= set(shards)
