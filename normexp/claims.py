@@ -19,7 +19,8 @@ from normexp.depth_verdicts import (judge_angular, judge_mix_loss, judge_pruning
                                     judge_variance_growth)
 from normexp.lr_study import lr_sensitivity_sweep, measure_lr_sensitivity
 from normexp.lr_verdicts import judge_higher_lr, judge_logit_growth, judge_qk_sensitivity
-from normexp.qkv_study import measure_qkv, qkv_sweep, setup_name
+from normexp.qkv_study import load_runs as qkv_runs
+from normexp.qkv_study import measure_qkv, qkv_sweep
 from normexp.report import png, write_report
 from normexp.rundir import write_atomic
 from normexp.studies import (measure_batchnorm, measure_expected_gradients,
@@ -212,10 +213,7 @@ def _claim_11(scale, out):
     sweep = qkv_sweep(scale, out)
     figures = []
     if numbers["stable"]:
-        runs = analysis.load_runs(sweep.out_dir)
-        runs["setup"] = [setup_name(*r) for r in runs[["model.placement", "model.qk_norm",
-                                                        "model.attn_softcap"]].itertuples(
-            index=False)]
+        runs = qkv_runs(sweep.out_dir)
         figures = [_save(plots.loss_vs_lr(runs, line="model.d_model", panel="setup"), out,
                          "qkv_norm_loss_vs_lr.png")]
     c = sweep.runs[0].cfg

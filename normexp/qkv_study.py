@@ -26,6 +26,13 @@ def setup_name(placement, qk_norm, softcap):
     return "qk_norm+softcap" if float(softcap) else "qk_norm" if qk_norm != "off" else placement
 
 
+def load_runs(path):
+    """`analysis.load_runs` of the sweep, with each run's `setup` (`setup_name`)."""
+    runs = analysis.load_runs(path)
+    runs["setup"] = [setup_name(*row) for row in runs[list(SETUP)].itertuples(index=False)]
+    return runs
+
+
 def qkv_sweep(scale, out):
     """The shipped file at this scale, its runs under `<out>/qkv_norm`: claim 8's sizes (its
     placement and qk_norm settings, where a scale has them, are this sweep's own)."""
@@ -49,8 +56,7 @@ def stable_lrs(path):
     setup's best (lowest mean clipped final loss over seeds) up to which no seed diverged or
     ended more than FAIL nats above that best. Returns {"stable": {width: {setup: lr}},
     "lrs": the swept lrs, "table": `analysis.lr_sensitivity` rows per width and setup}."""
-    runs = analysis.load_runs(path)
-    runs["setup"] = [setup_name(*row) for row in runs[list(SETUP)].itertuples(index=False)]
+    runs = load_runs(path)
     runs["_clipped"], runs["_diverged"] = analysis.clipped_losses(runs)
     lrs = sorted(runs["optim.lr"].unique())
     stable = {}

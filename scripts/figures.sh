@@ -70,7 +70,7 @@ EOF
 "${PYTHON:-.venv/bin/python}" - "$runs/qkv1000" "$dest/rybakov_1000_steps.png" <<'EOF' \
   | tee "$runs/qkv1000/verdicts.txt"
 import sys
-from normexp import analysis, plots, qkv_study, lr_verdicts
+from normexp import plots, qkv_study, lr_verdicts
 from normexp.report import png
 numbers = qkv_study.stable_lrs(sys.argv[1])
 verdict = lr_verdicts.judge_higher_lr(numbers["stable"], numbers["lrs"])
@@ -78,9 +78,7 @@ print(f"{verdict.verdict}: {verdict.figure}")
 for row in numbers["table"]:
     print(f"width {row['model.d_model']} {row['setup']}: LR sensitivity "
           f"{row['lr_sensitivity']:.3f}, best lr {row['best_lr']:g}, loss {row['best_loss']:.3f}")
-runs = analysis.load_runs(sys.argv[1])
-runs["setup"] = [qkv_study.setup_name(*r) for r in runs[list(qkv_study.SETUP)].itertuples(
-    index=False)]
+runs = qkv_study.load_runs(sys.argv[1])
 with open(sys.argv[2], "wb") as f:
     f.write(png(plots.loss_vs_lr(runs, line="model.d_model", panel="setup")))
 EOF
