@@ -11,8 +11,8 @@ import re
 import signal
 import sys
 
-from normexp.errors import (EXIT_BUSY, EXIT_STORAGE, EXIT_USAGE, BusyError, StorageError,
-                            UsageError)
+from normexp.errors import (EXIT_BUSY, EXIT_LOST, EXIT_STORAGE, EXIT_USAGE, BusyError,
+                            LostProcessError, StorageError, UsageError)
 
 DESCRIPTION = ("Train and compare normalization layers in transformers with ten commands: "
                "train (one run), sweep (every run of a sweep file), compare (runs side by "
@@ -390,6 +390,12 @@ def main(argv=None):
         error = StorageError.from_os(e) if isinstance(e, OSError) else e
         print(f"normexp: error: {error}", file=sys.stderr)
         return EXIT_STORAGE
+    except LostProcessError as e:  # the run is recorded; the job's end is this process's
+        print(f"normexp: error: {e}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        # not sys.exit: jax's exit handler would wait at a shutdown barrier for the lost
+        # process, then abort
+        os._exit(EXIT_LOST)
     except KeyboardInterrupt:  # before the training loop takes over the signal
         print("normexp: interrupted", file=sys.stderr)
         return 128 + signal.SIGINT

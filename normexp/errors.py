@@ -6,6 +6,7 @@ import difflib
 EXIT_USAGE = 2     # a usage, config or data error: nothing was written
 EXIT_STORAGE = 74  # the disk refused a write or read (sysexits' EX_IOERR); the run can resume
 EXIT_BUSY = 75     # another live process trains the run now (sysexits' EX_TEMPFAIL): try later
+EXIT_LOST = 69     # a process of a multi-process job was lost (sysexits' EX_UNAVAILABLE): --resume
 
 
 class UsageError(Exception):
@@ -19,6 +20,11 @@ class StorageError(Exception):
     def from_os(cls, e):
         where = e.filename or "?"
         return cls(f"{where}: {e.strerror or e} (errno {e.errno})")
+
+
+class LostProcessError(Exception):
+    """A process of this multi-process job ended while this one trained (killed, its host
+    lost): the run is recorded as interrupted and the whole job resumes with --resume."""
 
 
 class BusyError(Exception):

@@ -9,6 +9,7 @@ from (seed, step) and hands over the rows its own devices hold.
 """
 
 import os
+import re
 
 import jax
 import numpy as np
@@ -52,6 +53,34 @@ def initialize_distributed():
     if index >= count:
         raise UsageError(f"JAX_PROCESS_ID: must be below JAX_NUM_PROCESSES={count}, got {index}")
     jax.distributed.initialize(address, num_processes=count, process_id=index)
+
+
+# A process of the job that dies takes its end of every collective with it: the next one fails
+# in the others at once (Gloo: "Connection closed by peer"), with one of these status codes.
+# The survivors record the run and end (normexp.train), before jax's coordination service,
+# which notices the loss only when heartbeats stop (100 s), aborts them. Process 0 hosts that
+# service: when it is the one lost, the others are aborted at once, and the run's record says
+# `running` with no live process holding its lock, which every reader takes as stopped.
+_LOST_STATUS = re.compile(r"(UNKNOWN|UNAVAILABLE|INTERNAL|ABORTED|CANCELLED|DEADLINE_EXCEEDED"
+                          r"|FAILED_PRECONDITION): ")
+
+
+def lost_peer(error):
+    """Whether `error`, raised by jax in a job of several processes, is a collective or the
+    coordination service failing (Gloo raises ValueError, the runtime JaxRuntimeError):
+    another process of the job has gone."""
+    return (jax.process_count() > 1 and isinstance(error, (jax.errors.JaxRuntimeError,
+                                                           ValueError))
+            and _LOST_STATUS.match(str(error)) is not None)
+
+
+def lost_message(error, step, checkpoint):
+    """The one line a surviving process ends with."""
+    cause = str(error).strip().splitlines()[0]
+    where = f"its last checkpoint is step {checkpoint}" if checkpoint else "no checkpoint yet"
+    return (f"process {jax.process_index()}: this {jax.process_count()}-process job lost a "
+            f"process at step {step} ({cause}); the run is interrupted ({where}): relaunch "
+            f"the whole job with --resume")
 
 
 def _env_int(name, given, least):

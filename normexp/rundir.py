@@ -36,7 +36,7 @@ SWEEP_MANIFEST = "sweep.json"  # in a sweep's directory, beside its runs (normex
 RUNNING = "running"  # training, or its process died (a sweep reads that as STOPPED)
 COMPLETED = "completed"  # trained every step
 DIVERGED = "diverged"  # a loss or gradient norm went non-finite: a result, not an error
-INTERRUPTED = "interrupted"  # stopped by a signal after a checkpoint; --resume continues it
+INTERRUPTED = "interrupted"  # stopped by a signal or a lost process of its job; --resume continues it
 FAILED = "failed"  # an error ended it (`error` says which); --resume retries it
 # Read off the directory by whoever lists runs:
 PENDING = "pending"  # a sweep's run with no directory yet
@@ -152,7 +152,7 @@ class Summary:
     versions: dict | None = None
     run_dir: str | None = None
     signal: str | None = None  # an interrupted run's
-    error: str | None = None  # a failed run's
+    error: str | None = None  # a failed run's, or what interrupted a run that no signal stopped
     history: tuple = ()  # a resumed run's earlier attempts, each as `attempt()` gave it
 
     def __post_init__(self):
@@ -188,9 +188,10 @@ _ATTEMPT = ("status", "steps", "signal", "error")
 SUMMARY_KEYS = tuple(f.name for f in dataclasses.fields(Summary))
 
 
-def write_summary(run_dir, summary):
-    """summary.json, replaced atomically by process 0."""
-    if is_primary():
+def write_summary(run_dir, summary, *, any_process=False):
+    """summary.json, replaced atomically by process 0 (by this process with `any_process`: a
+    survivor of a job that lost process 0 still records how the run ended)."""
+    if any_process or is_primary():
         write_atomic(os.path.join(run_dir, SUMMARY),
                      json.dumps(summary.to_json(), indent=1, default=to_builtin) + "\n")
 

@@ -28,11 +28,11 @@ from normexp import data as data_lib
 from normexp.checkpoint import Checkpoints, resume_step
 from normexp.console import Console
 from normexp.lanes import Group, Single
-from normexp.errors import StorageError, UsageError
+from normexp.errors import LostProcessError, StorageError, UsageError
 from normexp.metric_names import GRAD_NORM, LOSS, VAL_LOSS, due
 from normexp.metrics import per_block
 from normexp.model import norm_report
-from normexp.parallel import Devices, is_primary
+from normexp.parallel import Devices, is_primary, lost_message, lost_peer
 from normexp.rundir import (COMPLETED, DIVERGED, FAILED, FINISHED, INTERRUPTED, RUNNING,
                             Summary)
 from normexp.spikes import spike_scores
@@ -307,49 +307,72 @@ def _loop(members, lanes, graphdef, tx, state, start, stop, *, batches, val_batc
         console.logged(records, s + 1, (s + 1 - start) * tokens_per_step / max(
             clock.seconds(), 1e-9))
 
+    saved = start  # the last checkpoint's step
+
     def checkpoint(t):  # the state after t steps
+        nonlocal saved
+        saved = t
         for i, m in enumerate(members):
             if m.status in (None, INTERRUPTED):
                 m.checkpoints.save(t, lanes.row(state, i))
 
     s = start - 1  # the last step run (none yet)
     clock.start()
-    for s in range(start, steps):
-        records = {id(m): {} for m in members if m.status is None}
-        if due(s, cfg.train.eval_every, steps):
-            with clock.paused(state):
-                for m, loss in zip(members, evaluate()):
-                    if m.status is None:
-                        m.evaluated(loss)
-                        records[id(m)][VAL_LOSS] = m.last_val
-        state, metrics = step_fn(state, inputs, targets)
-        if s + 1 < steps:
-            inputs, targets = next(batches)  # sampled and transferred while step s ran
-        log_step = due(s, cfg.log.every, steps - 1)
-        if log_step:
-            log(s, metrics, records)
-        for m in members:
-            if records.get(id(m)):
-                m.tracker.log(s, records[id(m)])
-                m.logged({"step": s, **records[id(m)]})
-        if all(m.status is not None for m in members):
-            break  # every run diverged
-        signum = stop.decide(log_step)  # the one reading of the stop request at this step
-        for m in members:
-            if signum is not None and m.status is None:
-                m.stop(INTERRUPTED, s)
-                m.summary = m.summary.replace(signal=signal.Signals(signum).name)
-        if signum is not None or due(s + 1, cfg.train.checkpoint_every, steps):
-            with clock.paused(state):
-                checkpoint(s + 1)
-        if signum is not None:
-            break
-    jax.block_until_ready(state)
-    seconds = clock.seconds()
-    console.close()
-    _finish(members, s, start, evaluate, compile_seconds,
-            tokens_per_s=lambda done: done * tokens_per_step / seconds if seconds > 0 and done > 0
-            else None)
+    try:
+        for s in range(start, steps):
+            records = {id(m): {} for m in members if m.status is None}
+            if due(s, cfg.train.eval_every, steps):
+                with clock.paused(state):
+                    for m, loss in zip(members, evaluate()):
+                        if m.status is None:
+                            m.evaluated(loss)
+                            records[id(m)][VAL_LOSS] = m.last_val
+            state, metrics = step_fn(state, inputs, targets)
+            if s + 1 < steps:
+                inputs, targets = next(batches)  # sampled and transferred while step s ran
+            log_step = due(s, cfg.log.every, steps - 1)
+            if log_step:
+                log(s, metrics, records)
+            for m in members:
+                if records.get(id(m)):
+                    m.tracker.log(s, records[id(m)])
+                    m.logged({"step": s, **records[id(m)]})
+            if all(m.status is not None for m in members):
+                break  # every run diverged
+            signum = stop.decide(log_step)  # the one reading of the stop request at this step
+            for m in members:
+                if signum is not None and m.status is None:
+                    m.stop(INTERRUPTED, s)
+                    m.summary = m.summary.replace(signal=signal.Signals(signum).name)
+            if signum is not None or due(s + 1, cfg.train.checkpoint_every, steps):
+                with clock.paused(state):
+                    checkpoint(s + 1)
+            if signum is not None:
+                break
+        jax.block_until_ready(state)
+        seconds = clock.seconds()
+        console.close()
+        _finish(members, s, start, evaluate, compile_seconds, tokens_per_s=lambda done: (
+            done * tokens_per_step / seconds if seconds > 0 and done > 0 else None))
+    except (jax.errors.JaxRuntimeError, ValueError) as e:  # in a collective, if lost_peer
+        if not lost_peer(e):
+            raise
+        console.close()
+        _lost(members, lost_message(e, s, saved), saved)
+
+
+def _lost(members, message, saved):
+    """Another process of the job has gone: record the runs as interrupted at the last
+    checkpoint (this process may be the only one left to write the record) and raise."""
+    for m in members:
+        m.checkpoints = None  # a save in flight waits for the lost process: --resume sets it aside
+        if m.status != DIVERGED:
+            m.summary = m.summary.replace(status=INTERRUPTED, steps=saved, signal=None,
+                                          error=message)
+        else:  # diverged before the loss: a result
+            m.summary = m.summary.replace(status=m.status, steps=m.last_step + 1)
+        rundir.write_summary(m.dir, m.summary, any_process=True)
+    raise LostProcessError(message)
 
 
 def _finish(members, s, start, evaluate, compile_seconds, tokens_per_s):

@@ -2,11 +2,13 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 
 from conftest import ROOT, TINY
+from normexp.errors import EXIT_LOST
 
 # Runs in a fresh interpreter: the host platform's device count is fixed when jax starts.
 SCRIPT = '''
@@ -150,30 +152,36 @@ def test_two_processes_train_as_one_job_stop_together_and_resume(tmp_path):
 
     # SIGTERM reaches process 1 alone: both stop at the same step, one checkpoint, interrupted
     stopped = tmp_path / "stopped"
-    results = finish(launch(stopped, kill=(1, 5, "SIGTERM")))
+    results = finish(launch(stopped, kill=(1, 2, "SIGTERM")))
     assert [code for code, _ in results] == [143, 143], results
     summary = json.loads((stopped / "summary.json").read_text())
     assert summary["status"] == "interrupted" and summary["signal"] == "SIGTERM"
-    assert str(summary["steps"]) in os.listdir(stopped / "checkpoints")
-    assert summary["steps"] < 8
+    assert summary["steps"] == 3 and "3" in os.listdir(stopped / "checkpoints")
+
+    # resumed, it loses process 1 (SIGKILL) after checkpoint 4: process 0 ends at once, with
+    # one line, and records the run interrupted at that checkpoint
+    children = launch(stopped, "--resume", kill=(1, 6, "SIGKILL"))
+    assert children[1].wait(timeout=240) == -9
+    lost = time.monotonic()
+    ((code, err),) = finish(children[:1], timeout=60)
+    assert time.monotonic() - lost < 30, "the survivor did not end promptly"
+    assert code == EXIT_LOST and err.count("\n") == 1 and "Traceback" not in err, err
+    assert ("process 0: this 2-process job lost a process at step 6" in err
+            and "its last checkpoint is step 4): relaunch the whole job with --resume" in err)
+    summary = json.loads((stopped / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["steps"] == 4
+    assert "lost a process at step 6" in summary["error"] and "signal" not in summary
+    finish(children[1:])
     results = finish(launch(stopped, "--resume"))
     assert [code for code, _ in results] == [0, 0], results
     assert records(stopped) == records(reference)
-
-    # SIGKILL of every process, then --resume
-    killed = tmp_path / "killed"
-    children = launch(killed, kill=(0, 6, "SIGKILL"))  # after checkpoint 4
-    assert children[0].wait(timeout=240) == -9
-    children[1].kill()
-    finish(children)
-    results = finish(launch(killed, "--resume"))
-    assert [code for code, _ in results] == [0, 0], results
-    assert records(killed) == records(reference)
+    summary = json.loads((stopped / "summary.json").read_text())
+    assert [a["status"] for a in summary["history"]] == ["interrupted", "interrupted"]
 
     # --overwrite: process 0 replaces the directory, the other waits for it
-    results = finish(launch(killed, "--overwrite"))
+    results = finish(launch(stopped, "--overwrite"))
     assert [code for code, _ in results] == [0, 0], results
-    assert records(killed) == records(reference)
+    assert records(stopped) == records(reference)
 
 
 @pytest.mark.parametrize("env, message", [
