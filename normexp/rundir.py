@@ -154,6 +154,7 @@ class Summary:
     signal: str | None = None  # an interrupted run's
     error: str | None = None  # a failed run's, or what interrupted a run that no signal stopped
     history: tuple = ()  # a resumed run's earlier attempts, each as `attempt()` gave it
+    resumed_at: int | None = None  # a resumed run's: the checkpoint this attempt started from
 
     def __post_init__(self):
         if self.status not in WRITTEN:
@@ -183,7 +184,7 @@ class Summary:
 
 
 WRITTEN = (RUNNING, COMPLETED, DIVERGED, INTERRUPTED, FAILED)
-_WHEN_SET = ("signal", "error", "history")
+_WHEN_SET = ("signal", "error", "history", "resumed_at")
 _ATTEMPT = ("status", "steps", "signal", "error")
 SUMMARY_KEYS = tuple(f.name for f in dataclasses.fields(Summary))
 

@@ -233,7 +233,8 @@ def _train(members, corpus, stop, chosen, *, resume):
         console.starting(states[0]["params"], devices.count, jax.devices()[0].device_kind,
                          chosen, allocator.active())
     for m in members:
-        m.start(Summary(RUNNING, steps=start, norms=norms, data_fingerprint=corpus.fingerprint,
+        m.start(Summary(RUNNING, steps=start, resumed_at=start or None, norms=norms,
+                        data_fingerprint=corpus.fingerprint,
                         vectorized_runs=len(members), devices=devices.count,
                         versions=rundir.versions(), allocator=allocator.active(),
                         hardware=hardware.describe(chosen)), start)

@@ -5,11 +5,14 @@ with the reason, where no scheduler answers."""
 import json
 import os
 import shutil
+import signal
 import subprocess
+import time
 
 import pytest
 
-from conftest import ROOT, TINY, tiny_base, write_sweep
+from conftest import ROOT, TINY, normexp, tiny_base, write_sweep
+from test_parallel import assert_close, records
 
 pytestmark = pytest.mark.slurm
 
@@ -68,26 +71,155 @@ def test_an_array_sweep_trains_every_run_once_and_a_resubmission_nothing(tmp_pat
     assert {run: os.path.getmtime(out / run / "summary.json") for run in runs} == first
 
 
-def test_a_two_task_srun_trains_as_one_process_on_two_devices(tmp_path):
+def wait_for(path, job, timeout=300):
+    """Wait until `path` exists, while `job` (a Popen) still runs."""
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        assert job.poll() is None, f"the job ended before {path} appeared: {job.communicate()}"
+        assert time.monotonic() < deadline, f"no {path} after {timeout} s"
+        time.sleep(0.05)
+
+
+def submit(tmp_path, *args):
+    """sbatch without waiting; returns the job id."""
+    done = subprocess.run(["sbatch", "--parsable", "--cpus-per-task=1", "--mem=2G",
+                           f"--output={tmp_path}/slurm-%A_%a.out", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip().split(";")[0]
+
+
+def job_state(job_id):
+    done = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "State", "-j", job_id],
+                          capture_output=True, text=True, timeout=60)
+    return done.stdout.split()
+
+
+def test_a_cancelled_array_task_resumes_from_its_checkpoint_when_resubmitted(tmp_path):
+    """scancel of a running task: its run stops at a checkpoint (SLURM sends SIGTERM first);
+    the same array resubmitted continues it from there to the uninterrupted run's metrics."""
+    out = tmp_path / "sweep"
+    path = write_sweep(tmp_path, seeds=1, out_dir=str(out), base=tiny_base(
+        "train.steps=3000", "train.checkpoint_every=100", "train.eval_every=1000",
+        "log.every=50"))
+    job_id = submit(tmp_path, "--array=1-1", "scripts/slurm_sweep.sh", path)
+    deadline = time.monotonic() + 300
+    while not list(out.glob("*/checkpoints/100")):
+        assert time.monotonic() < deadline and "COMPLETED" not in job_state(job_id), \
+            task_outputs(tmp_path)
+        time.sleep(0.05)
+    subprocess.run(["scancel", job_id], check=True, timeout=60)
+    (run_dir,) = [d for d in out.iterdir() if (d / "config.yaml").is_file()]
+    deadline = time.monotonic() + 120
+    while json.loads((run_dir / "summary.json").read_text())["status"] == "running":
+        assert time.monotonic() < deadline, task_outputs(tmp_path)
+        time.sleep(0.2)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["signal"] == "SIGTERM", summary
+    assert 100 <= summary["steps"] < 3000
+    done = sbatch(tmp_path, "--array=1-1", "scripts/slurm_sweep.sh", path)
+    assert done.returncode == 0, (done.stderr, task_outputs(tmp_path))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed"
+    (attempt,) = summary["history"]
+    assert attempt["status"] == "interrupted" and summary["resumed_at"] == attempt["steps"]
+    # the uninterrupted run, the same sweep trained here in one go
+    reference = normexp("sweep", path, "--out", str(tmp_path / "reference"))
+    assert reference.returncode == 0, reference.stderr
+    assert records(run_dir) == records(tmp_path / "reference" / run_dir.name)
+
+
+ARGS = [*TINY, "log.every=10", "train.steps=200", "train.checkpoint_every=50",
+        "train.eval_every=100"]
+
+
+def srun(out, *extra):
+    """`srun -n 2` of `normexp train ARGS` with NORMEXP_DISTRIBUTED=1, named after `out`'s
+    folder, each line of output headed by its task's number; returns the Popen. Without
+    --kill-on-bad-exit: a task that dies leaves the other to end by itself."""
+    return subprocess.Popen(["srun", "-n", "2", "--cpus-per-task=1", "--mem=2G", "--label",
+                             f"--job-name=normexp-{out.parent.name}",
+                             "env", "NORMEXP_DISTRIBUTED=1", ".venv/bin/normexp", "train", *ARGS,
+                             f"run.out_dir={out}", *extra], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The 2-task job trained in one go: (its run directory, srun's stdout)."""
+    out = tmp_path_factory.mktemp("srun") / "job"
+    job = srun(out)
+    stdout, stderr = job.communicate(timeout=600)
+    assert job.returncode == 0, stderr
+    return out, stdout
+
+
+def test_a_two_task_srun_trains_as_one_process_on_two_devices(tmp_path, uninterrupted):
     """`srun -n 2` of `normexp train` with NORMEXP_DISTRIBUTED=1: jax finds the job from SLURM;
     the losses and gradient norms equal one process over the same global batch of 2 devices."""
-    from test_parallel import assert_close, records
-    args = [*TINY, "log.every=1", "train.steps=8"]
+    job, stdout = uninterrupted
     env = dict(os.environ)
     env["XLA_FLAGS"] = env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
-    single = subprocess.run([os.path.join(ROOT, ".venv", "bin", "normexp"), "train", *args,
+    single = subprocess.run([os.path.join(ROOT, ".venv", "bin", "normexp"), "train", *ARGS,
                              f"run.out_dir={tmp_path / 'single'}"], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=300)
     assert single.returncode == 0, single.stderr
-    job = subprocess.run(["srun", "-n", "2", "--cpus-per-task=1", "--mem=2G",
-                          "--kill-on-bad-exit=1", "env", "NORMEXP_DISTRIBUTED=1",
-                          ".venv/bin/normexp", "train", *args,
-                          f"run.out_dir={tmp_path / 'job'}"], cwd=ROOT, capture_output=True,
-                         text=True, timeout=600)
-    assert job.returncode == 0, job.stderr
-    assert_close(records(tmp_path / "single"), records(tmp_path / "job"))
-    summary = json.loads((tmp_path / "job" / "summary.json").read_text())
+    assert_close(records(tmp_path / "single"), records(job))
+    summary = json.loads((job / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["devices"] == 2
-    assert job.stdout.count(": completed") == 1, job.stdout  # process 0's end line alone
-    shards = os.listdir(tmp_path / "job" / "checkpoints" / "8" / "default")
+    ends = [line for line in stdout.splitlines() if ": completed" in line]
+    assert len(ends) == 1 and ends[0].startswith("0: "), stdout  # process 0's end line alone
+    shards = os.listdir(job / "checkpoints" / "200" / "default")
     assert {"ocdbt.process_0", "ocdbt.process_1"} <= set(shards)
+
+
+def job_of(out):
+    """The SLURM job id of the running srun that trains into `out`."""
+    done = subprocess.run(["squeue", "-h", "-n", f"normexp-{out.parent.name}", "-o", "%i"],
+                          capture_output=True, text=True, timeout=60)
+    (job_id,) = done.stdout.split()
+    return job_id
+
+
+def test_a_cancelled_two_task_job_resumes_to_the_uninterrupted_run(tmp_path, uninterrupted):
+    out = tmp_path / "job"
+    job = srun(out)
+    wait_for(out / "checkpoints" / "50", job)
+    subprocess.run(["scancel", job_of(out)], check=True, timeout=60)
+    job.communicate(timeout=120)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["signal"] == "SIGTERM", summary
+    assert 50 <= summary["steps"] < 200
+    resumed = srun(out, "--resume")
+    _, stderr = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, stderr
+    assert records(out) == records(uninterrupted[0])
+
+
+def test_a_killed_task_leaves_the_other_to_record_the_run_and_end(tmp_path, uninterrupted):
+    """SIGKILL to task 1's process (a lost host): task 0 ends within seconds with one line,
+    the record says interrupted, and the whole job resumed equals the uninterrupted run."""
+    out = tmp_path / "job"
+    job = srun(out)
+    wait_for(out / "checkpoints" / "50", job)
+    pids = subprocess.run(["scontrol", "listpids", job_of(out)], capture_output=True,
+                          text=True, timeout=60, check=True).stdout.splitlines()[1:]
+    # PID JOBID STEPID LOCALID GLOBALID: the task whose global id is 1
+    (pid,) = [int(p.split()[0]) for p in pids if p.split()[-1] == "1"
+              and p.split()[2] not in ("batch", "extern", "-")]
+    os.kill(pid, signal.SIGKILL)
+    killed = time.monotonic()
+    stdout, stderr = job.communicate(timeout=120)
+    assert time.monotonic() - killed < 30, "task 0 did not end promptly"
+    assert job.returncode != 0
+    errors = [line for line in stderr.splitlines() if "normexp" in line]
+    assert len(errors) == 1 and errors[0].startswith("0: normexp: error: process 0: this "
+                                                     "2-process job lost a process"), stderr
+    assert "relaunch the whole job with --resume" in errors[0] and "Traceback" not in stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and "lost a process" in summary["error"]
+    assert summary["steps"] in (50, 100, 150)
+    resumed = srun(out, "--resume")
+    _, stderr = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, stderr
+    assert records(out) == records(uninterrupted[0])
