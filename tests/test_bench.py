@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from conftest import normexp
+from conftest import cli_in_process, normexp
 
 
 def test_quick_bench_produces_every_figure():
@@ -38,7 +38,7 @@ def test_quick_bench_produces_every_figure():
 
 
 def test_bench_rejects_bad_arguments():
-    result = normexp("bench", "--depths", "4,x", "--quick")
+    result = cli_in_process("bench", "--depths", "4,x", "--quick")
     assert result.returncode == 2 and "--depths '4,x'" in result.stderr
-    result = normexp("bench", "--steps", "0")
+    result = cli_in_process("bench", "--steps", "0")
     assert result.returncode == 2 and "expected a positive integer" in result.stderr

@@ -10,7 +10,7 @@ from normexp.config import flatten, load
 from normexp.errors import UsageError
 from normexp.step import init_state, make_train_step
 
-from conftest import TINY, normexp
+from conftest import cli_in_process, normexp, TINY
 
 GiB = 2**30
 H200 = hardware.Device("gpu", "NVIDIA H200", (9, 0))
@@ -147,7 +147,7 @@ def test_the_default_config_fits_and_the_limit_is_this_machines_memory():
                                            ("model.d_model=200000", "model.d_model")])
 def test_the_command_refuses_before_anything_is_allocated_or_written(tmp_path, override, key):
     out = tmp_path / "run"
-    result = normexp("train", *TINY, f"run.out_dir={out}", override)
+    result = cli_in_process("train", *TINY, f"run.out_dir={out}", override)
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
     assert result.stderr.startswith(f"normexp: error: {override}: the run needs at least")
     assert f"lower {key}" in result.stderr

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from normexp.checkpoint import RECORD, Checkpoints, damage
+from normexp.checkpoint import RECORD, Checkpoints, damage, resume_step
 from normexp.stderr_filter import StderrFilter
 
 from conftest import TINY, normexp
@@ -104,11 +104,31 @@ DAMAGE = {
 
 
 @pytest.mark.parametrize("how", DAMAGE)
-def test_a_damaged_latest_checkpoint_is_set_aside_and_the_run_resumes_from_the_one_before(
-        killed_run, reference_run, tmp_path, how):
+def test_each_kind_of_damage_is_found_and_the_checkpoint_set_aside(killed_run, tmp_path, how,
+                                                                    capsys):
     broken = tmp_path / "run"
     copy_run(killed_run, broken)
     DAMAGE[how](str(broken / "checkpoints" / "8"))
+    checkpoints = Checkpoints(str(broken / "checkpoints"), keep=2)
+    try:
+        assert checkpoints.intact == [4] and list(checkpoints.damaged) == [8]
+        assert resume_step([checkpoints]) == 4
+        assert checkpoints.intact == [4]
+    finally:
+        checkpoints.close()
+    (warning,) = capsys.readouterr().err.splitlines()
+    assert f"{broken}/checkpoints/8: damaged (" in warning and "resuming from step 4" in warning
+    assert os.listdir(broken / "checkpoints_damaged") == ["8"]  # moved aside, not deleted
+    assert sorted(os.listdir(broken / "checkpoints")) == ["4"]
+
+
+def test_a_run_whose_latest_checkpoint_is_damaged_resumes_from_the_one_before(
+        killed_run, reference_run, tmp_path):
+    """The whole path, through the command line, for one kind of damage (the test above
+    covers each kind)."""
+    broken = tmp_path / "run"
+    copy_run(killed_run, broken)
+    DAMAGE["flip 64 bytes inside a data file"](str(broken / "checkpoints" / "8"))
     resumed = normexp("train", *ARGS, f"run.out_dir={broken}", "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert "Traceback" not in resumed.stderr

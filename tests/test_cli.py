@@ -9,7 +9,7 @@ import yaml
 from normexp import cli
 from normexp.errors import UsageError
 
-from conftest import normexp, tiny_base, write_sweep
+from conftest import cli_in_process, normexp, tiny_base, write_sweep
 
 COMMANDS = ["train", "sweep", "compare", "ls", "results", "report", "prune", "claims", "prepare",
             "bench"]
@@ -31,7 +31,7 @@ def _existing_run(tmp_path):
 @pytest.mark.parametrize("option", ["--o", "--overwr", "--resum"])
 def test_train_rejects_abbreviated_options(tmp_path, option):
     config, run_dir = _existing_run(tmp_path)
-    result = normexp("train", option, config, cwd=tmp_path)
+    result = cli_in_process("train", option, config, cwd=tmp_path)
     assert result.returncode == 2
     assert f"unrecognized arguments: {option}" in result.stderr
     assert sorted(os.listdir(run_dir)) == ["config.yaml", "keep"]
@@ -39,7 +39,7 @@ def test_train_rejects_abbreviated_options(tmp_path, option):
 
 @pytest.mark.parametrize("args", [["--max-par", "2"], ["--dry"], ["--sh", "1/2"]])
 def test_sweep_rejects_abbreviated_options(tmp_path, args):
-    result = normexp("sweep", write_sweep(tmp_path), *args, cwd=tmp_path)
+    result = cli_in_process("sweep", write_sweep(tmp_path), *args, cwd=tmp_path)
     assert result.returncode == 2
     assert f"unrecognized arguments: {args[0]}" in result.stderr
     assert not (tmp_path / "out").exists()
@@ -79,7 +79,7 @@ def test_version_prints_the_installed_version():
 
 @pytest.mark.parametrize("command", ["train", "bench"])
 def test_a_key_without_value_asks_for_key_value(tmp_path, command):
-    result = normexp(command, "model.n_layer", cwd=tmp_path)
+    result = cli_in_process(command, "model.n_layer", cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "Traceback" not in result.stderr
     assert "'model.n_layer': expected dotted.key=value (e.g. model.n_layer=8)" in result.stderr
@@ -88,7 +88,7 @@ def test_a_key_without_value_asks_for_key_value(tmp_path, command):
 
 @pytest.mark.parametrize("name", ["missing.yaml", "configs.post_ln.yml"])
 def test_a_missing_yaml_file_is_still_a_missing_file(tmp_path, name):
-    result = normexp("train", name, cwd=tmp_path)
+    result = cli_in_process("train", name, cwd=tmp_path)
     assert result.returncode == 2
     assert f"{name}: no such config file" in result.stderr
 
@@ -125,7 +125,7 @@ def test_options_and_overrides_mix_in_any_order(tmp_path):
 
 def test_a_bad_option_among_overrides_is_one_line_and_touches_nothing(tmp_path):
     config, run_dir = _existing_run(tmp_path)
-    result = normexp("train", config, "--overwrit", "train.steps=3", cwd=tmp_path)
+    result = cli_in_process("train", config, "--overwrit", "train.steps=3", cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr, result.stderr
     assert result.stderr.startswith("normexp train: error: unrecognized arguments: --overwrit")

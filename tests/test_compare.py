@@ -8,7 +8,7 @@ from normexp import analysis
 from normexp.compare import compare, find_runs, listing
 from normexp.rundir import read_summary
 
-from conftest import normexp
+from conftest import cli_in_process, normexp
 
 
 def tree(path):
@@ -65,9 +65,9 @@ def test_ls_lists_every_run_and_writes_nothing(study):
 
 
 def test_bad_arguments_are_one_line(tmp_path, study):
-    result = normexp("compare", two_runs(study)[0])
+    result = cli_in_process("compare", two_runs(study)[0])
     assert result.returncode == 2 and "compare: expected at least two runs" in result.stderr
-    result = normexp("compare", str(tmp_path), two_runs(study)[0])
+    result = cli_in_process("compare", str(tmp_path), two_runs(study)[0])
     assert result.returncode == 2 and "not a run directory" in result.stderr
-    result = normexp("ls", str(tmp_path / "nope"))
+    result = cli_in_process("ls", str(tmp_path / "nope"))
     assert result.returncode == 2 and "nope: no such directory" in result.stderr

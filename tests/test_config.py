@@ -7,7 +7,7 @@ import pytest
 from normexp.config import Config, differences, load, to_yaml
 from normexp.errors import UsageError, suggest
 
-from conftest import ROOT, normexp
+from conftest import cli_in_process, normexp, ROOT
 
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 from readme_reference import reference, reference_markdown  # noqa: E402
@@ -122,7 +122,7 @@ def test_every_field_is_documented():
 ])
 def test_cli_config_error_exits_2_with_one_line_and_writes_nothing(tmp_path, override, fragment):
     out = tmp_path / "run"
-    result = normexp("train", f"run.out_dir={out}", override)
+    result = cli_in_process("train", f"run.out_dir={out}", override)
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "Traceback" not in result.stderr
     assert fragment in result.stderr

@@ -10,7 +10,7 @@ from normexp import data
 from normexp.errors import UsageError
 from normexp.prepare import EOT, prepare
 
-from conftest import normexp
+from conftest import cli_in_process, normexp
 
 TEXTS = [f"Layer normalization number {i} keeps the residual stream in scale. " * (1 + i % 3)
          for i in range(60)]
@@ -109,7 +109,7 @@ def test_a_vocabulary_past_65536_writes_uint32(tmp_path):
 def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, make, args, message):
     source = make(tmp_path)
     out = tmp_path / "out"
-    result = normexp("prepare", str(source), str(out), *args)
+    result = cli_in_process("prepare", str(source), str(out), *args)
     assert result.returncode == 2 and message in result.stderr, result.stderr
     assert result.stderr.count("\n") == 1 and not out.exists()
 

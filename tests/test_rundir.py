@@ -9,7 +9,7 @@ import pytest
 from normexp import rundir
 from normexp.train import run
 
-from conftest import ROOT, normexp, tiny_args
+from conftest import cli_in_process, normexp, ROOT, tiny_args
 
 WRITE = """
 import os, sys
@@ -39,7 +39,7 @@ def test_existing_run_dir_is_never_replaced_silently(tiny, tmp_path):
 
 def test_resume_with_no_run_to_resume_is_an_error(tmp_path):
     out = tmp_path / "run"
-    result = normexp("train", *tiny_args(out), "--resume")
+    result = cli_in_process("train", *tiny_args(out), "--resume")
     assert result.returncode == 2 and result.stderr.count("\n") == 1
     assert f"no run at {out} to resume; drop --resume to start it" in result.stderr
     assert not out.exists()
@@ -49,12 +49,12 @@ def test_overwrite_refuses_a_directory_that_is_not_a_run(tmp_path):
     precious = tmp_path / "run"
     precious.mkdir()
     (precious / "thesis.tex").write_text("years of work")
-    result = normexp("train", *tiny_args(precious), "--overwrite")
+    result = cli_in_process("train", *tiny_args(precious), "--overwrite")
     assert result.returncode == 2 and "not a normexp run" in result.stderr
     assert (precious / "thesis.tex").read_text() == "years of work"
     afile = tmp_path / "afile"
     afile.write_text("x")
-    result = normexp("train", *tiny_args(afile))
+    result = cli_in_process("train", *tiny_args(afile))
     assert result.returncode == 2 and "is a file" in result.stderr
 
 
