@@ -135,14 +135,14 @@ def judge_mix_loss(numbers):
     noise = _noise(*trained.values())
     gap = {a: _mean(trained["mix"]) - _mean(trained[a]) for a in ("pre", "post")}
     figure = (", ".join(f"{a} {_mean(trained[a]):.3f} ({fails[a]} of {len(losses[a])} failed)"
-                        for a in arms) + f" mean final val loss; Mix-LN - Pre-LN "
+                        for a in arms) + " mean final val loss; Mix-LN - Pre-LN "
               f"{gap['pre']:+.3f}, - Post-LN {gap['post']:+.3f}; seed noise {noise:.3f}")
-    rule = (f"a seed failed if it diverged or ended within 0.1 nats of the unigram loss; "
-            f"supported if Mix-LN fails in no more seeds than Pre-LN and than Post-LN, and its "
-            f"mean final val loss over the seeds that trained is at most each's + noise (an "
-            f"arm with every seed failed counts as worse); not supported if Mix-LN fails in "
-            f"more seeds than either or its mean is above either's by > 2 x noise; else "
-            f"inconclusive")
+    rule = ("a seed failed if it diverged or ended within 0.1 nats of the unigram loss; "
+            "supported if Mix-LN fails in no more seeds than Pre-LN and than Post-LN, and its "
+            "mean final val loss over the seeds that trained is at most each's + noise (an "
+            "arm with every seed failed counts as worse); not supported if Mix-LN fails in "
+            "more seeds than either or its mean is above either's by > 2 x noise; else "
+            "inconclusive")
     worse = lambda a: fails["mix"] > fails[a] or gap[a] > 2 * noise
     as_good = lambda a: fails["mix"] <= fails[a] and (not trained[a] or gap[a] <= noise)
     if not trained["mix"] or any(worse(a) for a in ("pre", "post")):

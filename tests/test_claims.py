@@ -13,7 +13,7 @@ from normexp.lr_study import lr_sensitivity_sweep
 from normexp.studies import SCALES, resized
 from normexp.verdicts import INCONCLUSIVE, NOT_SUPPORTED, SUPPORTED
 
-from conftest import normexp
+from conftest import cli_in_process, normexp
 
 VERDICTS = {SUPPORTED, NOT_SUPPORTED, INCONCLUSIVE}
 
@@ -154,9 +154,9 @@ def test_claims_command_runs_one_claim_at_a_changed_size_and_rejects_bad_numbers
     table = (tmp_path / "claims" / "quick-d_model=32" / "claims.md").read_text()
     assert table.startswith("# Claims checked by normexp (quick-d_model=32 scale)")
     assert "32 wide" in table
-    bad = normexp("claims", "--only", "13")
+    bad = cli_in_process("claims", "--only", "13")
     assert bad.returncode == 2 and "expected claim numbers from 1 to 12" in bad.stderr
-    bad = normexp("claims", "--quick", "--scale", "init_widht=512", cwd=tmp_path)
+    bad = cli_in_process("claims", "--quick", "--scale", "init_widht=512", cwd=tmp_path)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1, bad.stderr
     assert "--scale init_widht=512: expected FIELD=VALUE with FIELD one of n_layer, d_model" \
         in bad.stderr

@@ -1,7 +1,5 @@
 import math
 
-import pytest
-
 from normexp.depth_verdicts import (deep_share, judge_angular, judge_mix_loss, judge_pruning,
                                     judge_variance_growth, thirds)
 from normexp.verdicts import INCONCLUSIVE, NOT_SUPPORTED, SUPPORTED

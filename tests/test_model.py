@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 
-from conftest import T, model_of, tokens
+from conftest import model_of, tokens
 
 
 

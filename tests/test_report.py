@@ -1,6 +1,6 @@
 import os
 
-from conftest import normexp
+from conftest import cli_in_process, normexp
 
 
 def test_report_writes_markdown_html_and_every_figure(study, tmp_path):
@@ -19,14 +19,15 @@ def test_report_writes_markdown_html_and_every_figure(study, tmp_path):
     assert html.count("src='data:image/png;base64,") == len(pngs)
     for name in pngs:
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    missing = normexp("report", str(tmp_path / "nowhere"))
+    missing = cli_in_process("report", str(tmp_path / "nowhere"))
     assert missing.returncode == 2 and "no such run or sweep directory" in missing.stderr
     assert len(missing.stderr.strip().splitlines()) == 1
 
 
 def test_report_at_print_resolution_with_vector_figures(study, tmp_path):
     out = tmp_path / "report"
-    done = normexp("report", study.out_dir, "--out", str(out), "--dpi", "220", "--format", "svg")
+    done = cli_in_process("report", study.out_dir, "--out", str(out), "--dpi", "220",
+                          "--format", "svg")
     assert done.returncode == 0, done.stderr
     files = set(os.listdir(out))
     pngs = {f for f in files if f.endswith(".png")}
@@ -34,7 +35,7 @@ def test_report_at_print_resolution_with_vector_figures(study, tmp_path):
     assert (out / "loss.svg").read_text().lstrip().startswith("<?xml")
     width = int.from_bytes((out / "loss.png").read_bytes()[16:20], "big")
     assert width == 2 * 704  # 6.4 inches at 220 dpi, twice the default 110's
-    bad = normexp("report", study.out_dir, "--format", "jpg")
+    bad = cli_in_process("report", study.out_dir, "--format", "jpg")
     assert bad.returncode == 2
 
 

@@ -11,7 +11,7 @@ from normexp import results as results_lib
 from normexp import sweep as sweep_lib
 from normexp.rundir import read_metrics
 
-from conftest import TINY, normexp, tiny_base, write_sweep
+from conftest import cli_in_process, normexp, TINY, tiny_base, write_sweep
 
 
 def metrics_of(run_dir):
@@ -44,9 +44,9 @@ def test_results_lists_every_run_and_writes_csv_and_parquet_or_jsonl(tmp_path, m
     assert paths[1].endswith("results.jsonl")
     assert [json.loads(line) for line in open(paths[1])] == rows
     assert not [f for f in os.listdir(sweep.out_dir) if f.startswith(".tmp")]
-    printed = normexp("results", sweep.out_dir)
+    printed = normexp("results", sweep.out_dir)  # a fresh process: pyarrow is hidden here
     assert printed.returncode == 0 and printed.stdout.splitlines()[1].startswith("lr=0.001")
-    assert normexp("results", str(tmp_path / "none")).returncode == 2
+    assert cli_in_process("results", str(tmp_path / "none")).returncode == 2
 
 
 def test_results_of_a_plain_directory_of_runs_finds_the_keys_that_differ(tmp_path, tiny):

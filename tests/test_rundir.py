@@ -25,12 +25,13 @@ def test_existing_run_dir_is_never_replaced_silently(tiny, tmp_path):
     out = tmp_path / "run"
     run(tiny("train.steps=2"))
     before = (out / "metrics.jsonl").read_text()
-    again = normexp("train", *tiny_args(out), "train.steps=2")
+    again = cli_in_process("train", *tiny_args(out), "train.steps=2")
     assert again.returncode == 2 and "--resume" in again.stderr and "--overwrite" in again.stderr
     assert (out / "metrics.jsonl").read_text() == before
-    other = normexp("train", *tiny_args(out), "train.steps=2", "optim.lr=1e-2", "--resume")
+    other = cli_in_process("train", *tiny_args(out), "train.steps=2", "optim.lr=1e-2",
+                           "--resume")
     assert other.returncode == 2 and "optim.lr" in other.stderr
-    done = normexp("train", str(out / "config.yaml"), "--resume")
+    done = cli_in_process("train", str(out / "config.yaml"), "--resume")
     assert done.returncode == 0 and "nothing to do" in done.stderr
     replaced = normexp("train", *tiny_args(out), "train.steps=3", "--overwrite")
     assert replaced.returncode == 0, replaced.stderr

@@ -15,7 +15,7 @@ from normexp.errors import UsageError
 from normexp.locks import RunLock
 from normexp.rundir import read_metrics
 
-from conftest import ROOT, normexp, tiny_base, write_sweep
+from conftest import cli_in_process, normexp, ROOT, tiny_base, write_sweep
 
 
 def overrides(sweep):
@@ -166,11 +166,11 @@ def test_bad_sweep_file_exits_2_with_one_line_and_no_traceback(tmp_path):
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
     assert "grid.optim.lr: empty list" in result.stderr
     assert not (tmp_path / "out").exists()
-    missing = normexp("sweep", str(tmp_path / "nope.yaml"))
+    missing = cli_in_process("sweep", str(tmp_path / "nope.yaml"))
     assert missing.returncode == 2 and "nope.yaml: no such config file" in missing.stderr
     empty = tmp_path / "empty.yaml"
     empty.write_text("")
-    result = normexp("sweep", str(empty))  # once trained a full default run
+    result = cli_in_process("sweep", str(empty))  # once trained a full default run
     assert result.returncode == 2 and result.stderr.count("\n") == 1
     assert "empty.yaml: is empty, expected a mapping of sweep keys" in result.stderr
     assert not os.path.exists(os.path.join(ROOT, "sweeps", "empty"))
