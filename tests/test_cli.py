@@ -114,11 +114,11 @@ def test_a_sweep_runs_config_path_with_equals_signs_is_a_config(study):
 
 def test_options_and_overrides_mix_in_any_order(tmp_path):
     config, run_dir = _existing_run(tmp_path)
-    done = normexp("train", config, "--overwrite", "train.steps=3", cwd=tmp_path)
+    done = cli_in_process("train", config, "--overwrite", "train.steps=3", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert json.loads((run_dir / "summary.json").read_text())["steps"] == 3
     assert not (run_dir / "keep").exists()
-    again = normexp("train", "train.steps=3", "--resume", config, cwd=tmp_path)
+    again = cli_in_process("train", "train.steps=3", "--resume", config, cwd=tmp_path)
     assert again.returncode == 0, again.stderr
     assert "nothing to do" in again.stderr
 
