@@ -25,10 +25,11 @@ def lr_sensitivity_sweep(scale, out):
                           settings=(("seeds", scale.seeds), *scale.lr_sweep))
 
 
-def measure_lr_sensitivity(scale, out, max_parallel=2):
-    """Run the sweep (two processes, one core each: see `workers.worker_cores`) and read it."""
+def measure_lr_sensitivity(scale, out):
+    """Run the sweep (in `scale.sweep_workers` processes, one core each: see
+    `workers.worker_cores`) and read it."""
     sweep = lr_sensitivity_sweep(scale, out)
-    if sweep_lib.run(sweep, max_parallel=max_parallel, progress=False) > 128:
+    if sweep_lib.run(sweep, max_parallel=scale.sweep_workers, progress=False) > 128:
         raise KeyboardInterrupt  # a stop request: the claims stop too (the runs resume)
     found = completeness(sweep.out_dir)
     if found["missing"] or not found["of"]:  # part of the lrs or seeds: another number

@@ -41,9 +41,9 @@ def qkv_sweep(scale, out):
                           settings=(("seeds", scale.seeds), *sizes))
 
 
-def measure_qkv(scale, out, max_parallel=2):
+def measure_qkv(scale, out):
     sweep = qkv_sweep(scale, out)
-    if sweep_lib.run(sweep, max_parallel=max_parallel, progress=False) > 128:
+    if sweep_lib.run(sweep, max_parallel=scale.sweep_workers, progress=False) > 128:
         raise KeyboardInterrupt  # a stop request: the claims stop too (the runs resume)
     found = completeness(sweep.out_dir)
     if found["missing"] or not found["of"]:

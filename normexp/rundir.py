@@ -36,7 +36,7 @@ SWEEP_MANIFEST = "sweep.json"  # in a sweep's directory, beside its runs (normex
 RUNNING = "running"  # training, or its process died (a sweep reads that as STOPPED)
 COMPLETED = "completed"  # trained every step
 DIVERGED = "diverged"  # a loss or gradient norm went non-finite: a result, not an error
-INTERRUPTED = "interrupted"  # stopped by a signal or a lost process of its job; --resume continues it
+INTERRUPTED = "interrupted"  # stopped by a signal or by losing a process; --resume continues it
 FAILED = "failed"  # an error ended it (`error` says which); --resume retries it
 # Read off the directory by whoever lists runs:
 PENDING = "pending"  # a sweep's run with no directory yet

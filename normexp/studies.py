@@ -52,6 +52,7 @@ class Scale:
     depth_layers: int = 12  # claims 9-10: the depth study's blocks (Sun et al.: 12-24)
     dyt_widths: tuple = (32, 64)  # claim 12: the DyT study's widths and depths
     dyt_depths: tuple = (2, 4)
+    sweep_workers: int = 2  # claims 8 and 11: worker processes their sweeps train in
 
 
 # Claim 8 at --quick: Wortsman et al.'s setup as shipped, at CPU size. Every setting here is
@@ -68,7 +69,7 @@ _TINY_LR = _QUICK_LR + (("model.d_model", [16]), ("model.n_layer", 1), ("data.se
 SCALES = {
     "tiny": Scale("tiny", 2, 32, 16, 4, 12, 2, 3, 32, 2, depths=(2, 3), grad_batches=2,
                   lr_sweep=_TINY_LR, failure_seeds=2, depth_layers=3, dyt_widths=(16,),
-                  dyt_depths=(1,)),
+                  dyt_depths=(1,), sweep_workers=1),  # workers: tested in test_scheduler
     "quick": Scale("quick", 6, 64, 64, 16, 300, 3, 12, 128, 10, lr_sweep=_QUICK_LR),
     "full": Scale("full", 8, 128, 128, 32, 2000, 3, 12, 512, 20,
                   depths=(6, 8, 10, 12, 14, 20, 32), grad_batches=16, depth_layers=24,

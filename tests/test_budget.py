@@ -10,7 +10,7 @@ from normexp.config import flatten, load
 from normexp.errors import UsageError
 from normexp.step import init_state, make_train_step
 
-from conftest import cli_in_process, TINY
+from conftest import TINY, cli_in_process
 
 GiB = 2**30
 H200 = hardware.Device("gpu", "NVIDIA H200", (9, 0))

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import os
 import re
@@ -16,6 +17,9 @@ from normexp.verdicts import INCONCLUSIVE, NOT_SUPPORTED, SUPPORTED
 from conftest import cli_in_process, normexp
 
 VERDICTS = {SUPPORTED, NOT_SUPPORTED, INCONCLUSIVE}
+# the tiny scale's sweeps train in the test's process; with workers, as at every other scale,
+# a test can stand in for them (workers.run_workers) and leave a sweep untrained
+WORKERS = dataclasses.replace(SCALES["tiny"], sweep_workers=2)
 
 
 # --- every claim measured on a tiny setup -------------------------------------------------
@@ -64,7 +68,7 @@ def test_claims_1_to_8_run_on_a_tiny_setup_and_write_their_table(tmp_path, monke
     summary = os.path.join(sweep_dir, names[0], "summary.json")
     json.dump({**json.load(open(summary)), "status": "failed"}, open(summary, "w"))
     monkeypatch.setattr(workers, "run_workers", lambda *args: 0)  # as if it were not retried
-    partial = claims.run_claims(SCALES["tiny"], out, only=[8], echo=lambda line: None)
+    partial = claims.run_claims(WORKERS, out, only=[8], echo=lambda line: None)
     assert [r.verdict.figure for r in partial] == [
         f"inconclusive: 1 of {len(names)} runs missing in {sweep_dir} ({names[0]})"] * 4
     assert "1 failed" in open(os.path.join(sweep_dir, "report", "report.md")).read()
@@ -136,7 +140,7 @@ def test_claims_check_a_sweep_that_trained_nothing_before_judging_it(tmp_path, m
     sweep exited 0 with runs untrained: now each of its verdicts is inconclusive and says why."""
     monkeypatch.setattr(workers, "run_workers", lambda *args: 0)
     out = str(tmp_path / "claims")
-    results = claims.run_claims(SCALES["tiny"], out, only=[8], echo=lambda line: None)
+    results = claims.run_claims(WORKERS, out, only=[8], echo=lambda line: None)
     names = [r.name for r in lr_sensitivity_sweep(SCALES["tiny"], out).runs]
     sweep_dir = os.path.join(out, "lr_sensitivity")
     missing = f"inconclusive: {len(names)} of {len(names)} runs missing in {sweep_dir}"

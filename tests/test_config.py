@@ -7,7 +7,7 @@ import pytest
 from normexp.config import Config, differences, load, to_yaml
 from normexp.errors import UsageError, suggest
 
-from conftest import cli_in_process, normexp, ROOT
+from conftest import ROOT, cli_in_process, normexp
 
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 from readme_reference import reference, reference_markdown  # noqa: E402

@@ -11,7 +11,7 @@ import pytest
 from normexp import data
 from normexp.errors import UsageError
 
-from conftest import cli_in_process, normexp, ROOT
+from conftest import ROOT, cli_in_process, normexp
 
 
 def write_bins(directory, train, val, meta=None, dtype=np.uint16, meta_pkl=False):
@@ -276,7 +276,8 @@ def test_cli_uint32_files_read_as_uint16_exit_2(tmp_path, with_meta):
     write_bins(d, WIDE_TRAIN, WIDE_VAL, {"vocab_size": LLAMA3_VOCAB} if with_meta else None,
                dtype=np.uint32)
     args = [] if with_meta else [f"data.vocab_size={LLAMA3_VOCAB}"]
-    result = cli_in_process("train", f"data.path={d}", f"run.out_dir={out}", "data.seq_len=8", *args)
+    result = cli_in_process("train", f"data.path={d}", f"run.out_dir={out}", "data.seq_len=8",
+                            *args)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr

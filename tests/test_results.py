@@ -11,7 +11,7 @@ from normexp import results as results_lib
 from normexp import sweep as sweep_lib
 from normexp.rundir import read_metrics
 
-from conftest import cli_in_process, normexp, TINY, tiny_base, write_sweep
+from conftest import TINY, cli_in_process, normexp, tiny_base, write_sweep
 
 
 def metrics_of(run_dir):

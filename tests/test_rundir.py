@@ -9,7 +9,7 @@ import pytest
 from normexp import rundir
 from normexp.train import run
 
-from conftest import cli_in_process, normexp, ROOT, tiny_args
+from conftest import ROOT, cli_in_process, normexp, tiny_args
 
 WRITE = """
 import os, sys

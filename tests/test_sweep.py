@@ -15,7 +15,7 @@ from normexp.errors import UsageError
 from normexp.locks import RunLock
 from normexp.rundir import read_metrics
 
-from conftest import cli_in_process, normexp, ROOT, tiny_base, write_sweep
+from conftest import ROOT, cli_in_process, normexp, tiny_base, write_sweep
 
 
 def overrides(sweep):

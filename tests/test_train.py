@@ -17,7 +17,7 @@ from normexp.spikes import spike_scores
 from normexp.step import init_state, make_train_step
 from normexp.train import run
 
-from conftest import normexp, tensorboard_values, tiny_args
+from conftest import cli_in_process, normexp, tensorboard_values, tiny_args
 
 KILLER = '''
 import os, signal, sys
@@ -155,7 +155,7 @@ def test_killed_and_resumed_run_equals_the_uninterrupted_one(tmp_path, reference
         summary = json.loads((broken / "summary.json").read_text())
         assert summary["status"] == "interrupted" and summary["steps"] == kill_at + 1
         assert str(kill_at + 1) in os.listdir(broken / "checkpoints")
-    resumed = normexp("train", str(broken / "config.yaml"), "--resume")
+    resumed = cli_in_process("train", str(broken / "config.yaml"), "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert train_records(broken) == reference_run  # bit for bit, every step
     summary = json.loads((broken / "summary.json").read_text())
