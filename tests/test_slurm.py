@@ -202,7 +202,13 @@ def test_a_killed_task_leaves_the_other_to_record_the_run_and_end(tmp_path, unin
     the record says interrupted, and the whole job resumed equals the uninterrupted run."""
     out = tmp_path / "job"
     job = srun(out)
+    # between checkpoints: a process lost while the other waits in a save's barrier is noticed
+    # only by jax's heartbeat timeout (README, Several devices and several hosts)
     wait_for(out / "checkpoints" / "50", job)
+    deadline = time.monotonic() + 60
+    while max(r["step"] for r in records(out)) < 60:
+        assert job.poll() is None and time.monotonic() < deadline
+        time.sleep(0.02)
     pids = subprocess.run(["scontrol", "listpids", job_of(out)], capture_output=True,
                           text=True, timeout=60, check=True).stdout.splitlines()[1:]
     # PID JOBID STEPID LOCALID GLOBALID: the task whose global id is 1
@@ -219,7 +225,7 @@ def test_a_killed_task_leaves_the_other_to_record_the_run_and_end(tmp_path, unin
     assert "relaunch the whole job with --resume" in errors[0] and "Traceback" not in stderr
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "interrupted" and "lost a process" in summary["error"]
-    assert summary["steps"] in (50, 100, 150)
+    assert summary["steps"] == 50
     resumed = srun(out, "--resume")
     _, stderr = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, stderr
