@@ -56,22 +56,27 @@ def initialize_distributed():
 
 
 # A process of the job that dies takes its end of every collective with it: the next one fails
-# in the others at once (Gloo: "Connection closed by peer"), with one of these status codes.
-# The survivors record the run and end (normexp.train), before jax's coordination service,
-# which notices the loss only when heartbeats stop (100 s), aborts them. Process 0 hosts that
-# service: when it is the one lost, the others are aborted at once, and the run's record says
-# `running` with no live process holding its lock, which every reader takes as stopped.
+# in the others at once (Gloo: "UNKNOWN: Gloo AllGather failed: ... Connection closed by
+# peer"). The survivors record the run and end (normexp.train), before jax's coordination
+# service, which notices the loss only when heartbeats stop (100 s), aborts them. Process 0
+# hosts that service: when it is the one lost, the others are aborted at once, and the run's
+# record says `running` with no live process holding its lock, which every reader takes as
+# stopped. A runtime status alone is not enough: a failed write (tensorstore) or a compiler
+# error has one too, and must fail the run, so the message must also name a lost peer.
 _LOST_STATUS = re.compile(r"(UNKNOWN|UNAVAILABLE|INTERNAL|ABORTED|CANCELLED|DEADLINE_EXCEEDED"
                           r"|FAILED_PRECONDITION): ")
+_LOST_PEER = re.compile(r"closed by peer|reset by peer|socket closed|broken pipe|heartbeat"
+                        r"|remote process|coordination service", re.IGNORECASE)
 
 
 def lost_peer(error):
     """Whether `error`, raised by jax in a job of several processes, is a collective or the
-    coordination service failing (Gloo raises ValueError, the runtime JaxRuntimeError):
-    another process of the job has gone."""
+    coordination service failing because another process of the job has gone (Gloo raises
+    ValueError, the runtime JaxRuntimeError)."""
+    text = str(error)
     return (jax.process_count() > 1 and isinstance(error, (jax.errors.JaxRuntimeError,
                                                            ValueError))
-            and _LOST_STATUS.match(str(error)) is not None)
+            and _LOST_STATUS.match(text) is not None and _LOST_PEER.search(text) is not None)
 
 
 def lost_message(error, step, checkpoint):

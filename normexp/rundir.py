@@ -190,8 +190,9 @@ SUMMARY_KEYS = tuple(f.name for f in dataclasses.fields(Summary))
 
 
 def write_summary(run_dir, summary, *, any_process=False):
-    """summary.json, replaced atomically by process 0 (by this process with `any_process`: a
-    survivor of a job that lost process 0 still records how the run ended)."""
+    """summary.json, replaced atomically by process 0 (by this process with `any_process`:
+    each survivor of a job that lost a process records how the run ended, the same record
+    but for the process it names)."""
     if any_process or is_primary():
         write_atomic(os.path.join(run_dir, SUMMARY),
                      json.dumps(summary.to_json(), indent=1, default=to_builtin) + "\n")

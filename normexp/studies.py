@@ -76,13 +76,14 @@ SCALES = {
                   dyt_widths=(128, 512), dyt_depths=(4, 12)),
 }
 
+
 def resized(scale, settings):
     """`scale` with some sizes changed, from "field=value" strings (`normexp claims --scale`):
     an int field, or a tuple field (`depths`, `dyt_widths`, ...) as comma-separated ints. Its
     name records them, so that its runs go to their own directory and its table says what
     changed."""
-    fields = {f.name: f for f in dataclasses.fields(Scale) if f.name not in ("name",
-                                                                              "lr_sweep")}
+    fields = {f.name: f for f in dataclasses.fields(Scale)  # sizes, not how they are run
+              if f.name not in ("name", "lr_sweep", "sweep_workers")}
     tuples = {name for name, f in fields.items() if isinstance(f.default, tuple)}
     changes = {}
     for text in settings:

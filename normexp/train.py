@@ -308,11 +308,7 @@ def _loop(members, lanes, graphdef, tx, state, start, stop, *, batches, val_batc
         console.logged(records, s + 1, (s + 1 - start) * tokens_per_step / max(
             clock.seconds(), 1e-9))
 
-    saved = start  # the last checkpoint's step
-
     def checkpoint(t):  # the state after t steps
-        nonlocal saved
-        saved = t
         for i, m in enumerate(members):
             if m.status in (None, INTERRUPTED):
                 m.checkpoints.save(t, lanes.row(state, i))
@@ -359,19 +355,23 @@ def _loop(members, lanes, graphdef, tx, state, start, stop, *, batches, val_batc
         if not lost_peer(e):
             raise
         console.close()
-        _lost(members, lost_message(e, s, saved), saved)
+        _lost(members, e, s, start, compile_seconds)
 
 
-def _lost(members, message, saved):
-    """Another process of the job has gone: record the runs as interrupted at the last
-    checkpoint (this process may be the only one left to write the record) and raise."""
+def _lost(members, error, s, start, compile_seconds):
+    """Another process of the job has gone (noticed at step `s`): record the runs as
+    interrupted at their last recorded checkpoint (any survivor writes the record: process 0
+    may be the one lost) and raise LostProcessError."""
+    # a save in flight waits for the lost process: abandoned, and --resume sets it aside
+    saved = min(max(m.checkpoints.intact, default=0) for m in members)
+    message = lost_message(error, max(s, start), saved)
     for m in members:
-        m.checkpoints = None  # a save in flight waits for the lost process: --resume sets it aside
-        if m.status != DIVERGED:
+        m.checkpoints = None
+        if m.status == DIVERGED:  # before the loss: a result, recorded as `_finish` would
+            _ended(m, start, compile_seconds, tokens_per_s=lambda done: None)
+        else:
             m.summary = m.summary.replace(status=INTERRUPTED, steps=saved, signal=None,
                                           error=message)
-        else:  # diverged before the loss: a result
-            m.summary = m.summary.replace(status=m.status, steps=m.last_step + 1)
         rundir.write_summary(m.dir, m.summary, any_process=True)
     raise LostProcessError(message)
 
@@ -385,10 +385,15 @@ def _finish(members, s, start, evaluate, compile_seconds, tokens_per_s):
             final = evaluate() if final is None else final
             m.evaluated(final[i])
             m.tracker.log(m.cfg.train.steps, {VAL_LOSS: m.last_val})
-        m.summary = m.summary.replace(
-            status=m.status, steps=m.last_step + 1, compile_seconds=compile_seconds,
-            final_val_loss=rundir.finite_or_none(m.last_val) if m.status == COMPLETED else None,
-            best_val_loss=rundir.finite_or_none(m.best) if m.best is not None else None,
-            tokens_per_s=tokens_per_s(m.last_step + 1 - start),
-            **spike_scores(m.series, sigma=m.cfg.log.spike_sigma, window=m.cfg.log.spike_window))
+        _ended(m, start, compile_seconds, tokens_per_s)
+
+
+def _ended(m, start, compile_seconds, tokens_per_s):
+    """The summary of a run that has stopped (`m.status`), from what its loop measured."""
+    m.summary = m.summary.replace(
+        status=m.status, steps=m.last_step + 1, compile_seconds=compile_seconds,
+        final_val_loss=rundir.finite_or_none(m.last_val) if m.status == COMPLETED else None,
+        best_val_loss=rundir.finite_or_none(m.best) if m.best is not None else None,
+        tokens_per_s=tokens_per_s(m.last_step + 1 - start),
+        **spike_scores(m.series, sigma=m.cfg.log.spike_sigma, window=m.cfg.log.spike_window))
 

@@ -42,15 +42,16 @@ for warning in CACHE_WARNINGS:
 
 from normexp.config import load  # noqa: E402
 
-# The tests that take longest (seconds on one xdist worker, 2026-12-06, that run's
-# --durations), run first: pytest-xdist hands tests out in order, so these overlap the rest
-# instead of ending the suite alone. README's Tests section lists them with their cost.
+# The tests that take longest (seconds on one xdist worker, a run's --durations: 2026-12-06,
+# or 2026-12-07 for the entries changed since) run first: pytest-xdist hands tests out in
+# order, so these overlap the rest instead of ending the suite alone. README's Tests section
+# lists them with their cost.
 SLOW_FIRST = (
-    "test_parallel.py::test_two_processes_train_as_one_job_stop_together_and_resume",  # 74
-    "test_claims.py::test_claims_1_to_8_run_on_a_tiny_setup_and_write_their_table",  # 47
+    "test_parallel.py::test_two_processes_train_as_one_job_stop_together_and_resume",  # 78
+    "test_claims.py::test_claims_1_to_8_run_on_a_tiny_setup_and_write_their_table",  # 69
     "test_bench.py::test_quick_bench_produces_every_figure",  # 26
     "test_sweep.py::test_a_killed_sweep_reruns_to_the_table_of_an_uninterrupted_one",  # 20
-    "test_claims.py::test_the_qkv_claim_finds_each_setups_largest_stable_lr_in_its_sweep",  # 20
+    "test_claims.py::test_the_qkv_claim_finds_each_setups_largest_stable_lr_in_its_sweep",  # 22
     "test_scheduler.py::test_a_killed_worker_is_named_and_its_run_taken_over",  # 18
     "test_accelerator.py::test_quick_check_produces_every_field_on_two_host_devices",  # 16
     "test_parallel.py::test_data_parallel_over_four_devices_equals_one_device",  # 15
@@ -61,7 +62,7 @@ SLOW_FIRST = (
     "test_scheduler.py::test_sigterm_to_the_parent_stops_every_worker",  # 11
     "test_sweep.py::test_max_parallel_workers_train_each_run_once",  # 11
     "test_scheduler.py::test_workers_die_with_their_parent",  # 9
-    "test_train.py::test_killed_and_resumed_run_equals_the_uninterrupted_one",  # 5 x 7-10
+    "test_train.py::test_killed_and_resumed_run_equals_the_uninterrupted_one",  # 4 x 10
     "test_claims.py::test_the_dyt_claim_trains_each_alpha0_grid_cell_as_one_group",  # 9
     "test_notebook.py::test_the_analysis_notebook_executes_on_a_tiny_sweep",  # 10 with setup
 )
@@ -106,11 +107,12 @@ def normexp(*args, cwd=None, env=None):
 
 
 def cli_in_process(*args, cwd=None):
-    """`normexp ARGS` in this interpreter, for commands that end before training anything
-    (usage, config and data errors): saves the ~2 s a fresh interpreter with jax costs. Returns
-    a CompletedProcess (returncode, stdout, stderr); an exception escapes, as a traceback
-    would have been printed. The subprocess tests keep a real process's exit code and stderr
-    in view."""
+    """`normexp ARGS` in this interpreter (`cli.main`): saves the ~2 s a fresh interpreter with
+    jax costs. For refusals (usage, config and data errors) and for runs that need no process
+    of their own (no signal, no fd-level output, no failing background save, whose handling
+    points fd 2 elsewhere for the rest of the process). Returns a CompletedProcess
+    (returncode, stdout, stderr); an exception escapes, where a traceback would have been
+    printed. The subprocess tests keep a real process's exit code and stderr in view."""
     import contextlib
     import io
     from normexp import cli

@@ -4,6 +4,7 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
 
@@ -195,6 +196,23 @@ def test_a_missing_or_bad_launch_variable_is_one_line(tmp_path, env, message, mo
               "JAX_COORDINATOR_ADDRESS": "127.0.0.1:1", **env}
     for name, value in launch.items():
         monkeypatch.setenv(name, value)
+
+    def joined(*args, **kwargs):  # not in the test's process
+        raise AssertionError("the launch variables passed")
+    monkeypatch.setattr(jax.distributed, "initialize", joined)
     done = cli_in_process("train", *TINY, f"run.out_dir={tmp_path / 'run'}")
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and message in done.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_a_lost_peer_is_told_from_other_runtime_errors(monkeypatch):
+    from normexp.parallel import lost_peer
+    gloo = ValueError("UNKNOWN: Gloo AllGather failed: [external/gloo/gloo/transport/tcp/"
+                      "pair.cc:547] Connection closed by peer [127.0.0.1]:27013")
+    reset = ValueError("UNKNOWN: Gloo AllGather failed: [...pair.cc:538] Read error "
+                       "[127.0.0.1]:40363: Connection reset by peer")
+    write = ValueError("INTERNAL: Error writing local file \"/runs/x/checkpoints/8/d/0\"")
+    assert not lost_peer(gloo)  # one process: no peer to lose
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    assert lost_peer(gloo) and lost_peer(reset)
+    assert not lost_peer(write) and not lost_peer(RuntimeError(str(gloo)))

@@ -14,7 +14,7 @@ from normexp.model import make_model
 from normexp.norms import NORMS
 from normexp.placement import (PLACEMENTS, Depth, deepnorm, deepnorm_alpha, deepnorm_beta, lns,
                                mix_split, post, pre, res_post, resi_dual, rezero, sandwich)
-from normexp.step import init_state, loss_fn, make_train_step
+from normexp.step import init_state, make_train_step
 
 T = 16
 LEAKY = {"batchnorm", "instancenorm", "weightnorm"}
@@ -146,7 +146,8 @@ TRAINED = {(p, "none" if PLACEMENTS[p].norm_free else "layernorm") for p in PLAC
 
 
 @pytest.mark.parametrize("placement, kind", PAIRS)
-def test_every_pair_is_causal_unless_documented_leaky_and_learns(tiny, placement, kind):
+def test_every_pair_is_causal_unless_documented_leaky(tiny, placement, kind):
+    """And the TRAINED pairs learn."""
     check_causal_and_learns(tiny, f"model.placement={placement}", f"model.norm.kind={kind}",
                             *PLACEMENTS[placement].overrides(), leaky=kind in LEAKY,
                             train=(placement, kind) in TRAINED)
@@ -165,17 +166,16 @@ def test_switches_are_causal_and_train(tiny, switches, leaky):
 
 def check_causal_and_learns(tiny, *overrides, leaky, train):
     """Causality (or the documented leak) and finite logits, from one compiled forward; with
-    `train`, then a gradient reaching every block and 10 steps of the train step with a finite
-    loss and a logged gradient norm for every block (the backward pass and the step are most
-    of the compiling, so the pairs share them out: see TRAINED)."""
+    `train`, then 10 steps of the train step with a finite loss and a gradient norm above zero
+    logged for every block (the step is most of the compiling, so only the TRAINED pairs
+    train)."""
     # two blocks scanned one at a time keep 100 compilations cheap; mix puts one of each
     cfg = tiny("model.norm.groups=4", "model.d_model=16", "model.scan_unroll=1",
                "model.mix_alpha=0.5", "train.batch_size=3", *overrides)
     graphdef, tx, state = init_state(cfg, 64)
     # fresh Variables in each call, so batch-statistics norms may update theirs there
-    logits_of = lambda p, rest, tokens: nnx.merge(graphdef, p, jax.tree.map(lambda a: a, rest))(
-        tokens)
-    forward = jax.jit(logits_of)
+    forward = jax.jit(lambda p, rest, tokens: nnx.merge(
+        graphdef, p, jax.tree.map(lambda a: a, rest))(tokens))
     x = tokens()
     changed = x.at[:, 6:].set((x[:, 6:] + 17) % 64)
     logits, later = (np.asarray(forward(state["params"], state["rest"], t)).reshape(3, T, -1)
@@ -192,17 +192,6 @@ def check_causal_and_learns(tiny, *overrides, leaky, train):
     batches = [[jnp.asarray(b) % 64 for b in data_lib.batch(corpus.train, seed=0, step=i,
                                                              batch_size=3, seq_len=T)]
                for i in range(10)]
-
-    @jax.jit
-    def block_grads(params, rest, inputs, targets):
-        loss, grads = jax.value_and_grad(
-            lambda p: loss_fn(logits_of(p, rest, inputs), targets))(params)
-        squares = [jnp.sum(jnp.square(g), axis=tuple(range(1, g.ndim)))  # [L] per block
-                   for g in jax.tree.leaves(grads["blocks"])]
-        return loss, jnp.sqrt(sum(squares))
-
-    loss, norms = block_grads(state["params"], state["rest"], *batches[0])
-    assert np.isfinite(loss) and np.all(np.isfinite(norms)) and np.all(norms > 0)
     step = make_train_step(graphdef, tx, grad_norms=True)
     for batch in batches:
         state, metrics = step(state, *batch)

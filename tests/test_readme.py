@@ -131,8 +131,8 @@ def test_the_summary_table_lists_the_keys_a_run_writes(tiny, tmp_path):
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     table = summary_table()
     assert list(table) == list(SUMMARY_KEYS)
-    assert set(summary) == set(table) - {"signal", "error", "history",
-                                                     "resumed_at"}, sorted(summary)
+    only_some = {"signal", "error", "history", "resumed_at"}
+    assert set(summary) == set(table) - only_some, sorted(summary)
     assert summary["status"] == "completed"
     for key in ("data_fingerprint", "norms"):  # the sub-keys the table names
         named = set(re.findall(r"`(\w+)`", table[key])) - {"data_fingerprint", "norms"}

@@ -108,13 +108,13 @@ def test_a_cancelled_array_task_resumes_from_its_checkpoint_when_resubmitted(tmp
     deadline = time.monotonic() + 300
     while not list(out.glob("*/checkpoints/100")):
         assert time.monotonic() < deadline and queued(job_id), task_outputs(tmp_path)
-        time.sleep(0.05)
+        time.sleep(0.2)
     subprocess.run(["scancel", job_id], check=True, timeout=60)
-    (run_dir,) = [d for d in out.iterdir() if (d / "config.yaml").is_file()]
     deadline = time.monotonic() + 120
-    while json.loads((run_dir / "summary.json").read_text())["status"] == "running":
+    while queued(job_id):  # until the task has ended and let go of its run
         assert time.monotonic() < deadline, task_outputs(tmp_path)
         time.sleep(0.2)
+    (run_dir,) = [d for d in out.iterdir() if (d / "config.yaml").is_file()]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "interrupted" and summary["signal"] == "SIGTERM", summary
     assert 100 <= summary["steps"] < 3000
@@ -134,12 +134,29 @@ ARGS = [*TINY, "log.every=10", "train.steps=200", "train.checkpoint_every=50",
         "train.eval_every=100"]
 
 
+LAUNCHED = []  # the names of the srun jobs a test started
+
+
+@pytest.fixture(autouse=True)
+def cancel_leftovers():
+    """A test that fails leaves no job running behind it."""
+    yield
+    while LAUNCHED:
+        subprocess.run(["scancel", "-n", LAUNCHED.pop()], timeout=60)
+
+
+def job_name(out):
+    return f"normexp-test-{os.getpid()}-{abs(hash(str(out)))}"
+
+
 def srun(out, *extra):
-    """`srun -n 2` of `normexp train ARGS` with NORMEXP_DISTRIBUTED=1, named after `out`'s
-    folder, each line of output headed by its task's number; returns the Popen. Without
-    --kill-on-bad-exit: a task that dies leaves the other to end by itself."""
+    """`srun -n 2` of `normexp train ARGS` with NORMEXP_DISTRIBUTED=1, named after `out`
+    (`job_name`), each line of output headed by its task's number; returns the Popen. With
+    --kill-on-bad-exit=0 (a cluster's slurm.conf may set KillOnBadExit=1), a task that dies
+    leaves the other to end by itself."""
+    LAUNCHED.append(job_name(out))
     return subprocess.Popen(["srun", "-n", "2", "--cpus-per-task=1", "--mem=2G", "--label",
-                             f"--job-name=normexp-{out.parent.name}",
+                             "--kill-on-bad-exit=0", f"--job-name={job_name(out)}",
                              "env", "NORMEXP_DISTRIBUTED=1", ".venv/bin/normexp", "train", *ARGS,
                              f"run.out_dir={out}", *extra], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
@@ -176,7 +193,7 @@ def test_a_two_task_srun_trains_as_one_process_on_two_devices(tmp_path, uninterr
 
 def job_of(out):
     """The SLURM job id of the running srun that trains into `out`."""
-    done = subprocess.run(["squeue", "-h", "-n", f"normexp-{out.parent.name}", "-o", "%i"],
+    done = subprocess.run(["squeue", "-h", "-n", job_name(out), "-o", "%i"],
                           capture_output=True, text=True, timeout=60)
     (job_id,) = done.stdout.split()
     return job_id
@@ -205,15 +222,15 @@ def test_a_killed_task_leaves_the_other_to_record_the_run_and_end(tmp_path, unin
     # between checkpoints: a process lost while the other waits in a save's barrier is noticed
     # only by jax's heartbeat timeout (README, Several devices and several hosts)
     wait_for(out / "checkpoints" / "50", job)
-    deadline = time.monotonic() + 60
-    while max(r["step"] for r in records(out)) < 60:
-        assert job.poll() is None and time.monotonic() < deadline
-        time.sleep(0.02)
     pids = subprocess.run(["scontrol", "listpids", job_of(out)], capture_output=True,
                           text=True, timeout=60, check=True).stdout.splitlines()[1:]
     # PID JOBID STEPID LOCALID GLOBALID: the task whose global id is 1
     (pid,) = [int(p.split()[0]) for p in pids if p.split()[-1] == "1"
               and p.split()[2] not in ("batch", "extern", "-")]
+    deadline = time.monotonic() + 60
+    while max(r["step"] for r in records(out)) < 60:
+        assert job.poll() is None and time.monotonic() < deadline
+        time.sleep(0.02)
     os.kill(pid, signal.SIGKILL)
     killed = time.monotonic()
     stdout, stderr = job.communicate(timeout=120)

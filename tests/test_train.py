@@ -160,10 +160,9 @@ def test_killed_and_resumed_run_equals_the_uninterrupted_one(tmp_path, reference
     assert train_records(broken) == reference_run  # bit for bit, every step
     summary = json.loads((broken / "summary.json").read_text())
     assert summary["status"] == "completed"
-    if signal_name == "SIGKILL":  # from the last checkpoint that was whole
-        assert 0 < summary["resumed_at"] <= kill_at
-    else:
-        assert summary["resumed_at"] == kill_at + 1
+    # from the last whole checkpoint: with background saves, step 8's may not have been
+    assert summary["resumed_at"] in ({kill_at + 1} if signal_name != "SIGKILL" else
+                                     {4} if background == "off" else {4, 8})
 
 
 def test_compile_cache_is_written_and_reused(tiny, tmp_path):
