@@ -14,7 +14,7 @@ from normexp.lr_study import lr_sensitivity_sweep
 from normexp.studies import SCALES, resized
 from normexp.verdicts import INCONCLUSIVE, NOT_SUPPORTED, SUPPORTED
 
-from conftest import cli_in_process, normexp
+from conftest import cli_in_process
 
 VERDICTS = {SUPPORTED, NOT_SUPPORTED, INCONCLUSIVE}
 # the tiny scale's sweeps train in the test's process; with workers, as at every other scale,
@@ -152,7 +152,8 @@ def test_claims_check_a_sweep_that_trained_nothing_before_judging_it(tmp_path, m
 
 def test_claims_command_runs_one_claim_at_a_changed_size_and_rejects_bad_numbers(tmp_path):
     # one size changed (how README's width-512 figure is made): its own directory and title
-    done = normexp("claims", "--quick", "--only", "5", "--scale", "d_model=32", cwd=tmp_path)
+    done = cli_in_process("claims", "--quick", "--only", "5", "--scale", "d_model=32",
+                          cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert "verdict:  SUPPORTED" in done.stdout
     table = (tmp_path / "claims" / "quick-d_model=32" / "claims.md").read_text()

@@ -4,12 +4,12 @@ end line."""
 from normexp.console import count_parameters, end_line
 from normexp.rundir import Summary
 
-from conftest import normexp, tiny_args
+from conftest import cli_in_process, normexp, tiny_args
 
 
 def test_a_run_in_a_pipe_says_what_runs_then_one_line_per_log_step(tmp_path):
     out = tmp_path / "run"
-    done = normexp("train", *tiny_args(out), "log.progress=true", "log.every=4")
+    done = cli_in_process("train", *tiny_args(out), "log.progress=true", "log.every=4")
     assert done.returncode == 0, done.stderr
     lines = done.stderr.splitlines()
     assert "\r" not in done.stderr

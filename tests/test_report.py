@@ -1,11 +1,11 @@
 import os
 
-from conftest import cli_in_process, normexp
+from conftest import cli_in_process
 
 
 def test_report_writes_markdown_html_and_every_figure(study, tmp_path):
     out = tmp_path / "report"
-    done = normexp("report", study.out_dir, "--out", str(out))
+    done = cli_in_process("report", study.out_dir, "--out", str(out))
     assert done.returncode == 0, done.stderr
     files = set(os.listdir(out))
     pngs = {"loss.png", "val_loss.png", "grad_norm_init.png", "grad_norm_final.png",

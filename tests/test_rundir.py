@@ -9,7 +9,7 @@ import pytest
 from normexp import rundir
 from normexp.train import run
 
-from conftest import ROOT, cli_in_process, normexp, tiny_args
+from conftest import ROOT, cli_in_process, tiny_args
 
 WRITE = """
 import os, sys
@@ -33,7 +33,7 @@ def test_existing_run_dir_is_never_replaced_silently(tiny, tmp_path):
     assert other.returncode == 2 and "optim.lr" in other.stderr
     done = cli_in_process("train", str(out / "config.yaml"), "--resume")
     assert done.returncode == 0 and "nothing to do" in done.stderr
-    replaced = normexp("train", *tiny_args(out), "train.steps=3", "--overwrite")
+    replaced = cli_in_process("train", *tiny_args(out), "train.steps=3", "--overwrite")
     assert replaced.returncode == 0, replaced.stderr
     assert json.loads((out / "summary.json").read_text())["steps"] == 3
 
