@@ -11,8 +11,8 @@ import re
 import signal
 import sys
 
-from normexp.errors import (EXIT_BUSY, EXIT_LOST, EXIT_STORAGE, EXIT_USAGE, BusyError,
-                            LostProcessError, StorageError, UsageError)
+from normexp.errors import (EXIT_BUSY, EXIT_STORAGE, EXIT_USAGE, BusyError, LostProcessError,
+                            StorageError, UsageError)
 
 DESCRIPTION = ("Train and compare normalization layers in transformers with ten commands: "
                "train (one run), sweep (every run of a sweep file), compare (runs side by "
@@ -59,18 +59,15 @@ def _load(args):
 
 def cmd_train(ns):
     cfg = _load(ns.config)  # a config error is reported before JAX is loaded
-    from normexp.parallel import initialize_distributed
+    from normexp.parallel import initialize_distributed, is_primary
     initialize_distributed()  # before anything starts a backend
     from normexp.console import end_line
-    from normexp.parallel import is_primary
     from normexp.rundir import INTERRUPTED
     from normexp.train import run
     summary = run(cfg, resume=ns.resume, overwrite=ns.overwrite, missing_ok=False)
     if is_primary():  # a job's other processes speak only when they fail
         print(end_line(summary))
-    if summary.status == INTERRUPTED:
-        return 128 + signal.Signals[summary.signal].value
-    return 0
+    return 128 + signal.Signals[summary.signal].value if summary.status == INTERRUPTED else 0
 
 
 def cmd_sweep(ns):
@@ -390,12 +387,9 @@ def main(argv=None):
         error = StorageError.from_os(e) if isinstance(e, OSError) else e
         print(f"normexp: error: {error}", file=sys.stderr)
         return EXIT_STORAGE
-    except LostProcessError as e:  # the run is recorded; the job's end is this process's
-        print(f"normexp: error: {e}", file=sys.stderr, flush=True)
-        sys.stdout.flush()
-        # not sys.exit: jax's exit handler would wait at a shutdown barrier for the lost
-        # process, then abort
-        os._exit(EXIT_LOST)
+    except LostProcessError as e:  # the run is recorded; the job is over for this process
+        from normexp.parallel import abandon_job
+        abandon_job(f"normexp: error: {e}")
     except KeyboardInterrupt:  # before the training loop takes over the signal
         print("normexp: interrupted", file=sys.stderr)
         return 128 + signal.SIGINT

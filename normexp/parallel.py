@@ -10,12 +10,13 @@ from (seed, step) and hands over the rows its own devices hold.
 
 import os
 import re
+import sys
 
 import jax
 import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
-from normexp.errors import UsageError
+from normexp.errors import EXIT_LOST, UsageError
 
 AXIS = "data"
 
@@ -86,6 +87,14 @@ def lost_message(error, step, checkpoint):
     return (f"process {jax.process_index()}: this {jax.process_count()}-process job lost a "
             f"process at step {step} ({cause}); the run is interrupted ({where}): relaunch "
             f"the whole job with --resume")
+
+
+def abandon_job(line):
+    """End this process at once (exit 69) with `line` on stderr, its runs already recorded:
+    jax's exit handler would wait at a shutdown barrier for the lost process, then abort."""
+    sys.stdout.flush()
+    print(line, file=sys.stderr, flush=True)
+    os._exit(EXIT_LOST)
 
 
 def _env_int(name, given, least):
